@@ -1,0 +1,1 @@
+"""vtexit: visual-token exit for multimodal LLMs."""
