@@ -1,0 +1,76 @@
+"""Token layouts: which original positions a batch still holds after compaction events.
+
+Every method in vtexit is a *token schedule*: at some layer boundaries each row keeps a subset of the positions
+it still has. A :class:`Layout` records the result. Rows keep different numbers of positions, so kept positions
+are right-aligned (left-padded) in a ``(batch, length)`` index with a validity mask. Right alignment keeps the last
+real token of every row in the last column, which is where ``generate`` reads the next-token logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Original positions held by each row, right-aligned; ``valid`` is False on pad slots."""
+
+    index: torch.Tensor  # (batch, length) long: original sequence position of each slot
+    valid: torch.Tensor  # (batch, length) bool
+
+    @classmethod
+    def full(cls, attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> Layout:
+        """The layout before any event: every position, with the caller's padding as invalid slots."""
+        index = torch.arange(length, device=device).expand(batch, length)
+        if attention_mask is None:
+            valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+        else:
+            valid = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+        return cls(index=index, valid=valid)
+
+    @property
+    def length(self) -> int:
+        return self.index.shape[1]
+
+    def select(self, keep: torch.Tensor) -> tuple[Layout, torch.Tensor]:
+        """Keep the slots where ``keep`` is True (pad slots are always dropped).
+
+        Returns the new layout and, for each new slot, the slot of ``self`` it comes from (to gather hidden states).
+        """
+        if keep.shape != self.valid.shape:
+            raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected {tuple(self.valid.shape)}")
+        keep = keep & self.valid
+        counts = keep.sum(dim=1)
+        new_length = max(int(counts.max()), 1)
+        # A stable sort of the 0/1 keep flags puts dropped slots first and kept slots last, each in original order.
+        order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices
+        source = order[:, self.length - new_length :]
+        slots = torch.arange(new_length, device=keep.device)
+        valid = slots.unsqueeze(0) >= (new_length - counts).unsqueeze(1)
+        return Layout(index=self.index.gather(1, source), valid=valid), source
+
+
+def gather_sequence(tensor: torch.Tensor, index: torch.Tensor, seq_dim: int) -> torch.Tensor:
+    """Gather ``index`` (batch, new_length) along ``seq_dim``; the batch dim is the one just before it.
+
+    Handles the shapes transformers passes to decoder layers: hidden states ``(B, L, D)``, rotary cos/sin
+    ``(B, L, D)`` or ``(3, B, L, D)`` for M-RoPE, position ids ``(B, L)`` or ``(3, B, L)``, with a batch dim of 1
+    broadcast over the batch.
+    """
+    if tensor.ndim == 1:
+        tensor = tensor.unsqueeze(0)
+        seq_dim = 1
+    seq_dim %= tensor.ndim
+    batch_dim = seq_dim - 1
+    batch, new_length = index.shape
+    if tensor.shape[batch_dim] != batch:
+        expanded = list(tensor.shape)
+        expanded[batch_dim] = batch
+        tensor = tensor.expand(expanded)
+    view = [1] * tensor.ndim
+    view[batch_dim], view[seq_dim] = batch, new_length
+    out_shape = list(tensor.shape)
+    out_shape[seq_dim] = new_length
+    return tensor.gather(seq_dim, index.view(view).expand(out_shape))
