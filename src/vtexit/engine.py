@@ -103,7 +103,9 @@ class ScheduleEngine:
     # ----------------------------------------------------------------------------------------- lifecycle
     def attach(self) -> None:
         if getattr(self.model, "_vtexit_engine", None) is not None:
-            raise ValueError("model is already patched by vtexit; call .remove() on the first handle before patching again")
+            raise ValueError(
+                "model is already patched by vtexit; call .remove() on the first handle before patching again"
+            )
         self._handles.append(self.model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True))
         self._handles.append(self.parts.core.register_forward_pre_hook(self._core_pre_hook, with_kwargs=True))
         self._handles.append(self.parts.core.register_forward_hook(self._core_post_hook, always_call=True))
@@ -220,6 +222,11 @@ class ScheduleEngine:
         call.stage_of_layer.append(call.stage)
         if call.stage < 0:
             return None if keep is None else _join_hidden(hidden, rest, kwargs, in_kwargs)
+        kwargs = self._compacted_kwargs(layer_idx, call, hidden, kwargs)
+        return _join_hidden(hidden, rest, kwargs, in_kwargs)
+
+    def _compacted_kwargs(self, layer_idx: int, call: _CallState, hidden: torch.Tensor, kwargs: dict) -> dict:
+        """Rewrite the full-sequence kwargs of a decoder layer for the current layout."""
         kwargs = dict(kwargs)
         index = call.layout.index
         if kwargs.get("position_embeddings") is not None:
@@ -229,7 +236,32 @@ class ScheduleEngine:
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = self._memo(call, kwargs["position_ids"], lambda p: gather_sequence(p, index, -1))
         kwargs["attention_mask"] = self._mask(layer_idx, call, hidden, call.layout.valid, call.cache)
-        return _join_hidden(hidden, rest, kwargs, in_kwargs)
+        return kwargs
+
+    def replay(
+        self,
+        layer_inputs: list[tuple[torch.Tensor, dict]],
+        start: int,
+        keep: torch.Tensor,
+        padding: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, Layout]:
+        """Run layers ``start..N-1`` on the kept positions only, from recorded full-sequence layer inputs.
+
+        ``layer_inputs[i]`` is what layer i received (hidden states, kwargs) in an unpatched ``use_cache=False``
+        forward. This is how calibration gets the KL for every K from one full forward.
+        """
+        hidden, kwargs0 = layer_inputs[start]
+        batch, length = hidden.shape[:2]
+        call = _CallState(mode="prefill", padding=padding)
+        call.layout, source = Layout.full(padding, batch, length, hidden.device).select(keep)
+        call.stage = 0
+        hidden = gather_sequence(hidden, source, seq_dim=1) * call.layout.valid.unsqueeze(-1).to(hidden.dtype)
+        for j in range(start, self.num_layers):
+            kwargs = self._compacted_kwargs(j, call, hidden, layer_inputs[j][1])
+            kwargs["past_key_values"] = None
+            kwargs["use_cache"] = False
+            hidden = self.parts.layers[j](hidden, **kwargs)
+        return hidden, call.layout
 
     # ----------------------------------------------------------------------------------------- decode
     def _decode_layer(self, layer_idx: int, call: _CallState, args: tuple, kwargs: dict):

@@ -37,7 +37,9 @@ def rebuild_mask(
     deliberately not passed: gathered positions have gaps, which mask creation would read as packed sequences.
     """
     if layer_type not in SUPPORTED_TYPES:
-        raise ValueError(f"layer {layer_idx} has attention type {layer_type!r}; vtexit supports {sorted(SUPPORTED_TYPES)}")
+        raise ValueError(
+            f"layer {layer_idx} has attention type {layer_type!r}; vtexit supports {sorted(SUPPORTED_TYPES)}"
+        )
     make = create_sliding_window_causal_mask if layer_type in SLIDING_TYPES else create_causal_mask
     return make(
         config=text_config,

@@ -1,0 +1,148 @@
+"""VTW's calibration of the withdrawal layer K from the KL divergence, cheaply.
+
+The VTW rule (arXiv 2405.05803): K is the first layer where the mean KL(full model's next-token distribution ||
+withdrawn model's) over a small calibration set is at most a threshold eta. Computing it naively costs one full
+forward per candidate K. Here each batch runs the full model once, recording every decoder layer's input; each K
+then replays only layers K..N-1 on the text positions, through the model's own final norm and head.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .engine import ScheduleEngine
+from .families import FamilySpec, family_for
+from .methods.vtw import check_layer, valid_layer_range
+
+DEFAULT_ETA = 0.05  # our choice, from the testbed's KL-vs-accuracy curve (README); the paper tunes eta per model
+
+
+@dataclass
+class CalibrationResult:
+    """The chosen K and the whole KL curve (mean over samples, last prompt token of every row)."""
+
+    layer: int
+    eta: float
+    kl: dict[int, float]
+    num_rows: int
+    num_layers: int
+    kl_per_row: dict[int, list[float]] = field(default_factory=dict, repr=False)
+
+    def to_json(self, path: str | Path) -> None:
+        data = asdict(self)
+        data["kl"] = {str(k): v for k, v in self.kl.items()}
+        data["kl_per_row"] = {str(k): v for k, v in self.kl_per_row.items()}
+        Path(path).write_text(json.dumps(data, indent=2))
+
+
+def _batches(samples: Mapping | Iterable[Mapping]) -> list[Mapping]:
+    if isinstance(samples, Mapping):
+        return [samples]
+    batches = list(samples)
+    if not batches or not all(isinstance(b, Mapping) for b in batches):
+        raise ValueError("samples must be a processor output (a dict of tensors) or a non-empty iterable of them")
+    return batches
+
+
+def _last_token_logits(logits: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+    """Logits at each row's last real token (works for left and right padding)."""
+    if padding is None:
+        return logits[:, -1]
+    positions = torch.arange(padding.shape[1], device=padding.device)
+    last = (positions * padding.bool()).argmax(dim=1)
+    return logits[torch.arange(logits.shape[0]), last]
+
+
+def _head(model: nn.Module, family_parts, hidden_last: torch.Tensor) -> torch.Tensor:
+    logits = model.get_output_embeddings()(family_parts.norm(hidden_last))
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@torch.no_grad()
+def kl_curve(
+    model: nn.Module,
+    batch: Mapping,
+    layers: list[int],
+    *,
+    engine: ScheduleEngine,
+) -> dict[int, torch.Tensor]:
+    """Per-row KL(full || withdrawn at K) at the last prompt token, for each K in ``layers``."""
+    recorded: list[tuple[torch.Tensor, dict]] = []
+
+    def record(module, args, kwargs):
+        recorded.append((args[0] if args else kwargs["hidden_states"], dict(kwargs)))
+
+    handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in engine.parts.layers]
+    try:
+        full = model(**batch, use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+    padding = batch.get("attention_mask")
+    full_logp = torch.log_softmax(_last_token_logits(full, padding).float(), dim=-1)
+    input_ids = batch["input_ids"]
+    media = torch.isin(input_ids, engine.media_token_ids.to(input_ids.device))
+    keep = ~media if padding is None else (~media & padding.bool())
+    out: dict[int, torch.Tensor] = {}
+    for k in layers:
+        if k >= engine.num_layers:
+            out[k] = torch.zeros(full.shape[0])
+            continue
+        hidden, _ = engine.replay(recorded, k, keep, padding)
+        logp = torch.log_softmax(_head(model, engine.parts, hidden[:, -1]).float(), dim=-1)
+        out[k] = (full_logp.exp() * (full_logp - logp)).sum(-1).clamp_min(0).cpu()
+    return out
+
+
+def calibrate(
+    model: nn.Module,
+    samples: Mapping | Iterable[Mapping],
+    *,
+    eta: float = DEFAULT_ETA,
+    layers: Iterable[int] | None = None,
+    family: FamilySpec | None = None,
+    progress: bool = True,
+) -> CalibrationResult:
+    """Choose VTW's withdrawal layer: the first K whose mean KL over ``samples`` is <= ``eta``.
+
+    ``samples`` are processor outputs (dicts of tensors with ``input_ids``, pixel inputs and ``attention_mask``)
+    or an iterable of them. The model must not be patched. Returns the chosen K and the KL for every candidate.
+    """
+    if not isinstance(eta, (int, float)) or isinstance(eta, bool) or eta < 0:
+        raise ValueError(f"eta must be a non-negative number, got {eta!r}")
+    if getattr(model, "_vtexit_engine", None) is not None:
+        raise ValueError("calibrate needs the unpatched model; remove the vtexit patch first")
+    family = family or family_for(model)
+    low, high = valid_layer_range(model, family)
+    candidates = sorted({check_layer(model, k, family) for k in layers}) if layers is not None else None
+    candidates = candidates or list(range(low, high + 1))
+    if candidates[-1] != high:
+        candidates.append(high)
+    engine = ScheduleEngine(model, policy=None, family=family)
+    batches = _batches(samples)
+    per_row: dict[int, list[float]] = {k: [] for k in candidates}
+    for batch in tqdm(batches, desc="calibrating K", unit="batch", disable=not progress):
+        if "input_ids" not in batch:
+            raise ValueError("each calibration sample needs input_ids (a processor output)")
+        for k, values in kl_curve(model, batch, candidates, engine=engine).items():
+            per_row[k].extend(values.tolist())
+    mean = {k: float(sum(v) / len(v)) for k, v in per_row.items()}
+    chosen = next(k for k in candidates if mean[k] <= eta)
+    return CalibrationResult(
+        layer=chosen,
+        eta=float(eta),
+        kl=mean,
+        num_rows=len(per_row[candidates[0]]),
+        num_layers=high,
+        kl_per_row=per_row,
+    )

@@ -1,0 +1,88 @@
+"""Analytic FLOPs of a decoder under a token schedule (prefill and per decode token).
+
+FastV (Chen et al., 2024) counts a decoder layer with n tokens, hidden size d and FFN size m as
+``4nd^2 + 2n^2d + 2ndm`` (one multiply-add counted once). We extend it to grouped-query attention, to keys that
+differ from queries (decode, compacted caches) and to gated MLPs; for plain multi-head attention, c = n and a
+two-matrix MLP it reduces to FastV's formula. Papers disagree by 2x on totals, so :data:`FORMULA` is printed
+wherever a number is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from .families import FamilySpec, family_for
+
+FORMULA = (
+    "per decoder layer, n query tokens attending to c keys: "
+    "n*d*(2*h*dh + 2*kv*dh) [q,o and k,v projections] + 2*n*c*h*dh [QK^T and AV] + g*n*d*m [MLP, g=3 if gated "
+    "else 2]; d hidden, h heads, kv key/value heads, dh head dim, m FFN size; one multiply-add = 1 FLOP, as in "
+    "FastV's 4nd^2 + 2n^2d + 2ndm. Prefill: c = n per layer. Decode: n = 1, c = cached keys + 1. "
+    "Vision tower, embeddings and LM head excluded."
+)
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """The numbers of a decoder layer that the formula needs."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    gated: bool
+    num_layers: int
+
+    @classmethod
+    def from_model(cls, model: nn.Module, family: FamilySpec | None = None) -> DecoderShape:
+        """Read the shape from the config; whether the MLP is gated from the first layer's modules."""
+        text = model.config.get_text_config()
+        heads = text.num_attention_heads
+        first_layer = (family or family_for(model)).resolve(model).layers[0]
+        mlp = getattr(first_layer, "mlp", None)
+        return cls(
+            hidden=text.hidden_size,
+            heads=heads,
+            kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+            ffn=text.intermediate_size,
+            gated=mlp is not None and hasattr(mlp, "gate_proj"),
+            num_layers=text.num_hidden_layers,
+        )
+
+    def layer(self, n: int, c: int) -> int:
+        d, h, kv, dh, m = self.hidden, self.heads, self.kv_heads, self.head_dim, self.ffn
+        projections = n * d * (2 * h * dh + 2 * kv * dh)
+        attention = 2 * n * c * h * dh
+        mlp = (3 if self.gated else 2) * n * d * m
+        return projections + attention + mlp
+
+
+@dataclass(frozen=True)
+class FlopsCount:
+    prefill: int
+    decode_per_token: int  # the first decode token, with the prompt in the cache
+
+    def ratio_to(self, other: FlopsCount) -> tuple[float, float]:
+        """(prefill, decode) speedup of ``self`` over ``other`` by FLOPs: other / self."""
+        return other.prefill / self.prefill, other.decode_per_token / self.decode_per_token
+
+
+def count(shape: DecoderShape, tokens_per_layer: Sequence[int]) -> FlopsCount:
+    """FLOPs for one sequence whose layer i holds ``tokens_per_layer[i]`` prompt tokens."""
+    if len(tokens_per_layer) != shape.num_layers:
+        raise ValueError(f"tokens_per_layer has {len(tokens_per_layer)} entries, model has {shape.num_layers} layers")
+    prefill = sum(shape.layer(n, n) for n in tokens_per_layer)
+    decode = sum(shape.layer(1, n + 1) for n in tokens_per_layer)
+    return FlopsCount(prefill=prefill, decode_per_token=decode)
+
+
+def withdrawal_tokens(num_layers: int, prompt_tokens: int, visual_tokens: int, layer: int) -> list[int]:
+    """Tokens per layer under VTW: the whole prompt before ``layer``, text only from it on."""
+    if not 0 <= visual_tokens <= prompt_tokens:
+        raise ValueError(f"visual_tokens must be in [0, prompt_tokens={prompt_tokens}], got {visual_tokens}")
+    return [prompt_tokens if i < layer else prompt_tokens - visual_tokens for i in range(num_layers)]
