@@ -1,0 +1,130 @@
+"""Latency and memory of VTW against the unpatched model, measured in one interleaved run.
+
+Machines are noisy, so every configuration is measured in turn within each repeat (baseline, K1, K2, ... then
+again) and medians are reported, next to the analytic FLOPs ratio that the measured speedup should approach.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .families import family_for
+from .flops import DecoderShape, count, withdrawal_tokens
+from .methods.vtw import withdraw
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One configuration: ``layer`` None is the unpatched baseline."""
+
+    layer: int | None
+    prefill_s: float
+    generate_s: float
+    decode_token_s: float
+    kv_bytes_per_layer: tuple[int, ...]
+    prefill_flops: int
+    decode_flops: int
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(self.kv_bytes_per_layer)
+
+    def kv_bytes_from(self, layer: int) -> int:
+        """KV bytes held by layers ``layer..N-1`` (the withdrawn layers of VTW at that K)."""
+        return sum(self.kv_bytes_per_layer[layer:])
+
+    @property
+    def label(self) -> str:
+        return "baseline" if self.layer is None else f"VTW K={self.layer}"
+
+
+def cache_bytes(cache, layers: Sequence[int] | None = None) -> int:
+    """Bytes held by keys and values of a transformers Cache (optionally only some layers)."""
+    total = 0
+    for i, layer in enumerate(cache.layers):
+        if layers is not None and i not in layers:
+            continue
+        for t in (layer.keys, layer.values):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def bench_withdrawal(
+    model: nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    layers: Sequence[int],
+    *,
+    repeats: int = 5,
+    new_tokens: int = 32,
+    warmup: int = 1,
+    progress: bool = True,
+) -> list[BenchRow]:
+    """Median prefill latency, generate latency, per-token decode time and KV bytes for each K (and baseline)."""
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens must be >= 2 to separate decode from prefill, got {new_tokens}")
+    configs: list[int | None] = [None, *layers]
+    media_ids = torch.tensor(family_for(model).media_token_ids(model.config))
+    row_media = torch.isin(inputs["input_ids"], media_ids)
+    prompt = int(inputs["attention_mask"].sum(1).max()) if "attention_mask" in inputs else inputs["input_ids"].shape[1]
+    visual = int(row_media.sum(1).max())
+    shape = DecoderShape.from_model(model)
+    gen_kwargs = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+    samples: dict[int | None, dict[str, list[float]]] = {c: {"prefill": [], "gen": [], "gen1": []} for c in configs}
+    kv: dict[int | None, tuple[int, ...]] = {}
+
+    def measure(config: int | None, record: bool) -> None:
+        handle = withdraw(model, layer=config) if config is not None else None
+        try:
+            prefill = _timed(lambda: model(**inputs, use_cache=True))
+            gen1 = _timed(lambda: model.generate(**inputs, **{**gen_kwargs, "min_new_tokens": 1, "max_new_tokens": 1}))
+            gen = _timed(lambda: model.generate(**inputs, **gen_kwargs))
+            if record:
+                samples[config]["prefill"].append(prefill)
+                samples[config]["gen"].append(gen)
+                samples[config]["gen1"].append(gen1)
+                if config not in kv:
+                    cache = model(**inputs, use_cache=True).past_key_values
+                    kv[config] = tuple(cache_bytes(cache, [i]) for i in range(len(cache.layers)))
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    total = (warmup + repeats) * len(configs)
+    with tqdm(total=total, desc="benchmark", unit="run", disable=not progress) as bar:
+        for r in range(warmup + repeats):
+            for config in configs:
+                measure(config, record=r >= warmup)
+                bar.update()
+    rows = []
+    for config in configs:
+        tokens = withdrawal_tokens(shape.num_layers, prompt, visual, config if config is not None else shape.num_layers)
+        flops = count(shape, tokens)
+        s = samples[config]
+        gen, gen1 = statistics.median(s["gen"]), statistics.median(s["gen1"])
+        rows.append(
+            BenchRow(
+                layer=config,
+                prefill_s=statistics.median(s["prefill"]),
+                generate_s=gen,
+                decode_token_s=(gen - gen1) / (new_tokens - 1),
+                kv_bytes_per_layer=kv[config],
+                prefill_flops=flops.prefill,
+                decode_flops=flops.decode_per_token,
+            )
+        )
+    return rows

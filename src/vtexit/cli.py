@@ -1,0 +1,130 @@
+"""``vtexit`` command line: calibrate K, benchmark VTW, count FLOPs (typer + rich)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Visual-token exit for multimodal LLMs.")
+console = Console()
+
+MODEL_HELP = "'default' (mini-LLaVA built from PyPI parts), 'tiny' (random LLaVA) or a local model folder"
+
+
+def _parse_layers(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"layers must be comma-separated integers, got {text!r}") from None
+
+
+def _load(model: str, attn: str):
+    from .sources import load_source
+
+    try:
+        with console.status(f"loading model {model!r}"):
+            return load_source(model, attn_implementation=attn)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--model") from None
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Option("default", help=MODEL_HELP),
+    eta: float = typer.Option(None, help="KL threshold (default: vtexit.calibrate.DEFAULT_ETA)"),
+    rows: int = typer.Option(16, min=1, help="calibration questions (easy-vqa train split)"),
+    batch_size: int = typer.Option(8, min=1),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("out/calibrate"), help="folder for kl.json and kl_curve.png"),
+    attn: str = typer.Option("sdpa", help="attention implementation: sdpa or eager"),
+    threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
+) -> None:
+    """Choose VTW's withdrawal layer K: the first K whose mean KL <= eta; prints the whole curve."""
+    from .calibrate import DEFAULT_ETA
+    from .calibrate import calibrate as run
+    from .plots import plot_kl
+    from .report import kl_table
+
+    if threads:
+        torch.set_num_threads(threads)
+    source = _load(model, attn)
+    batches = source.make_batches(rows, batch_size, "train", seed)
+    result = run(source.model, batches, eta=DEFAULT_ETA if eta is None else eta)
+    console.print(kl_table(result))
+    console.print(
+        f"[bold]{source.name}[/]: withdraw visual tokens at K = [bold green]{result.layer}[/] of {result.num_layers}"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    result.to_json(out / "kl.json")
+    plot_kl(result, out / "kl_curve.png")
+    console.print(f"wrote {out / 'kl.json'} and {out / 'kl_curve.png'}")
+
+
+@app.command()
+def bench(
+    model: str = typer.Option("default", help=MODEL_HELP),
+    layers: str = typer.Option(None, help="comma-separated K values (default: N/4, N/2, 3N/4)"),
+    batch_size: int = typer.Option(1, min=1),
+    new_tokens: int = typer.Option(32, min=2),
+    repeats: int = typer.Option(5, min=1),
+    seed: int = typer.Option(0),
+    attn: str = typer.Option("sdpa", help="attention implementation: sdpa or eager"),
+    threads: int = typer.Option(1, help="torch threads (1 gives the steadiest numbers)"),
+) -> None:
+    """Latency, decode time and KV bytes of VTW vs the unpatched model, with the FLOPs ratio beside them."""
+    from .bench import bench_withdrawal
+    from .flops import FORMULA
+    from .methods.vtw import check_layer, valid_layer_range
+    from .report import bench_table
+
+    if threads:
+        torch.set_num_threads(threads)
+    source = _load(model, attn)
+    low, n = valid_layer_range(source.model)
+    ks = _parse_layers(layers) or sorted({max(low, n // 4), max(low, n // 2), max(low, 3 * n // 4)})
+    try:
+        ks = [check_layer(source.model, k) for k in ks]
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--layers") from None
+    inputs = source.make_batches(batch_size, batch_size, "test", seed)[0]
+    rows = bench_withdrawal(source.model, inputs, ks, repeats=repeats, new_tokens=new_tokens)
+    console.print(bench_table(rows))
+    console.print(f"[dim]FLOPs: {FORMULA}[/]")
+
+
+@app.command()
+def flops(
+    model: str = typer.Option("default", help=MODEL_HELP),
+    layer: int = typer.Option(..., help="withdrawal layer K"),
+    prompt_tokens: int = typer.Option(..., min=1),
+    visual_tokens: int = typer.Option(..., min=0),
+) -> None:
+    """Analytic prefill and per-decode-token FLOPs of VTW at K vs the unpatched model."""
+    from .flops import FORMULA, DecoderShape, count, withdrawal_tokens
+    from .methods.vtw import check_layer
+
+    source = _load(model, "sdpa")
+    try:
+        check_layer(source.model, layer)
+        shape = DecoderShape.from_model(source.model)
+        base = count(shape, withdrawal_tokens(shape.num_layers, prompt_tokens, visual_tokens, shape.num_layers))
+        vtw = count(shape, withdrawal_tokens(shape.num_layers, prompt_tokens, visual_tokens, layer))
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    console.print(
+        f"prefill: {base.prefill / 1e9:.3f} -> {vtw.prefill / 1e9:.3f} GFLOPs ({base.prefill / vtw.prefill:.2f}x)"
+    )
+    console.print(
+        f"decode/token: {base.decode_per_token / 1e6:.2f} -> {vtw.decode_per_token / 1e6:.2f} MFLOPs "
+        f"({base.decode_per_token / vtw.decode_per_token:.2f}x)"
+    )
+    console.print(f"[dim]{FORMULA}[/]")
+
+
+if __name__ == "__main__":
+    app()

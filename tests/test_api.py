@@ -1,0 +1,159 @@
+"""Bad input, side-by-side patches, calibration and FLOPs, on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+import vtexit
+from vtexit.calibrate import calibrate
+from vtexit.flops import DecoderShape, count, withdrawal_tokens
+from vtexit.testing.tiny_models import build_tiny
+
+
+def _untouched(model) -> bool:
+    return all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules()) and not hasattr(
+        model, "_vtexit_engine"
+    )
+
+
+@pytest.fixture(scope="module")
+def llava():
+    case = build_tiny("llava", num_layers=6)
+    case.model.generation_config.eos_token_id = None
+    return case
+
+
+@pytest.mark.parametrize("layer", [0, -1, 7, 2.0, "3", True, None])
+def test_bad_layer_is_refused_and_model_untouched(llava, layer):
+    with pytest.raises(ValueError, match="layer"):
+        vtexit.withdraw(llava.model, layer=layer)
+    assert _untouched(llava.model)
+
+
+def test_family_minimum_layers():
+    qwen3 = build_tiny("qwen3_vl")
+    deepstack = len(qwen3.model.config.vision_config.deepstack_visual_indexes)
+    assert vtexit.valid_layer_range(qwen3.model)[0] == max(1, deepstack)
+    if deepstack > 1:
+        with pytest.raises(ValueError, match="deepstack"):
+            vtexit.withdraw(qwen3.model, layer=deepstack - 1)
+    gemma = build_tiny("gemma3")
+    types = gemma.model.config.get_text_config().layer_types
+    first_full = types.index("full_attention")
+    assert vtexit.valid_layer_range(gemma.model)[0] == max(first_full, types.index("sliding_attention")) + 1
+    with pytest.raises(ValueError, match="layer"):
+        vtexit.withdraw(gemma.model, layer=first_full)
+    assert _untouched(gemma.model)
+
+
+def test_unknown_family_lists_supported():
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(ValueError, match="llava.*register_family"):
+        vtexit.withdraw(model, layer=1)
+    assert _untouched(model)
+
+
+def test_model_without_media_token_ids_is_refused(llava):
+    family = vtexit.FamilySpec("no-media", ("llava",), media_token_attrs=("not_an_attribute",))
+    with pytest.raises(ValueError, match="media token id"):
+        vtexit.withdraw(llava.model, layer=2, family=family)
+    assert _untouched(llava.model)
+
+
+def test_patching_twice_is_refused(llava):
+    with vtexit.withdraw(llava.model, layer=2):
+        with pytest.raises(ValueError, match="already patched"):
+            vtexit.withdraw(llava.model, layer=3)
+    assert _untouched(llava.model)
+
+
+@torch.no_grad()
+def test_call_time_errors_are_clear(llava):
+    inputs = llava.inputs([1, 1], text_len=[4, 6])
+    embeds = llava.model.get_input_embeddings()(inputs["input_ids"])
+    with vtexit.withdraw(llava.model, layer=2):
+        with pytest.raises(ValueError, match="inputs_embeds"):
+            llava.model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
+        with pytest.raises(ValueError, match="labels"):
+            llava.model(**inputs, labels=inputs["input_ids"])
+        cache = llava.model(**inputs, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="non-empty cache"):
+            llava.model(**inputs, past_key_values=cache)
+        static = StaticCache(config=llava.model.config, max_cache_len=64)
+        with pytest.raises(ValueError, match="StaticCache|DynamicCache"):
+            llava.model.generate(**inputs, past_key_values=static, max_new_tokens=2)
+    assert _untouched(llava.model)
+
+
+@torch.no_grad()
+def test_two_models_patched_differently_side_by_side():
+    a, b = build_tiny("llava", num_layers=6, seed=0), build_tiny("llava", num_layers=6, seed=0)
+    inputs = a.inputs([1, 2], text_len=[5, 3])
+    with vtexit.withdraw(a.model, layer=2), vtexit.withdraw(b.model, layer=5):
+        out_a, out_b = a.model(**inputs).logits, b.model(**inputs).logits
+    with vtexit.withdraw(a.model, layer=2):
+        alone_a = a.model(**inputs).logits
+    with vtexit.withdraw(b.model, layer=5):
+        alone_b = b.model(**inputs).logits
+    assert torch.equal(out_a, alone_a) and torch.equal(out_b, alone_b)
+    assert not torch.allclose(out_a[:, -1], out_b[:, -1])
+
+
+@torch.no_grad()
+def test_calibration_matches_brute_force(llava):
+    batches = [llava.inputs([1, 0, 2], text_len=[5, 9, 3], seed=s) for s in range(2)]
+    result = calibrate(llava.model, batches, eta=0.0, progress=False)
+    low, n = vtexit.valid_layer_range(llava.model)
+    assert sorted(result.kl) == list(range(low, n + 1))
+    for k in range(low, n):
+        values = []
+        for batch in batches:
+            full = llava.model(**batch).logits[:, -1].log_softmax(-1)
+            with vtexit.withdraw(llava.model, layer=k):
+                withdrawn = llava.model(**batch).logits[:, -1].log_softmax(-1)
+            values += (full.exp() * (full - withdrawn)).sum(-1).tolist()
+        assert result.kl[k] == pytest.approx(sum(values) / len(values), rel=1e-3, abs=1e-7)
+    assert result.num_rows == 6
+    first_below = next(k for k in sorted(result.kl) if result.kl[k] <= 0.0)
+    assert result.layer == first_below
+    loose = calibrate(llava.model, batches, eta=max(result.kl.values()), progress=False)
+    assert loose.layer == low
+
+
+def test_calibration_rejects_bad_arguments(llava):
+    batch = llava.inputs([1], text_len=[4])
+    with pytest.raises(ValueError, match="eta"):
+        calibrate(llava.model, batch, eta=-1, progress=False)
+    with pytest.raises(ValueError, match="samples"):
+        calibrate(llava.model, [], progress=False)
+    with vtexit.withdraw(llava.model, layer=2):
+        with pytest.raises(ValueError, match="unpatched"):
+            calibrate(llava.model, batch, progress=False)
+
+
+def test_flops_reduce_to_fastv_formula():
+    n, d, m = 100, 64, 256
+    shape = DecoderShape(hidden=d, heads=4, kv_heads=4, head_dim=16, ffn=m, gated=False, num_layers=2)
+    fastv = 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+    assert count(shape, [n, n]).prefill == 2 * fastv
+
+
+def test_flops_of_gqa_gated_model_under_withdrawal(llava):
+    shape = DecoderShape.from_model(llava.model)
+    text = llava.model.config.get_text_config()
+    assert shape.gated and shape.kv_heads == text.num_key_value_heads
+    tokens = withdrawal_tokens(shape.num_layers, prompt_tokens=80, visual_tokens=64, layer=2)
+    assert tokens == [80, 80] + [16] * (shape.num_layers - 2)
+    d, h, kv, dh, m = shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.ffn
+
+    def by_hand(n, c):
+        return n * d * h * dh * 2 + n * d * kv * dh * 2 + 2 * n * c * h * dh + 3 * n * d * m
+
+    flops = count(shape, tokens)
+    assert flops.prefill == sum(by_hand(t, t) for t in tokens)
+    assert flops.decode_per_token == sum(by_hand(1, t + 1) for t in tokens)
+    with pytest.raises(ValueError, match="visual_tokens"):
+        withdrawal_tokens(4, prompt_tokens=10, visual_tokens=11, layer=2)
