@@ -126,5 +126,32 @@ def flops(
     console.print(f"[dim]{FORMULA}[/]")
 
 
+@app.command()
+def demo(
+    eta: float = typer.Option(None, help="KL threshold (default: vtexit.calibrate.DEFAULT_ETA)"),
+    calibration_rows: int = typer.Option(32, min=1, help="train questions for calibration"),
+    test_rows: int = typer.Option(200, min=1, help="fixed test questions for baseline vs VTW"),
+    sweep_rows: int = typer.Option(96, min=1, help="test questions for the accuracy-against-K sweep"),
+    batch_size: int = typer.Option(8, min=1),
+    out: Path = typer.Option(Path("out/demo"), help="folder for results.json and the plots"),
+    threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
+) -> None:
+    """The main job: calibrate K on the default model, evaluate baseline vs VTW, write the plots."""
+    from .calibrate import DEFAULT_ETA
+    from .demo import DemoSettings, run_demo
+
+    if threads:
+        torch.set_num_threads(threads)
+    settings = DemoSettings(
+        eta=DEFAULT_ETA if eta is None else eta,
+        calibration_rows=calibration_rows,
+        test_rows=test_rows,
+        sweep_rows=min(sweep_rows, test_rows),
+        batch_size=batch_size,
+        out=out,
+    )
+    run_demo(settings, console)
+
+
 if __name__ == "__main__":
     app()

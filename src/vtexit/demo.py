@@ -1,0 +1,125 @@
+"""``vtexit demo``: calibrate K on the default model, evaluate baseline vs VTW, and draw the analysis plots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .analysis import GROUPS, accuracy_against_k, attention_by_group
+from .calibrate import DEFAULT_ETA, CalibrationResult, calibrate
+from .evaluate import EvalResult, evaluate, save_results
+from .methods.vtw import valid_layer_range, withdraw
+from .plots import plot_accuracy_against_k, plot_attention_groups, plot_kl
+from .report import kl_table
+from .sources import load_source
+
+
+@dataclass
+class DemoSettings:
+    eta: float = DEFAULT_ETA
+    calibration_rows: int = 32
+    test_rows: int = 200
+    sweep_rows: int = 96
+    sweep_step: int = 3
+    attention_rows: int = 8
+    batch_size: int = 8
+    seed: int = 0
+    out: Path = Path("out/demo")
+
+
+def results_table(results: list[EvalResult], baseline: EvalResult) -> Table:
+    table = Table(title=f"easy-vqa test, {baseline.n} fixed questions (exact match)")
+    for name in (
+        "config",
+        "accuracy",
+        "per type",
+        "prefill GFLOPs",
+        "FLOPs saved",
+        "LM prefill ms",
+        "generate ms/sample",
+        "speedup (generate)",
+        "speedup (LM prefill)",
+    ):
+        table.add_column(name, justify="right")
+    for r in results:
+        table.add_row(
+            r.name,
+            f"{100 * r.accuracy:.1f}%",
+            " ".join(f"{k} {100 * v:.0f}%" for k, v in r.per_type.items()),
+            f"{r.prefill_flops_per_sample / 1e9:.3f}",
+            f"{100 * (1 - r.prefill_flops_per_sample / baseline.prefill_flops_per_sample):.0f}%",
+            f"{1e3 * r.lm_prefill_s_per_sample:.1f}",
+            f"{1e3 * r.generate_s_per_sample:.1f}",
+            f"{baseline.generate_s_per_sample / r.generate_s_per_sample:.2f}x",
+            f"{baseline.lm_prefill_s_per_sample / r.lm_prefill_s_per_sample:.2f}x",
+        )
+    return table
+
+
+def run_demo(settings: DemoSettings, console: Console | None = None) -> tuple[CalibrationResult, list[EvalResult]]:
+    console = console or Console()
+    from .models import build_prompt
+    from .models.vqa_eval import fixed_subset
+
+    out = settings.out
+    out.mkdir(parents=True, exist_ok=True)
+    with console.status("loading the default model (the first run converts the packaged weights, ~1 min)"):
+        source = load_source("default")
+    model, processor = source.model, source.processor
+    console.print(f"model: {source.name}, {model.config.text_config.num_hidden_layers} decoder layers")
+
+    batches = source.make_batches(settings.calibration_rows, settings.batch_size, "train", settings.seed)
+    calibration = calibrate(model, batches, eta=settings.eta)
+    console.print(kl_table(calibration))
+    calibration.to_json(out / "kl.json")
+    plot_kl(calibration, out / "kl_curve.png")
+
+    records = fixed_subset("test", settings.test_rows, seed=settings.seed)
+    baseline = evaluate(model, processor, records, build_prompt, name="baseline", batch_size=settings.batch_size)
+    k = calibration.layer
+    vtw = evaluate(
+        model,
+        processor,
+        records,
+        build_prompt,
+        method=lambda m: withdraw(m, layer=k),
+        name=f"VTW K={k} (calibrated)",
+        batch_size=settings.batch_size,
+    )
+
+    low, n = valid_layer_range(model)
+    sweep_layers = sorted({*range(low, n, settings.sweep_step), k})
+    sweep_records = records[: settings.sweep_rows]
+    sweep = accuracy_against_k(
+        model, processor, sweep_records, build_prompt, sweep_layers, batch_size=settings.batch_size
+    )
+    sweep_base = evaluate(
+        model, processor, sweep_records, build_prompt, name="baseline", batch_size=settings.batch_size, progress=False
+    )
+    plot_accuracy_against_k(
+        {k_: r.accuracy for k_, r in sweep.items()},
+        {k_: 1 - r.prefill_flops_per_sample / sweep_base.prefill_flops_per_sample for k_, r in sweep.items()},
+        sweep_base.accuracy,
+        out / "accuracy_vs_k.png",
+        chosen=k,
+    )
+    shares = attention_by_group(model, processor, records[: settings.attention_rows], build_prompt)
+    plot_attention_groups(shares, GROUPS, out / "attention_groups.png")
+
+    results = [baseline, vtw]
+    save_results([*results, *sweep.values()], out / "results.json")
+    console.print(results_table(results, baseline))
+    sweep_table = Table(title=f"accuracy against K ({len(sweep_records)} questions)")
+    sweep_table.add_column("K", justify="right")
+    sweep_table.add_column("accuracy", justify="right")
+    sweep_table.add_column("FLOPs saved", justify="right")
+    for k_, r in sweep.items():
+        saved = 1 - r.prefill_flops_per_sample / sweep_base.prefill_flops_per_sample
+        sweep_table.add_row(str(k_), f"{100 * r.accuracy:.1f}%", f"{100 * saved:.0f}%")
+    sweep_table.add_row(str(n), f"{100 * sweep_base.accuracy:.1f}%", "0%", style="dim")
+    console.print(sweep_table)
+    console.print(f"wrote {out}/: kl.json, results.json, kl_curve.png, accuracy_vs_k.png, attention_groups.png")
+    return calibration, results
