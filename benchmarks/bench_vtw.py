@@ -12,6 +12,7 @@ import argparse
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from vtexit.bench import bench_withdrawal
 from vtexit.flops import FORMULA
@@ -29,7 +30,7 @@ def main() -> None:
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    console = Console()
+    console = Console(width=160)  # wide enough for the table when piped to a file
     case = build_llava_shaped(attn_implementation=args.attn)
     case.model.generation_config.eos_token_id = None
     inputs = case.inputs([1], text_len=args.text_tokens)
@@ -52,7 +53,7 @@ def main() -> None:
             f"(target >= 0.90); decode {r.decode_token_s / base.decode_token_s:.2f} x baseline time per token; "
             f"KV of layers >= K {100 * kv_share:.1f}% smaller (visual share {100 * visual / prompt:.1f}%)"
         )
-    console.print(f"[dim]FLOPs: {FORMULA}[/]")
+    console.print(f"[dim]FLOPs: {escape(FORMULA)}[/]")
 
 
 if __name__ == "__main__":

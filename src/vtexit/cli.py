@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Visual-token exit for multimodal LLMs.")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 MODEL_HELP = "'default' (mini-LLaVA built from PyPI parts), 'tiny' (random LLaVA) or a local model folder"
 
@@ -94,7 +96,7 @@ def bench(
     inputs = source.make_batches(batch_size, batch_size, "test", seed)[0]
     rows = bench_withdrawal(source.model, inputs, ks, repeats=repeats, new_tokens=new_tokens)
     console.print(bench_table(rows))
-    console.print(f"[dim]FLOPs: {FORMULA}[/]")
+    console.print(f"[dim]FLOPs: {escape(FORMULA)}[/]")
 
 
 @app.command()
@@ -123,7 +125,7 @@ def flops(
         f"decode/token: {base.decode_per_token / 1e6:.2f} -> {vtw.decode_per_token / 1e6:.2f} MFLOPs "
         f"({base.decode_per_token / vtw.decode_per_token:.2f}x)"
     )
-    console.print(f"[dim]{FORMULA}[/]")
+    console.print(f"[dim]{escape(FORMULA)}[/]")
 
 
 @app.command()

@@ -22,6 +22,7 @@ def plot_kl(result: CalibrationResult, path: str | Path) -> Path:
     ax.set_xlabel("withdrawal layer K")
     ax.set_ylabel("KL(full || withdrawn), next token")
     ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_ylim(0, 1.5 * max(max(result.kl.values()), result.eta))
     ax.set_title(f"Information migration: KL against K ({result.num_rows} rows)")
     ax.grid(alpha=0.3)
     ax.legend()

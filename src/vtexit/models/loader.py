@@ -1,0 +1,64 @@
+"""Public entry point: the built-in "mini-LLaVA" (DINOv2-small + SmolLM2-135M-Instruct), built offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration, LlavaProcessor
+
+from vtexit.models.adapter import ADAPTER_FILE, apply_adapter
+from vtexit.models.assemble import assemble_llava, make_image_processor
+from vtexit.models.cache import CorruptCacheError, cached_folder
+from vtexit.models.convert_lm import load_gguf_lm, load_gguf_tokenizer
+from vtexit.models.convert_vision import load_onnx_dinov2
+
+MODEL_SUBDIR = "model"
+PROCESSOR_SUBDIR = "processor"
+
+
+def _build_base(folder: Path) -> None:
+    """Convert the packaged GGUF LM and ONNX vision encoder and save the assembled base model."""
+    vision = load_onnx_dinov2()
+    tokenizer = load_gguf_tokenizer()
+    lm = load_gguf_lm()
+    model, processor = assemble_llava(vision, lm, tokenizer)
+    model.save_pretrained(folder / MODEL_SUBDIR)
+    processor.save_pretrained(folder / PROCESSOR_SUBDIR)
+
+
+def base_folder(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Folder of the converted base model, building it on first use (~30-60 s)."""
+    return cached_folder(_build_base, cache_dir)
+
+
+def load_default(
+    *,
+    trained: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+    attn_implementation: str = "sdpa",
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """The default model in eval mode, float32, and its processor.
+
+    ``trained=False`` keeps the seeded random projector and the unmodified LM (the "untrained" baseline);
+    ``trained=True`` loads the committed projector and merges the committed LoRA weights into the LM.
+    """
+    folder = base_folder(cache_dir)
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            folder / MODEL_SUBDIR, dtype=torch.float32, attn_implementation=attn_implementation
+        )
+        processor = LlavaProcessor.from_pretrained(folder / PROCESSOR_SUBDIR)
+    except (OSError, ValueError) as err:
+        raise CorruptCacheError(
+            f"Could not load the cached default model ({err}). Delete the folder {folder} and run again."
+        ) from err
+    if not isinstance(processor.image_processor, CLIPImageProcessorPil):
+        # With torchvision installed transformers would pick its torchvision backend; keep the PIL one that the
+        # projector was trained with, so pixels are identical on every machine.
+        processor.image_processor = make_image_processor()
+    if trained:
+        apply_adapter(model, ADAPTER_FILE)
+    model.eval()
+    return model, processor
