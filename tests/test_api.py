@@ -58,8 +58,16 @@ def test_family_minimum_layers():
 
 
 def test_unknown_family_lists_supported():
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     with pytest.raises(ValueError, match="llava.*register_family"):
         vtexit.withdraw(model, layer=1)
     assert _untouched(model)
@@ -168,3 +176,53 @@ def test_flops_of_gqa_gated_model_under_withdrawal(llava):
     assert flops.decode_per_token == sum(by_hand(1, t + 1) for t in tokens)
     with pytest.raises(ValueError, match="visual_tokens"):
         withdrawal_tokens(4, prompt_tokens=10, visual_tokens=11, layer=2)
+
+
+class _ForceTokenAt:
+    """Logits processor that forces `token` at generation step `step` (to emit an image token id)."""
+
+    def __init__(self, token: int, step: int, prompt_length: int):
+        self.token, self.step, self.prompt_length = token, step, prompt_length
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] - self.prompt_length == self.step:
+            scores = torch.full_like(scores, float("-inf"))
+            scores[:, self.token] = 0
+        return scores
+
+
+@torch.no_grad()
+def test_generated_image_token_id_is_treated_as_text(llava):
+    from transformers import LogitsProcessorList
+
+    inputs = llava.inputs([1, 2], text_len=[5, 3])
+    media = llava.media_mask(inputs)
+    prompt = inputs["input_ids"].shape[1]
+    image_id = llava.model.config.image_token_id
+    force = LogitsProcessorList([_ForceTokenAt(image_id, step=1, prompt_length=prompt)])
+    with vtexit.withdraw(llava.model, layer=3):
+        out = llava.model.generate(
+            **inputs, max_new_tokens=4, do_sample=False, logits_processor=force, return_dict_in_generate=True
+        )
+    assert (out.sequences[:, prompt + 1] == image_id).all()
+    kept = int((inputs["attention_mask"].bool() & ~media).sum(1).max())
+    cache = out.past_key_values
+    # 4 new tokens, the last one never fed back: every layer cached 3 decode positions, none dropped.
+    assert cache.layers[0].keys.shape[-2] == prompt + 3
+    assert cache.layers[3].keys.shape[-2] == kept + 3
+
+
+def test_cli_runs_on_tiny_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from vtexit.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["calibrate", "--model", "tiny", "--rows", "4", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "withdraw visual tokens at K =" in result.output
+    assert (tmp_path / "kl.json").exists() and (tmp_path / "kl_curve.png").stat().st_size > 10_000
+    result = runner.invoke(
+        app, ["flops", "--model", "tiny", "--layer", "0", "--prompt-tokens", "9", "--visual-tokens", "4"]
+    )
+    assert result.exit_code != 0 and "layer must be in" in result.output
