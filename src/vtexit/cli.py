@@ -129,6 +129,49 @@ def flops(
 
 
 @app.command()
+def evaluate(
+    model: str = typer.Option("default", help=MODEL_HELP),
+    dataset: str = typer.Option("easy-vqa", help="'easy-vqa' (test split) or a .jsonl of image/question/answer"),
+    layer: list[int] = typer.Option([], help="VTW layer K to evaluate (repeat for several); baseline always runs"),
+    rows: int = typer.Option(200, min=1, help="fixed subset size (seeded)"),
+    batch_size: int = typer.Option(8, min=1),
+    max_new_tokens: int = typer.Option(4, min=1),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("out/evaluate/results.json"), help="JSON file for all results"),
+    threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
+) -> None:
+    """Exact-match accuracy (overall, per type), latency and FLOPs per sample: baseline and VTW at each K."""
+    from .data.select import fixed_subset, load_dataset
+    from .demo import results_table
+    from .evaluate import evaluate as run
+    from .evaluate import save_results
+    from .methods.vtw import check_layer, withdraw
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        records = fixed_subset(load_dataset(dataset, "test"), rows, seed)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--dataset") from None
+    source = _load(model, "sdpa")
+    if source.processor is None:
+        raise typer.BadParameter("evaluation needs a model with a processor (not 'tiny')", param_hint="--model")
+    try:
+        ks = [check_layer(source.model, k) for k in layer]
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--layer") from None
+    common = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    results = [run(source.model, source.processor, records, source.prompt, name="baseline", **common)]
+    for k in ks:
+        method = lambda m, k=k: withdraw(m, layer=k)  # noqa: E731
+        results.append(
+            run(source.model, source.processor, records, source.prompt, method=method, name=f"VTW K={k}", **common)
+        )
+    console.print(results_table(results, results[0]))
+    console.print(f"wrote {save_results(results, out)}")
+
+
+@app.command()
 def demo(
     eta: float = typer.Option(None, help="KL threshold (default: vtexit.calibrate.DEFAULT_ETA)"),
     calibration_rows: int = typer.Option(32, min=1, help="train questions for calibration"),

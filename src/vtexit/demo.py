@@ -61,14 +61,14 @@ def results_table(results: list[EvalResult], baseline: EvalResult) -> Table:
 
 def run_demo(settings: DemoSettings, console: Console | None = None) -> tuple[CalibrationResult, list[EvalResult]]:
     console = console or Console()
-    from .models import build_prompt
-    from .models.vqa_eval import fixed_subset
+    from .data import EasyVQA
+    from .data.select import fixed_subset
 
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
     with console.status("loading the default model (the first run converts the packaged weights, ~1 min)"):
         source = load_source("default")
-    model, processor = source.model, source.processor
+    model, processor, build_prompt = source.model, source.processor, source.prompt
     console.print(f"model: {source.name}, {model.config.text_config.num_hidden_layers} decoder layers")
 
     batches = source.make_batches(settings.calibration_rows, settings.batch_size, "train", settings.seed)
@@ -77,7 +77,7 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> tuple[Ca
     calibration.to_json(out / "kl.json")
     plot_kl(calibration, out / "kl_curve.png")
 
-    records = fixed_subset("test", settings.test_rows, seed=settings.seed)
+    records = fixed_subset(EasyVQA("test"), settings.test_rows, seed=settings.seed)
     baseline = evaluate(model, processor, records, build_prompt, name="baseline", batch_size=settings.batch_size)
     k = calibration.layer
     vtw = evaluate(

@@ -20,6 +20,7 @@ class ModelSource:
     model: nn.Module
     make_batches: Callable[[int, int, str, int], list[dict[str, torch.Tensor]]]  # (rows, batch size, split, seed)
     processor: object | None = None
+    prompt: Callable[[str], str] | None = None  # question -> prompt text with the image placeholder
 
 
 def load_source(spec: str, *, attn_implementation: str = "sdpa") -> ModelSource:
@@ -30,7 +31,9 @@ def load_source(spec: str, *, attn_implementation: str = "sdpa") -> ModelSource:
         from .models import build_prompt, load_default
 
         model, processor = load_default(attn_implementation=attn_implementation)
-        return ModelSource("default (mini-LLaVA)", model, _vqa_batches(processor, build_prompt), processor)
+        return ModelSource(
+            "default (mini-LLaVA)", model, _vqa_batches(processor, build_prompt), processor, build_prompt
+        )
     path = Path(spec)
     if not path.is_dir():
         raise ValueError(f"model must be one of {list(BUILTIN)} or an existing model folder, got {spec!r}")
@@ -38,7 +41,8 @@ def load_source(spec: str, *, attn_implementation: str = "sdpa") -> ModelSource:
 
     model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn_implementation).eval()
     processor = AutoProcessor.from_pretrained(path)
-    return ModelSource(str(path), model, _vqa_batches(processor, _chat_prompt(processor)), processor)
+    prompt = _chat_prompt(processor)
+    return ModelSource(str(path), model, _vqa_batches(processor, prompt), processor, prompt)
 
 
 def _tiny(attn_implementation: str) -> ModelSource:
@@ -68,16 +72,14 @@ def _vqa_batches(processor, prompt: Callable[[str], str]):
     from PIL import Image
 
     from .data import EasyVQA
+    from .data.select import fixed_subset
 
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.padding_side = "left"
 
     def make(rows: int, batch_size: int, split: str, seed: int) -> list[dict[str, torch.Tensor]]:
-        data = EasyVQA(split)
-        generator = torch.Generator().manual_seed(seed)
-        picks = torch.randperm(len(data), generator=generator)[:rows].tolist()
-        records = [data[i] for i in picks]
+        records = fixed_subset(EasyVQA(split), rows, seed)
         batches = []
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
