@@ -83,9 +83,7 @@ def test_generate_with_cache_equals_no_cache_recomputation(case):
     k = (low + n) // 2
     media_ids = sorted(set(inputs["input_ids"][case.media_mask(inputs)].tolist()))
     with vtexit.withdraw(case.model, layer=k):
-        generated = case.model.generate(
-            **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, suppress_tokens=media_ids
-        )
+        generated = case.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, suppress_tokens=media_ids)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         for _ in range(NEW_TOKENS):
             step = dict(inputs, input_ids=ids, attention_mask=mask)

@@ -176,7 +176,7 @@ def demo(
     eta: float = typer.Option(None, help="KL threshold (default: vtexit.calibrate.DEFAULT_ETA)"),
     calibration_rows: int = typer.Option(32, min=1, help="train questions for calibration"),
     test_rows: int = typer.Option(200, min=1, help="fixed test questions for baseline vs VTW"),
-    sweep_rows: int = typer.Option(96, min=1, help="test questions for the accuracy-against-K sweep"),
+    sweep_rows: int = typer.Option(64, min=1, help="test questions for the accuracy-against-K sweep"),
     batch_size: int = typer.Option(8, min=1),
     out: Path = typer.Option(Path("out/demo"), help="folder for results.json and the plots"),
     threads: int = typer.Option(0, help="torch threads (0 = torch default)"),

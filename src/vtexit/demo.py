@@ -22,8 +22,8 @@ class DemoSettings:
     eta: float = DEFAULT_ETA
     calibration_rows: int = 32
     test_rows: int = 200
-    sweep_rows: int = 96
-    sweep_step: int = 3
+    sweep_rows: int = 64
+    sweep_step: int = 4
     attention_rows: int = 8
     batch_size: int = 8
     seed: int = 0

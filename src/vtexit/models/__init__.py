@@ -8,7 +8,7 @@ from vtexit.models.assemble import IMAGE_SIZE, NUM_IMAGE_TOKENS
 from vtexit.models.cache import CorruptCacheError
 from vtexit.models.loader import base_folder, load_default
 from vtexit.models.parts import MissingPartError
-from vtexit.models.prompt import IMAGE_TOKEN, build_prompt, first_word
+from vtexit.models.prompt import IMAGE_TOKEN, build_prompt
 
 __all__ = [
     "IMAGE_SIZE",
@@ -18,6 +18,5 @@ __all__ = [
     "MissingPartError",
     "base_folder",
     "build_prompt",
-    "first_word",
     "load_default",
 ]

@@ -28,12 +28,16 @@ def save_adapter(
     lora: dict[str, LoraPair],
     scale: float,
     info: dict[str, str] | None = None,
+    dtype: torch.dtype = torch.float16,
 ) -> None:
-    """Write projector weights and LoRA factors ``{module: (A [r,in], B [out,r])}`` to one file."""
-    tensors = {PROJECTOR_PREFIX + k: v.detach().float().contiguous() for k, v in projector.items()}
+    """Write projector weights and LoRA factors ``{module: (A [r,in], B [out,r])}`` to one file.
+
+    float16 storage halves the file (it ships inside the package); loading merges in float32.
+    """
+    tensors = {PROJECTOR_PREFIX + k: v.detach().to(dtype).contiguous() for k, v in projector.items()}
     for module, (a, b) in lora.items():
-        tensors[f"{LORA_PREFIX}{module}.A"] = a.detach().float().contiguous()
-        tensors[f"{LORA_PREFIX}{module}.B"] = b.detach().float().contiguous()
+        tensors[f"{LORA_PREFIX}{module}.A"] = a.detach().to(dtype).contiguous()
+        tensors[f"{LORA_PREFIX}{module}.B"] = b.detach().to(dtype).contiguous()
     metadata = {"format": FORMAT, "lora_scale": repr(float(scale)), **(info or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
@@ -72,7 +76,7 @@ def apply_adapter(model: LlavaForConditionalGeneration, path: Path = ADAPTER_FIL
     scale = float(meta["lora_scale"])
     tensors = load_file(str(path))
 
-    projector = {k[len(PROJECTOR_PREFIX) :]: v for k, v in tensors.items() if k.startswith(PROJECTOR_PREFIX)}
+    projector = {k[len(PROJECTOR_PREFIX) :]: v.float() for k, v in tensors.items() if k.startswith(PROJECTOR_PREFIX)}
     model.model.multi_modal_projector.load_state_dict(projector, strict=True)
 
     lm = model.model.language_model
@@ -83,5 +87,5 @@ def apply_adapter(model: LlavaForConditionalGeneration, path: Path = ADAPTER_FIL
             linear = modules.get(name)
             if not isinstance(linear, nn.Linear):
                 raise ValueError(f"adapter targets '{name}', which is not a Linear layer of the language model")
-            a, b = tensors[f"{LORA_PREFIX}{name}.A"], tensors[f"{LORA_PREFIX}{name}.B"]
+            a, b = tensors[f"{LORA_PREFIX}{name}.A"].float(), tensors[f"{LORA_PREFIX}{name}.B"].float()
             linear.weight += (scale * (b @ a)).to(linear.weight.dtype)

@@ -6,8 +6,6 @@ SmolLM2's own chat template prepends a ~20-token default system prompt; we drop 
 
 from __future__ import annotations
 
-import re
-
 IMAGE_TOKEN = "<image>"
 END_OF_TURN = "<|im_end|>"
 
@@ -40,12 +38,3 @@ def build_followup(question: str) -> str:
 def answer_text(answer: str) -> str:
     """Training target for one answer (the end-of-turn token teaches the model to stop)."""
     return f"{answer.strip()}{END_OF_TURN}"
-
-
-_WORD = re.compile(r"[a-z]+")
-
-
-def first_word(generated: str) -> str:
-    """Normalised first word of a generation: how answers are scored (exact match against easy-vqa)."""
-    match = _WORD.search(generated.lower())
-    return match.group(0) if match else ""
