@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +109,9 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> tuple[Ca
     )
     shares = attention_by_group(model, processor, records[: settings.attention_rows], build_prompt)
     plot_attention_groups(shares, GROUPS, out / "attention_groups.png")
+    (out / "attention_groups.json").write_text(
+        json.dumps({"groups": list(GROUPS), "share_per_layer": shares.round(5).tolist()}, indent=1)
+    )
 
     results = [baseline, vtw]
     save_results([*results, *sweep.values()], out / "results.json")
@@ -121,5 +125,8 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> tuple[Ca
         sweep_table.add_row(str(k_), f"{100 * r.accuracy:.1f}%", f"{100 * saved:.0f}%")
     sweep_table.add_row(str(n), f"{100 * sweep_base.accuracy:.1f}%", "0%", style="dim")
     console.print(sweep_table)
-    console.print(f"wrote {out}/: kl.json, results.json, kl_curve.png, accuracy_vs_k.png, attention_groups.png")
+    console.print(
+        f"wrote {out}/: kl.json, results.json, attention_groups.json, "
+        "kl_curve.png, accuracy_vs_k.png, attention_groups.png"
+    )
     return calibration, results

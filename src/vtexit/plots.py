@@ -68,7 +68,7 @@ def plot_accuracy_against_k(
 def plot_attention_groups(shares, groups: tuple[str, ...], path: str | Path) -> Path:
     """Stacked share of the last token's attention per token group, for every layer (attention sinks)."""
     layers = range(len(shares))
-    fig, ax = plt.subplots(figsize=(7.2, 4))
+    fig, ax = plt.subplots(figsize=(7.2, 4.4))
     bottom = [0.0] * len(shares)
     for g, name in enumerate(groups):
         values = [float(row[g]) for row in shares]
@@ -78,7 +78,7 @@ def plot_attention_groups(shares, groups: tuple[str, ...], path: str | Path) -> 
     ax.set_ylabel("share of the last token's attention")
     ax.set_ylim(0, 1)
     ax.set_title("Where the last token attends, per layer (mean over heads and samples)")
-    ax.legend(loc="upper right", fontsize=8, ncol=len(groups))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, ncol=len(groups), frameon=False)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
