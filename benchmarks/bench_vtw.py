@@ -46,10 +46,10 @@ def main() -> None:
     console.print(bench_table(rows))
     base = rows[0]
     for r in rows[1:]:
-        speedup, ratio = base.prefill_s / r.prefill_s, base.prefill_flops / r.prefill_flops
+        speedup, ratio = base.lm_prefill_s / r.lm_prefill_s, base.prefill_flops / r.prefill_flops
         kv_share = 1 - r.kv_bytes_from(r.layer) / base.kv_bytes_from(r.layer)
         console.print(
-            f"K={r.layer}: prefill speedup {speedup:.2f}x = {speedup / ratio:.2f} x FLOPs ratio "
+            f"K={r.layer}: LM prefill speedup {speedup:.2f}x = {speedup / ratio:.2f} x FLOPs ratio "
             f"(target >= 0.90); decode {r.decode_token_s / base.decode_token_s:.2f} x baseline time per token; "
             f"KV of layers >= K {100 * kv_share:.1f}% smaller (visual share {100 * visual / prompt:.1f}%)"
         )

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .families import family_for
 from .flops import DecoderShape, count, withdrawal_tokens
 from .methods.vtw import withdraw
+from .timing import CallTimer
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,8 @@ class BenchRow:
     """One configuration: ``layer`` None is the unpatched baseline."""
 
     layer: int | None
-    prefill_s: float
+    prefill_s: float  # whole model forward (vision tower included)
+    lm_prefill_s: float  # the language model's part of it: what the FLOPs count covers
     generate_s: float
     decode_token_s: float
     kv_bytes_per_layer: tuple[int, ...]
@@ -84,17 +86,22 @@ def bench_withdrawal(
     visual = int(row_media.sum(1).max())
     shape = DecoderShape.from_model(model)
     gen_kwargs = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
-    samples: dict[int | None, dict[str, list[float]]] = {c: {"prefill": [], "gen": [], "gen1": []} for c in configs}
+    samples: dict[int | None, dict[str, list[float]]] = {
+        c: {"prefill": [], "lm": [], "gen": [], "gen1": []} for c in configs
+    }
+    language_model = family_for(model).resolve(model).language_model
     kv: dict[int | None, tuple[int, ...]] = {}
 
     def measure(config: int | None, record: bool) -> None:
         handle = withdraw(model, layer=config) if config is not None else None
         try:
-            prefill = _timed(lambda: model(**inputs, use_cache=True))
+            with CallTimer(language_model) as lm_timer:
+                prefill = _timed(lambda: model(**inputs, use_cache=True))
             gen1 = _timed(lambda: model.generate(**inputs, **{**gen_kwargs, "min_new_tokens": 1, "max_new_tokens": 1}))
             gen = _timed(lambda: model.generate(**inputs, **gen_kwargs))
             if record:
                 samples[config]["prefill"].append(prefill)
+                samples[config]["lm"].append(lm_timer.durations[0])
                 samples[config]["gen"].append(gen)
                 samples[config]["gen1"].append(gen1)
                 if config not in kv:
@@ -120,6 +127,7 @@ def bench_withdrawal(
             BenchRow(
                 layer=config,
                 prefill_s=statistics.median(s["prefill"]),
+                lm_prefill_s=statistics.median(s["lm"]),
                 generate_s=gen,
                 decode_token_s=(gen - gen1) / (new_tokens - 1),
                 kv_bytes_per_layer=kv[config],

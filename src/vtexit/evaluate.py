@@ -23,6 +23,7 @@ from .data import VQARecord
 from .families import family_for
 from .flops import DecoderShape, count
 from .handle import PatchHandle
+from .timing import CallTimer
 
 Method = Callable[[nn.Module], PatchHandle]
 
@@ -61,24 +62,6 @@ def save_results(results: Sequence[EvalResult], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([r.to_dict() for r in results], indent=2))
     return path
-
-
-class _CallTimer:
-    """Wall time of every call of one module, with forward pre/post hooks (removed on exit)."""
-
-    def __init__(self, module: nn.Module):
-        self.module, self.durations, self._start = module, [], 0.0
-
-    def __enter__(self) -> _CallTimer:
-        self._hooks = [
-            self.module.register_forward_pre_hook(lambda *_: setattr(self, "_start", time.perf_counter())),
-            self.module.register_forward_hook(lambda *_: self.durations.append(time.perf_counter() - self._start)),
-        ]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._hooks:
-            h.remove()
 
 
 def normalise_answer(text: str) -> str:
@@ -121,7 +104,7 @@ def evaluate(
             inputs = processor(
                 images=images, text=[prompt(r.question) for r in chunk], return_tensors="pt", padding=True
             )
-            with _CallTimer(parts.language_model) as lm_timer:
+            with CallTimer(parts.language_model) as lm_timer:
                 begin = time.perf_counter()
                 out = model.generate(
                     **inputs,
