@@ -278,23 +278,29 @@ class ScheduleEngine:
             return None
         call.stage = stage
         hidden = args[0] if args else kwargs["hidden_states"]
-        prompt_valid = record.valid[stage]
-        new_columns = call.past_length + call.query_length - record.prompt_length
-        if call.padding is not None:
-            tail = call.padding[:, record.prompt_length :].to(torch.bool)
-        else:
-            tail = torch.ones(prompt_valid.shape[0], new_columns, dtype=torch.bool, device=prompt_valid.device)
-        key_padding = torch.cat([prompt_valid, tail.to(prompt_valid.device)], dim=1)
+
+        def key_padding() -> torch.Tensor:
+            # Keys of this layer: the prompt positions it kept at prefill, then every token decoded since.
+            prompt_valid = record.valid[stage]
+            if call.padding is not None:
+                tail = call.padding[:, record.prompt_length :].to(device=prompt_valid.device, dtype=torch.bool)
+            else:
+                new_columns = call.past_length + call.query_length - record.prompt_length
+                tail = torch.ones(prompt_valid.shape[0], new_columns, dtype=torch.bool, device=prompt_valid.device)
+            return torch.cat([prompt_valid, tail], dim=1)
+
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = self._mask(layer_idx, call, hidden, key_padding, kwargs.get("past_key_values"))
         return args, kwargs
 
     # ----------------------------------------------------------------------------------------- helpers
-    def _mask(self, layer_idx, call, hidden, key_padding, cache):
+    def _mask(self, layer_idx: int, call: _CallState, hidden: torch.Tensor, key_padding, cache) -> Any:
+        """The rebuilt mask of this stage and layer type, built once per forward; ``key_padding`` is lazy."""
         layer_type = self.layer_types[layer_idx]
         key = ("mask", call.stage, layer_type)
         if key not in call.memo:
-            call.memo[key] = rebuild_mask(self.text_config, layer_type, hidden, key_padding, cache, layer_idx)
+            padding = key_padding() if callable(key_padding) else key_padding
+            call.memo[key] = rebuild_mask(self.text_config, layer_type, hidden, padding, cache, layer_idx)
         return call.memo[key]
 
     @staticmethod
