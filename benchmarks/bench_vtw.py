@@ -50,7 +50,7 @@ def main() -> None:
         kv_share = 1 - r.kv_bytes_from(r.layer) / base.kv_bytes_from(r.layer)
         console.print(
             f"K={r.layer}: LM prefill speedup {speedup:.2f}x = {speedup / ratio:.2f} x FLOPs ratio "
-            f"(target >= 0.90); decode {r.decode_token_s / base.decode_token_s:.2f} x baseline time per token; "
+            f"(target >= 0.90); LM decode {r.decode_token_s / base.decode_token_s:.2f} x baseline time per token; "
             f"KV of layers >= K {100 * kv_share:.1f}% smaller (visual share {100 * visual / prompt:.1f}%)"
         )
     console.print(f"[dim]FLOPs: {escape(FORMULA)}[/]")

@@ -36,7 +36,7 @@ def bench_table(rows: Sequence[BenchRow]) -> Table:
         "LM prefill speedup",
         "FLOPs ratio",
         "speedup / FLOPs",
-        "decode ms/token",
+        "LM decode ms/token",
         "generate ms",
         "KV MiB",
         "KV MiB layers>=K (base)",
