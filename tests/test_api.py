@@ -226,3 +226,19 @@ def test_cli_runs_on_tiny_model(tmp_path):
         app, ["flops", "--model", "tiny", "--layer", "0", "--prompt-tokens", "9", "--visual-tokens", "4"]
     )
     assert result.exit_code != 0 and "layer must be in" in result.output
+
+
+def test_benchmark_reports_kv_bytes_of_the_tokens_each_layer_keeps(llava):
+    from vtexit.bench import bench_withdrawal
+
+    inputs = llava.inputs([2], text_len=[6])
+    rows = bench_withdrawal(llava.model, inputs, [2], repeats=1, new_tokens=2, warmup=0, progress=False)
+    base, vtw = rows
+    text = llava.model.config.get_text_config()
+    length, visual = inputs["input_ids"].shape[1], int(llava.media_mask(inputs).sum())
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    per_token = 2 * text.num_key_value_heads * head_dim * 4  # keys + values, float32
+    assert base.kv_bytes_per_layer == (length * per_token,) * text.num_hidden_layers
+    assert vtw.kv_bytes_per_layer == (length * per_token,) * 2 + ((length - visual) * per_token,) * 4
+    assert vtw.prefill_flops < base.prefill_flops and vtw.decode_flops < base.decode_flops
+    assert all(r.lm_prefill_s < r.prefill_s and r.decode_token_s > 0 for r in rows)
