@@ -25,9 +25,14 @@ def _parse_layers(text: str | None) -> list[int] | None:
         raise typer.BadParameter(f"layers must be comma-separated integers, got {text!r}") from None
 
 
+ATTENTION = ("sdpa", "eager")
+
+
 def _load(model: str, attn: str):
     from .sources import load_source
 
+    if attn not in ATTENTION:
+        raise typer.BadParameter(f"must be one of {list(ATTENTION)}, got {attn!r}", param_hint="--attn")
     try:
         with console.status(f"loading model {model!r}"):
             return load_source(model, attn_implementation=attn)
