@@ -52,7 +52,6 @@ def attention_by_group(
     Uses eager attention for this call (the only implementation that returns attention weights).
     """
     family = family_for(model)
-    media_ids = torch.tensor(family.media_token_ids(model.config))
     tokenizer = processor.tokenizer
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
@@ -66,7 +65,7 @@ def attention_by_group(
             )
             full = dict(inputs, input_ids=out, attention_mask=torch.ones_like(out))
             attentions = model(**full, output_attentions=True, use_cache=False).attentions
-            media = torch.isin(out[0], media_ids)
+            media = family.media_mask(model.config, out[0])
             media[inputs["input_ids"].shape[1] :] = False  # a generated token may equal the image token id
             group = _groups(media, inputs["input_ids"].shape[1])
             shares = np.zeros((len(attentions), len(GROUPS)))

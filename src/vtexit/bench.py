@@ -47,16 +47,12 @@ class BenchRow:
         return "baseline" if self.layer is None else f"VTW K={self.layer}"
 
 
-def cache_bytes(cache, layers: Sequence[int] | None = None) -> int:
-    """Bytes held by keys and values of a transformers Cache (optionally only some layers)."""
-    total = 0
-    for i, layer in enumerate(cache.layers):
-        if layers is not None and i not in layers:
-            continue
-        for t in (layer.keys, layer.values):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+def kv_bytes_per_layer(cache) -> tuple[int, ...]:
+    """Bytes held by the keys and values of each layer of a transformers Cache."""
+    return tuple(
+        sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
+        for layer in cache.layers
+    )
 
 
 def _timed(fn) -> float:
@@ -84,8 +80,8 @@ def bench_withdrawal(
     if new_tokens < 2:
         raise ValueError(f"new_tokens must be >= 2 to separate decode from prefill, got {new_tokens}")
     configs: list[int | None] = [None, *layers]
-    media_ids = torch.tensor(family_for(model).media_token_ids(model.config))
-    row_media = torch.isin(inputs["input_ids"], media_ids)
+    family = family_for(model)
+    row_media = family.media_mask(model.config, inputs["input_ids"])
     prompt = int(inputs["attention_mask"].sum(1).max()) if "attention_mask" in inputs else inputs["input_ids"].shape[1]
     visual = int(row_media.sum(1).max())
     shape = DecoderShape.from_model(model)
@@ -93,7 +89,7 @@ def bench_withdrawal(
     samples: dict[int | None, dict[str, list[float]]] = {
         c: {"prefill": [], "lm": [], "gen": [], "decode": []} for c in configs
     }
-    language_model = family_for(model).resolve(model).language_model
+    language_model = family.resolve(model).language_model
     kv: dict[int | None, tuple[int, ...]] = {}
 
     def measure(config: int | None, record: bool) -> None:
@@ -110,7 +106,7 @@ def bench_withdrawal(
                 samples[config]["decode"].extend(steps.durations[1:])  # [0] is the prefill
                 if config not in kv:
                     cache = model(**inputs, use_cache=True).past_key_values
-                    kv[config] = tuple(cache_bytes(cache, [i]) for i in range(len(cache.layers)))
+                    kv[config] = kv_bytes_per_layer(cache)
         finally:
             if handle is not None:
                 handle.remove()

@@ -91,7 +91,7 @@ def kl_curve(
     padding = batch.get("attention_mask")
     full_logp = torch.log_softmax(_last_token_logits(full, padding).float(), dim=-1)
     input_ids = batch["input_ids"]
-    media = torch.isin(input_ids, engine.media_token_ids.to(input_ids.device))
+    media = engine.family.media_mask(model.config, input_ids)
     keep = ~media if padding is None else (~media & padding.bool())
     out: dict[int, torch.Tensor] = {}
     for k in layers:

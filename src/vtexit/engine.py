@@ -84,13 +84,11 @@ class ScheduleEngine:
         self.parts: ResolvedFamily = self.family.resolve(model)
         self.text_config = model.config.get_text_config()
         self.layer_types = layer_types(self.text_config)
-        media_ids = self.family.media_token_ids(model.config)
-        if not media_ids:
+        if not self.family.media_token_ids(model.config):
             raise ValueError(
                 f"model config has none of the media token id attributes {list(self.family.media_token_attrs)}; "
                 "vtexit needs them to find the visual tokens"
             )
-        self.media_token_ids = torch.tensor(media_ids)
         self.last_layout: Layout | None = None
         # (num_layers, batch): prompt tokens each layer processed in the last prefill (for FLOPs accounting).
         self.last_tokens_per_layer: torch.Tensor | None = None
@@ -174,7 +172,7 @@ class ScheduleEngine:
                     "pass input_ids (with pixel inputs) instead"
                 )
             return
-        media = torch.isin(input_ids, self.media_token_ids.to(input_ids.device))
+        media = self.family.media_mask(self.model.config, input_ids)
         if not bool(media.any()):
             return
         batch, length = input_ids.shape
@@ -223,7 +221,7 @@ class ScheduleEngine:
         keep = self.policy.keep(PrefillView(layer_idx, call.layout, call.media, hidden))
         if keep is not None:
             call.layout, source = call.layout.select(keep)
-            hidden = gather_sequence(hidden, source, seq_dim=1) * call.layout.valid.unsqueeze(-1).to(hidden.dtype)
+            hidden = _compact_hidden(hidden, source, call.layout)
             call.stage += 1
             call.stage_valid.append(call.layout.valid)
         call.stage_of_layer.append(call.stage)
@@ -262,7 +260,7 @@ class ScheduleEngine:
         call = _CallState(mode="prefill", padding=padding)
         call.layout, source = Layout.full(padding, batch, length, hidden.device).select(keep)
         call.stage = 0
-        hidden = gather_sequence(hidden, source, seq_dim=1) * call.layout.valid.unsqueeze(-1).to(hidden.dtype)
+        hidden = _compact_hidden(hidden, source, call.layout)
         for j in range(start, self.num_layers):
             kwargs = self._compacted_kwargs(j, call, hidden, layer_inputs[j][1])
             kwargs["past_key_values"] = None
@@ -313,6 +311,11 @@ class ScheduleEngine:
             hit = (obj, convert(obj))
             call.memo[key] = hit
         return hit[1]
+
+
+def _compact_hidden(hidden: torch.Tensor, source: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Gather the kept slots of ``hidden``; pad slots are zeroed so they stay finite through the layers."""
+    return gather_sequence(hidden, source, seq_dim=1) * layout.valid.unsqueeze(-1).to(hidden.dtype)
 
 
 def _sequence_length(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -54,6 +55,12 @@ class FamilySpec:
     def media_token_ids(self, config: PretrainedConfig) -> list[int]:
         ids = [getattr(config, attr, None) for attr in self.media_token_attrs]
         return sorted({int(i) for i in ids if i is not None})
+
+    def media_mask(self, config: PretrainedConfig, input_ids: torch.Tensor) -> torch.Tensor:
+        """True where ``input_ids`` holds a media (visual) placeholder token. Only valid on prompts: a generated
+        token may equal a media id."""
+        ids = torch.tensor(self.media_token_ids(config), device=input_ids.device)
+        return torch.isin(input_ids, ids)
 
     def resolve(self, model: nn.Module) -> ResolvedFamily:
         try:
