@@ -11,7 +11,7 @@ from rich.table import Table
 
 from .analysis import GROUPS, accuracy_against_k, attention_by_group
 from .calibrate import DEFAULT_ETA, CalibrationResult, calibrate
-from .evaluate import EvalResult, evaluate, save_results
+from .evaluate import Answer, EvalResult, evaluate, save_results
 from .methods.vtw import valid_layer_range, withdraw
 from .plots import plot_accuracy_against_k, plot_attention_groups, plot_kl
 from .report import kl_table
@@ -60,6 +60,11 @@ def results_table(results: list[EvalResult], baseline: EvalResult) -> Table:
     return table
 
 
+def _accuracy_and_flops(answers: list[Answer]) -> tuple[float, float]:
+    """Exact-match accuracy and mean prefill FLOPs of some answers."""
+    return sum(a.correct for a in answers) / len(answers), sum(a.prefill_flops for a in answers) / len(answers)
+
+
 def run_demo(settings: DemoSettings, console: Console | None = None) -> tuple[CalibrationResult, list[EvalResult]]:
     console = console or Console()
     from .data import EasyVQA
@@ -91,22 +96,21 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> tuple[Ca
         batch_size=settings.batch_size,
     )
 
+    # The sweep runs on a prefix of `records`, so the baseline and the calibrated K are read off the runs above.
     low, n = valid_layer_range(model)
-    sweep_layers = sorted({*range(low, n, settings.sweep_step), k})
     sweep_records = records[: settings.sweep_rows]
-    sweep = accuracy_against_k(
-        model, processor, sweep_records, build_prompt, sweep_layers, batch_size=settings.batch_size
+    others = [k_ for k_ in range(low, n, settings.sweep_step) if k_ != k]
+    sweep_runs = accuracy_against_k(
+        model, processor, sweep_records, build_prompt, others, batch_size=settings.batch_size
     )
-    sweep_base = evaluate(
-        model, processor, sweep_records, build_prompt, name="baseline", batch_size=settings.batch_size, progress=False
-    )
-    plot_accuracy_against_k(
-        {k_: r.accuracy for k_, r in sweep.items()},
-        {k_: 1 - r.prefill_flops_per_sample / sweep_base.prefill_flops_per_sample for k_, r in sweep.items()},
-        sweep_base.accuracy,
-        out / "accuracy_vs_k.png",
-        chosen=k,
-    )
+    sweep_answers = {k_: r.answers for k_, r in sweep_runs.items()}
+    sweep_answers[k] = vtw.answers[: len(sweep_records)]
+    base_accuracy, base_flops = _accuracy_and_flops(baseline.answers[: len(sweep_records)])
+    accuracy, saved = {}, {}
+    for k_ in sorted(sweep_answers):
+        accuracy[k_], flops = _accuracy_and_flops(sweep_answers[k_])
+        saved[k_] = 1 - flops / base_flops
+    plot_accuracy_against_k(accuracy, saved, base_accuracy, out / "accuracy_vs_k.png", chosen=k)
     shares = attention_by_group(model, processor, records[: settings.attention_rows], build_prompt)
     plot_attention_groups(shares, GROUPS, out / "attention_groups.png")
     (out / "attention_groups.json").write_text(
@@ -114,16 +118,15 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> tuple[Ca
     )
 
     results = [baseline, vtw]
-    save_results([*results, *sweep.values()], out / "results.json")
+    save_results([*results, *sweep_runs.values()], out / "results.json")
     console.print(results_table(results, baseline))
     sweep_table = Table(title=f"accuracy against K ({len(sweep_records)} questions)")
     sweep_table.add_column("K", justify="right")
     sweep_table.add_column("accuracy", justify="right")
     sweep_table.add_column("FLOPs saved", justify="right")
-    for k_, r in sweep.items():
-        saved = 1 - r.prefill_flops_per_sample / sweep_base.prefill_flops_per_sample
-        sweep_table.add_row(str(k_), f"{100 * r.accuracy:.1f}%", f"{100 * saved:.0f}%")
-    sweep_table.add_row(str(n), f"{100 * sweep_base.accuracy:.1f}%", "0%", style="dim")
+    for k_ in accuracy:
+        sweep_table.add_row(str(k_), f"{100 * accuracy[k_]:.1f}%", f"{100 * saved[k_]:.0f}%")
+    sweep_table.add_row(str(n), f"{100 * base_accuracy:.1f}%", "0%", style="dim")
     console.print(sweep_table)
     console.print(
         f"wrote {out}/: kl.json, results.json, attention_groups.json, "
