@@ -14,9 +14,9 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from vtexit.bench import bench_withdrawal
-from vtexit.flops import FORMULA
-from vtexit.report import bench_table
+from vtexit.core.flops import FORMULA
+from vtexit.evaluation.bench import bench_withdrawal
+from vtexit.evaluation.report import bench_table
 from vtexit.testing.tiny_models import build_llava_shaped
 
 

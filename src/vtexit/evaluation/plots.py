@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .calibrate import CalibrationResult  # noqa: E402
+from vtexit.methods.vtw.calibrate import CalibrationResult  # noqa: E402
 
 
 def plot_kl(result: CalibrationResult, path: str | Path) -> Path:

@@ -29,7 +29,7 @@ ATTENTION = ("sdpa", "eager")
 
 
 def _load(model: str, attn: str):
-    from .sources import load_source
+    from vtexit.app.model_sources import load_source
 
     if attn not in ATTENTION:
         raise typer.BadParameter(f"must be one of {list(ATTENTION)}, got {attn!r}", param_hint="--attn")
@@ -43,7 +43,7 @@ def _load(model: str, attn: str):
 @app.command()
 def calibrate(
     model: str = typer.Option("default", help=MODEL_HELP),
-    eta: float = typer.Option(None, help="KL threshold (default: vtexit.calibrate.DEFAULT_ETA)"),
+    eta: float = typer.Option(None, help="KL threshold (default: vtexit.methods.vtw.calibrate.DEFAULT_ETA)"),
     rows: int = typer.Option(16, min=1, help="calibration questions (easy-vqa train split)"),
     batch_size: int = typer.Option(8, min=1),
     seed: int = typer.Option(0),
@@ -52,10 +52,10 @@ def calibrate(
     threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
 ) -> None:
     """Choose VTW's withdrawal layer K: the first K whose mean KL <= eta; prints the whole curve."""
-    from .calibrate import DEFAULT_ETA
-    from .calibrate import calibrate as run
-    from .plots import plot_kl
-    from .report import kl_table
+    from vtexit.evaluation.plots import plot_kl
+    from vtexit.evaluation.report import kl_table
+    from vtexit.methods.vtw.calibrate import DEFAULT_ETA
+    from vtexit.methods.vtw.calibrate import calibrate as run
 
     if threads:
         torch.set_num_threads(threads)
@@ -84,10 +84,10 @@ def bench(
     threads: int = typer.Option(1, help="torch threads (1 gives the steadiest numbers)"),
 ) -> None:
     """Latency, decode time and KV bytes of VTW vs the unpatched model, with the FLOPs ratio beside them."""
-    from .bench import bench_withdrawal
-    from .flops import FORMULA
-    from .methods.vtw import check_layer, valid_layer_range
-    from .report import bench_table
+    from vtexit.core.flops import FORMULA
+    from vtexit.evaluation.bench import bench_withdrawal
+    from vtexit.evaluation.report import bench_table
+    from vtexit.methods.vtw.policy import check_layer, valid_layer_range
 
     if threads:
         torch.set_num_threads(threads)
@@ -112,8 +112,8 @@ def flops(
     visual_tokens: int = typer.Option(..., min=0),
 ) -> None:
     """Analytic prefill and per-decode-token FLOPs of VTW at K vs the unpatched model."""
-    from .flops import FORMULA, DecoderShape, count, withdrawal_tokens
-    from .methods.vtw import check_layer
+    from vtexit.core.flops import FORMULA, DecoderShape, count, withdrawal_tokens
+    from vtexit.methods.vtw.policy import check_layer
 
     source = _load(model, "sdpa")
     try:
@@ -146,11 +146,11 @@ def evaluate(
     threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
 ) -> None:
     """Exact-match accuracy (overall, per type), latency and FLOPs per sample: baseline and VTW at each K."""
-    from .data.select import fixed_subset, load_dataset
-    from .demo import results_table
-    from .evaluate import evaluate as run
-    from .evaluate import save_results
-    from .methods.vtw import check_layer, withdraw
+    from vtexit.app.demo import results_table
+    from vtexit.evaluation.datasets.select import fixed_subset, load_dataset
+    from vtexit.evaluation.evaluate import evaluate as run
+    from vtexit.evaluation.evaluate import save_results
+    from vtexit.methods.vtw.policy import check_layer, withdraw
 
     if threads:
         torch.set_num_threads(threads)
@@ -178,7 +178,7 @@ def evaluate(
 
 @app.command()
 def demo(
-    eta: float = typer.Option(None, help="KL threshold (default: vtexit.calibrate.DEFAULT_ETA)"),
+    eta: float = typer.Option(None, help="KL threshold (default: vtexit.methods.vtw.calibrate.DEFAULT_ETA)"),
     calibration_rows: int = typer.Option(32, min=1, help="train questions for calibration"),
     test_rows: int = typer.Option(200, min=1, help="fixed test questions for baseline vs VTW"),
     sweep_rows: int = typer.Option(64, min=1, help="test questions for the accuracy-against-K sweep"),
@@ -187,8 +187,8 @@ def demo(
     threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
 ) -> None:
     """The main job: calibrate K on the default model, evaluate baseline vs VTW, write the plots."""
-    from .calibrate import DEFAULT_ETA
-    from .demo import DemoSettings, run_demo
+    from vtexit.app.demo import DemoSettings, run_demo
+    from vtexit.methods.vtw.calibrate import DEFAULT_ETA
 
     if threads:
         torch.set_num_threads(threads)

@@ -23,9 +23,9 @@ from torch import nn
 from transformers.cache_utils import Cache
 from transformers.generation.utils import MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL
 
-from .families import FamilySpec, ResolvedFamily, family_for
-from .masks import layer_types, rebuild_mask
-from .schedule import Layout, gather_sequence
+from vtexit.core.families import FamilySpec, ResolvedFamily, family_for
+from vtexit.core.layout import Layout, gather_sequence
+from vtexit.core.masks import layer_types, rebuild_mask
 
 
 @dataclass

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from transformers import Dinov2Config, Dinov2Model
 
-from vtexit.models.parts import require_module, vision_onnx_path
+from vtexit.default_model.parts import require_module, vision_onnx_path
 
 HIDDEN = 384
 LAYERS = 12

@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration, LlavaProcessor
 
-from vtexit.models.adapter import ADAPTER_FILE, apply_adapter
-from vtexit.models.assemble import assemble_llava, make_image_processor
-from vtexit.models.cache import CorruptCacheError, cached_folder
-from vtexit.models.convert_lm import load_gguf_lm, load_gguf_tokenizer
-from vtexit.models.convert_vision import load_onnx_dinov2
+from vtexit.default_model.adapter import ADAPTER_FILE, apply_adapter
+from vtexit.default_model.assemble import assemble_llava, make_image_processor
+from vtexit.default_model.cache import CorruptCacheError, cached_folder
+from vtexit.default_model.convert_lm import load_gguf_lm, load_gguf_tokenizer
+from vtexit.default_model.convert_vision import load_onnx_dinov2
 
 MODEL_SUBDIR = "model"
 PROCESSOR_SUBDIR = "processor"

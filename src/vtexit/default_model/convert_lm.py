@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from vtexit.models.parts import lm_gguf_path, require_module
+from vtexit.default_model.parts import lm_gguf_path, require_module
 
 # Keys of a GGUF-loaded config that only describe where it came from, not the architecture.
 _DROP_CONFIG_KEYS = ("quantization_config", "_model_name_or_path", "transformers_version", "dtype")

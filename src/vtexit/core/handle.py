@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .engine import ScheduleEngine
-from .schedule import Layout
+from vtexit.core.engine import ScheduleEngine
+from vtexit.core.layout import Layout
 
 
 class PatchHandle:

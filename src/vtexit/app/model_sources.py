@@ -28,7 +28,7 @@ def load_source(spec: str, *, attn_implementation: str = "sdpa") -> ModelSource:
     if spec == "tiny":
         return _tiny(attn_implementation)
     if spec == "default":
-        from .models import build_prompt, load_default
+        from vtexit.default_model import build_prompt, load_default
 
         model, processor = load_default(attn_implementation=attn_implementation)
         return ModelSource(
@@ -46,7 +46,7 @@ def load_source(spec: str, *, attn_implementation: str = "sdpa") -> ModelSource:
 
 
 def _tiny(attn_implementation: str) -> ModelSource:
-    from .testing.tiny_models import build_tiny
+    from vtexit.testing.tiny_models import build_tiny
 
     case = build_tiny("llava", attn_implementation=attn_implementation, num_layers=8)
 
@@ -71,8 +71,8 @@ def _chat_prompt(processor) -> Callable[[str], str]:
 def _vqa_batches(processor, prompt: Callable[[str], str]):
     from PIL import Image
 
-    from .data import EasyVQA
-    from .data.select import fixed_subset
+    from vtexit.evaluation.datasets import EasyVQA
+    from vtexit.evaluation.datasets.select import fixed_subset
 
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:

@@ -6,8 +6,8 @@ import random
 from pathlib import Path
 from typing import Protocol
 
-from .easy_vqa import EasyVQA, VQARecord
-from .jsonl import JsonlVQA
+from vtexit.evaluation.datasets.easy_vqa import EasyVQA, VQARecord
+from vtexit.evaluation.datasets.jsonl import JsonlVQA
 
 
 class VQADataset(Protocol):

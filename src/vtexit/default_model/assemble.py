@@ -17,7 +17,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from vtexit.models.prompt import CHAT_TEMPLATE, IMAGE_TOKEN
+from vtexit.default_model.prompt import CHAT_TEMPLATE, IMAGE_TOKEN
 
 IMAGE_SIZE = 112
 PATCH_SIZE = 14

@@ -9,13 +9,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .analysis import GROUPS, accuracy_against_k, attention_by_group
-from .calibrate import DEFAULT_ETA, CalibrationResult, calibrate
-from .evaluate import Answer, EvalResult, evaluate, save_results
-from .methods.vtw import valid_layer_range, withdraw
-from .plots import plot_accuracy_against_k, plot_attention_groups, plot_kl
-from .report import kl_table
-from .sources import load_source
+from vtexit.app.model_sources import load_source
+from vtexit.evaluation.analysis import GROUPS, accuracy_against_k, attention_by_group
+from vtexit.evaluation.evaluate import Answer, EvalResult, evaluate, save_results
+from vtexit.evaluation.plots import plot_accuracy_against_k, plot_attention_groups, plot_kl
+from vtexit.evaluation.report import kl_table
+from vtexit.methods.vtw.calibrate import DEFAULT_ETA, CalibrationResult, calibrate
+from vtexit.methods.vtw.policy import valid_layer_range, withdraw
 
 
 @dataclass
@@ -67,8 +67,8 @@ def _accuracy_and_flops(answers: list[Answer]) -> tuple[float, float]:
 
 def run_demo(settings: DemoSettings, console: Console | None = None) -> tuple[CalibrationResult, list[EvalResult]]:
     console = console or Console()
-    from .data import EasyVQA
-    from .data.select import fixed_subset
+    from vtexit.evaluation.datasets import EasyVQA
+    from vtexit.evaluation.datasets.select import fixed_subset
 
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)

@@ -19,11 +19,11 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import VQARecord
-from .families import family_for
-from .flops import DecoderShape, count
-from .handle import PatchHandle
-from .timing import CallTimer
+from vtexit.core.families import family_for
+from vtexit.core.flops import DecoderShape, count
+from vtexit.core.handle import PatchHandle
+from vtexit.evaluation.datasets import VQARecord
+from vtexit.evaluation.timing import CallTimer
 
 Method = Callable[[nn.Module], PatchHandle]
 

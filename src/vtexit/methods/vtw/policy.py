@@ -2,7 +2,7 @@
 
 Layers ``0..K-1`` see the full sequence; from layer ``K`` on, every visual token is withdrawn and only the text
 tokens (with their original positions) go on. The paper picks K on a calibration set as the first layer where
-KL(full model || withdrawn model) falls below a threshold, see :mod:`vtexit.calibrate`.
+KL(full model || withdrawn model) falls below a threshold, see :mod:`vtexit.methods.vtw.calibrate`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..engine import PrefillView, ScheduleEngine
-from ..families import FamilySpec, family_for
-from ..handle import PatchHandle
+from vtexit.core.engine import PrefillView, ScheduleEngine
+from vtexit.core.families import FamilySpec, family_for
+from vtexit.core.handle import PatchHandle
 
 
 @dataclass(frozen=True)

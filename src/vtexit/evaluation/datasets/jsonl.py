@@ -1,8 +1,8 @@
 """A user's own VQA set as JSON lines: one ``{"image": path, "question": ..., "answer": ...}`` per line.
 
 Optional keys: ``"type"`` (question type for per-type accuracy; default "all"). Relative image paths are read
-relative to the JSONL file. It yields the same records as :class:`vtexit.data.EasyVQA`, so the evaluation runner
-and calibration take either.
+relative to the JSONL file. It yields the same records as :class:`~vtexit.evaluation.datasets.EasyVQA`,
+so the evaluation runner and calibration take either.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from .easy_vqa import VQARecord
+from vtexit.evaluation.datasets.easy_vqa import VQARecord
 
 REQUIRED_KEYS = ("image", "question", "answer")
 

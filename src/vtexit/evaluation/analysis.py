@@ -4,7 +4,7 @@
   group (prefix before the image, visual, instruction after it, generated). VTW's first observation is that deep
   layers give visual tokens little attention (they act as a sink for the early ones only).
 * :func:`accuracy_against_k`: accuracy when withdrawing at each K, next to the FLOPs saved; with the KL curve of
-  :func:`vtexit.calibrate` it shows where the visual information has migrated into the text tokens.
+  :func:`vtexit.methods.vtw.calibrate` it shows where the visual information has migrated into the text tokens.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import VQARecord
-from .evaluate import EvalResult, evaluate
-from .families import family_for
-from .methods.vtw import withdraw
+from vtexit.core.families import family_for
+from vtexit.evaluation.datasets import VQARecord
+from vtexit.evaluation.evaluate import EvalResult, evaluate
+from vtexit.methods.vtw.policy import withdraw
 
 GROUPS = ("prefix", "visual", "instruction", "generated")
 

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .families import family_for
-from .flops import DecoderShape, count, withdrawal_tokens
-from .methods.vtw import withdraw
-from .timing import CallTimer
+from vtexit.core.families import family_for
+from vtexit.core.flops import DecoderShape, count, withdrawal_tokens
+from vtexit.evaluation.timing import CallTimer
+from vtexit.methods.vtw.policy import withdraw
 
 
 @dataclass(frozen=True)

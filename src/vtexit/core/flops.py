@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .families import FamilySpec, family_for
+from vtexit.core.families import FamilySpec, family_for
 
 FORMULA = (
     "per decoder layer, n query tokens attending to c keys: "

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .engine import ScheduleEngine
-from .families import FamilySpec, family_for
-from .methods.vtw import check_layer, valid_layer_range
+from vtexit.core.engine import ScheduleEngine
+from vtexit.core.families import FamilySpec, family_for
+from vtexit.methods.vtw.policy import check_layer, valid_layer_range
 
 DEFAULT_ETA = 0.05  # our choice, from the testbed's KL-vs-accuracy curve (README); the paper tunes eta per model
 
