@@ -67,6 +67,22 @@ def test_registry() -> None:
         build_tiny("not_a_family")
 
 
+def test_each_family_lives_in_its_own_module() -> None:
+    """Config builder and input builder sit together in ``families/<name>.py``; both import paths agree."""
+    import vtexit.testing as testing
+    from vtexit.testing.families import TINY_FAMILIES
+
+    assert tuple(f.name for f in TINY_FAMILIES) == FAMILIES == testing.FAMILIES
+    for family in TINY_FAMILIES:
+        module = f"vtexit.testing.families.{family.name}"
+        assert family.build_config.__module__ == family.input_spec.__module__ == module
+    assert (testing.TinyCase, testing.build_tiny, testing.build_llava_shaped) == (
+        TinyCase,
+        build_tiny,
+        build_llava_shaped,
+    )
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forward_on_ragged_left_padded_batch(family: str, attn: str) -> None:
