@@ -1,8 +1,9 @@
-"""An independent reference for withdrawal: decoder layers run by hand, one row at a time.
+"""An independent reference for token schedules: decoder layers run by hand, one row at a time.
 
-For a single row without padding, it records what the unpatched model feeds each decoder layer, then runs
-layers K..N-1 itself on the non-visual positions only: hidden states, rotary cos/sin and position ids are sliced
-with plain indexing, and the causal (or sliding-window) mask is built here from scratch. Nothing in vtexit is used.
+It records what the unpatched model feeds each decoder layer, then, for one row, runs the layers from the first
+event on itself, on the positions the schedule keeps: hidden states, rotary cos/sin and position ids are sliced
+with plain indexing (original positions kept), and the causal (or sliding-window) mask is built here from scratch,
+with Gemma3's bidirectional image blocks where the row still holds image tokens. Nothing in vtexit is used.
 """
 
 from __future__ import annotations
@@ -36,10 +37,27 @@ def record_layer_inputs(model: nn.Module, inputs: dict) -> list[tuple[torch.Tens
     return seen
 
 
-def _hand_mask(n: int, layer_type: str, window: int | None, impl: str, dtype: torch.dtype) -> torch.Tensor:
+def image_blocks(token_type_ids: torch.Tensor) -> torch.Tensor:
+    """Per position: the index of its run of consecutive image tokens (type 1), or -1 for text. By hand."""
+    blocks = torch.full(token_type_ids.shape, -1, dtype=torch.long)
+    for b in range(token_type_ids.shape[0]):
+        block, previous = -1, False
+        for i, kind in enumerate(token_type_ids[b].tolist()):
+            if kind == 1:
+                block += 0 if previous else 1
+                blocks[b, i] = block
+            previous = kind == 1
+    return blocks
+
+
+def _hand_mask(
+    n: int, layer_type: str, window: int | None, impl: str, dtype: torch.dtype, blocks: torch.Tensor | None = None
+) -> torch.Tensor:
     q = torch.arange(n).unsqueeze(1)
     k = torch.arange(n).unsqueeze(0)
     allowed = k <= q
+    if blocks is not None:
+        allowed |= (blocks.unsqueeze(1) == blocks.unsqueeze(0)) & (blocks.unsqueeze(1) >= 0)
     if layer_type == "sliding_attention" and window is not None:
         allowed &= (q - k) < window
     allowed = allowed.view(1, 1, n, n)
@@ -62,20 +80,51 @@ def withdrawn_logits(model: nn.Module, seen: list, b: int, text_positions: torch
     `seen` is `record_layer_inputs` of the unpatched model on the batch: its layer-`layer` input is the result of
     layers 0..layer-1 on the full sequence.
     """
+    return scheduled_logits(model, seen, b, [(layer, text_positions)])
+
+
+def scheduled_logits(
+    model: nn.Module,
+    seen: list,
+    b: int,
+    events: list[tuple[int, torch.Tensor]],
+    blocks: torch.Tensor | None = None,
+    renumber: bool = False,
+) -> torch.Tensor:
+    """Logits of row b under a schedule: ``events`` are (layer, original positions kept from that layer on), in
+    layer order, each a subset of the one before. ``blocks`` (the row's image blocks, -1 for text) adds Gemma3's
+    bidirectional attention inside each image to the hand-built masks. ``renumber``: after the (single) event the
+    kept tokens take consecutive positions from the first one on (rotary from the model's own rotary module)."""
     lm, layers, norm, head = _lm_parts(model)
     config = lm.config
-    idx = text_positions
-    hidden = _row(seen[layer][0], b, 1, idx)
+    first_layer, idx = events[0]
+    hidden = _row(seen[first_layer][0], b, 1, idx)
+    later = dict(events[1:])
     types = getattr(config, "layer_types", None) or ["full_attention"] * len(layers)
     impl = config._attn_implementation
     with torch.no_grad():
-        for j in range(layer, len(layers)):
+        for j in range(first_layer, len(layers)):
+            if j in later:
+                subset = later[j]
+                slots = torch.tensor([idx.tolist().index(p) for p in subset.tolist()], dtype=torch.long)
+                hidden, idx = hidden[:, slots], subset
             kwargs = dict(seen[j][1])
-            kwargs["position_embeddings"] = tuple(_row(t, b, -2, idx) for t in kwargs["position_embeddings"])
-            if kwargs.get("position_ids") is not None:
-                kwargs["position_ids"] = _row(kwargs["position_ids"], b, -1, idx)
+            if renumber:
+                first = _row(kwargs["position_ids"], b, -1, idx[:1])
+                positions = first + torch.arange(len(idx)).unsqueeze(0)
+                kwargs["position_ids"] = positions
+                kwargs["position_embeddings"] = lm.rotary_emb(hidden, positions)
+            else:
+                kwargs["position_embeddings"] = tuple(_row(t, b, -2, idx) for t in kwargs["position_embeddings"])
+                if kwargs.get("position_ids") is not None:
+                    kwargs["position_ids"] = _row(kwargs["position_ids"], b, -1, idx)
             kwargs["attention_mask"] = _hand_mask(
-                len(idx), types[j], getattr(config, "sliding_window", None), impl, hidden.dtype
+                len(idx),
+                types[j],
+                getattr(config, "sliding_window", None),
+                impl,
+                hidden.dtype,
+                None if blocks is None else blocks[idx],
             )
             kwargs["past_key_values"] = None
             kwargs["use_cache"] = False

@@ -1,19 +1,47 @@
-"""vtexit: take visual tokens out of the deep decoder layers of multimodal LLMs."""
+"""vtexit: take visual tokens out of the deep decoder layers of multimodal LLMs.
 
-from vtexit.core.engine import Policy, PrefillView, ScheduleEngine
+``vtexit.apply(model, config)`` patches a model with any method; ``withdraw`` (VTW) is its short form.
+"""
+
+from vtexit.core.costs import CallCost, LayerCost, RunCost
+from vtexit.core.engine import ScheduleEngine
 from vtexit.core.families import FamilySpec, register_family, supported_model_types
-from vtexit.core.handle import PatchHandle
+from vtexit.core.handle import PatchHandle, patch_of
 from vtexit.core.layout import Layout
-from vtexit.methods.vtw.policy import WithdrawHandle, valid_layer_range, withdraw
+from vtexit.core.policy import Policy, PrefillView
+from vtexit.methods.base import MethodConfig
+from vtexit.methods.baseline import BaselineConfig, baseline
+from vtexit.methods.registry import apply, config_from_dict, method_configs
+from vtexit.methods.vtw import (
+    CalibrationResult,
+    VTWConfig,
+    WithdrawHandle,
+    calibrate,
+    valid_layer_range,
+    withdraw,
+)
 
 __all__ = [
+    "BaselineConfig",
+    "CalibrationResult",
+    "CallCost",
     "FamilySpec",
+    "LayerCost",
     "Layout",
+    "MethodConfig",
     "PatchHandle",
     "Policy",
     "PrefillView",
+    "RunCost",
     "ScheduleEngine",
+    "VTWConfig",
     "WithdrawHandle",
+    "apply",
+    "baseline",
+    "calibrate",
+    "config_from_dict",
+    "method_configs",
+    "patch_of",
     "register_family",
     "supported_model_types",
     "valid_layer_range",

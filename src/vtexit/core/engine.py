@@ -1,62 +1,69 @@
 """The schedule engine: applies a method's compaction events inside an unmodified transformers model.
 
-Methods decide *which* positions each row keeps and *when* (a :class:`Policy`); the engine does the mechanics with
-forward pre-hooks, so no model forward is copied:
+Methods decide *which* positions each row keeps and *when* (a :class:`~vtexit.core.policy.Policy`); the engine
+does the mechanics with forward pre-hooks, so no model forward is copied:
 
 * a hook on the multimodal core decides the mode of each call: ``prefill`` (media tokens, empty cache),
-  ``decode`` (the cache this engine filled during prefill), or off;
+  ``decode`` (a cache this engine filled), or off;
 * a hook on every decoder layer gathers ``hidden_states`` at an event and rewrites the sequence-aligned kwargs
   the text model computed once for all layers (rotary cos/sin, position ids, attention mask). Kept tokens keep
-  their original positions.
+  their original positions unless the policy renumbers them.
 
-All state lives on the engine instance, so differently patched models work side by side.
+State of a call lives in a thread-local slot, and what decode needs from a prefill lives in a record keyed by the
+cache it filled: several threads may run one patched model, and an older cache can be continued after another
+prefill. Nothing is global, so differently patched models work side by side.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
+import threading
+import types
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
 from transformers.generation.utils import MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL
 
+from vtexit.core.attention_scores import check_supported, query_attention
+from vtexit.core.compiled import forget_compiled_graphs
+from vtexit.core.costs import CallCost, LayerCost, RunCost, counts
 from vtexit.core.families import FamilySpec, ResolvedFamily, family_for
 from vtexit.core.layout import Layout, gather_sequence
-from vtexit.core.masks import layer_types, rebuild_mask
+from vtexit.core.loss import kept_positions_loss
+from vtexit.core.masks import layer_types, media_block_ids, rebuild_mask
+from vtexit.core.policy import Policy, PrefillView
 
 
 @dataclass
-class PrefillView:
-    """What a policy may look at when deciding an event before ``layer_idx``."""
+class _Stage:
+    """The layout after one compaction event of a prefill."""
 
-    layer_idx: int
     layout: Layout
-    media_original: torch.Tensor  # (batch, prompt length) bool, True at media (visual) tokens
-    hidden_states: torch.Tensor  # (batch, layout.length, hidden), the input of layer_idx
-
-    @property
-    def media(self) -> torch.Tensor:
-        """Media flags of the current slots."""
-        return self.media_original.gather(1, self.layout.index) & self.layout.valid
-
-
-class Policy(Protocol):
-    """A method's decision logic: which slots to keep before a layer, or None for no event there."""
-
-    def keep(self, view: PrefillView) -> torch.Tensor | None: ...
+    visual: torch.Tensor  # (batch,) visual slots kept
+    text: torch.Tensor  # (batch,) text slots kept
+    position_shift: torch.Tensor | None = None  # (batch, 1) positions removed by renumbering
 
 
 @dataclass
 class _PrefillRecord:
     """What decode steps need from the prefill that filled a cache."""
 
-    cache: weakref.ref
     prompt_length: int
-    stage_of_layer: list[int]  # per layer: index into `valid` (-1 = full sequence)
-    valid: list[torch.Tensor] = field(default_factory=list)  # per stage: (batch, kept length) validity
+    full_tokens: torch.Tensor  # (batch,) prompt tokens (padding excluded)
+    stage_of_layer: list[int]  # per layer: index into `stages` (-1 = full sequence)
+    stages: list[_Stage]
+    cost: RunCost
+
+    @property
+    def compacted(self) -> bool:
+        return any(s >= 0 for s in self.stage_of_layer)
 
 
 @dataclass
@@ -66,39 +73,73 @@ class _CallState:
     past_length: int = 0
     query_length: int = 0
     media: torch.Tensor | None = None
+    block_ids: torch.Tensor | None = None  # (batch, prompt length) bidirectional media blocks, or None
     layout: Layout | None = None
+    full_valid: torch.Tensor | None = None  # (batch, prompt length) the caller's padding as bool
     stage: int = -1
-    stage_valid: list[torch.Tensor] = field(default_factory=list)
+    stages: list[_Stage] = field(default_factory=list)
     stage_of_layer: list[int] = field(default_factory=list)
     cache: Cache | None = None
+    record: _PrefillRecord | None = None
+    cost: CallCost | None = None
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
     memo: dict = field(default_factory=dict)
+
+
+def _eager(hook):
+    """Hooks run eagerly under ``torch.compile``: they keep per-call Python state, which a compiled graph must not
+    bake in. Dynamo breaks the graph around them; the layers themselves still compile."""
+    return torch.compiler.disable(hook, recursive=True)
 
 
 class ScheduleEngine:
     """Attaches a :class:`Policy` to a model. Use :meth:`attach`/:meth:`detach` (or a method's handle)."""
 
-    def __init__(self, model: nn.Module, policy: Policy, family: FamilySpec | None = None):
+    def __init__(self, model: nn.Module, policy: Policy | None, family: FamilySpec | None = None):
         self.model = model
-        self.policy = policy
+        self.policy = policy if policy is not None else Policy()
         self.family = family or family_for(model)
         self.parts: ResolvedFamily = self.family.resolve(model)
         self.text_config = model.config.get_text_config()
         self.layer_types = layer_types(self.text_config)
+        self.min_layer = max(1, self.family.min_layer(model.config))
         if not self.family.media_token_ids(model.config):
             raise ValueError(
                 f"model config has none of the media token id attributes {list(self.family.media_token_attrs)}; "
                 "vtexit needs them to find the visual tokens"
             )
-        self.last_layout: Layout | None = None
-        # (num_layers, batch): prompt tokens each layer processed in the last prefill (for FLOPs accounting).
-        self.last_tokens_per_layer: torch.Tensor | None = None
+        self.handle = None  # set by the PatchHandle that owns this engine
         self._handles: list[Any] = []
-        self._call: _CallState | None = None
-        self._record: _PrefillRecord | None = None
+        self._replaced: list[nn.Module] = []
+        self._init_runtime_state()
+
+    def _init_runtime_state(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._records: weakref.WeakKeyDictionary[Cache, _PrefillRecord] = weakref.WeakKeyDictionary()
 
     @property
     def num_layers(self) -> int:
         return len(self.parts.layers)
+
+    # ----------------------------------------------------------------------------------------- per-thread state
+    @property
+    def _call(self) -> _CallState | None:
+        return getattr(self._local, "call", None)
+
+    @_call.setter
+    def _call(self, value: _CallState | None) -> None:
+        self._local.call = value
+
+    @property
+    def last_layout(self) -> Layout | None:
+        """Slots of the last call in this thread: logits line up with them. None after a call nothing changed."""
+        return getattr(self._local, "last_layout", None)
+
+    @property
+    def last_cost(self) -> RunCost | None:
+        """Cost record of the last prefill in this thread and of the decode steps that continued it."""
+        return getattr(self._local, "last_cost", None)
 
     # ----------------------------------------------------------------------------------------- lifecycle
     def attach(self) -> None:
@@ -106,39 +147,119 @@ class ScheduleEngine:
             raise ValueError(
                 "model is already patched by vtexit; call .remove() on the first handle before patching again"
             )
-        self._handles.append(self.model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True))
-        self._handles.append(self.parts.core.register_forward_pre_hook(self._core_pre_hook, with_kwargs=True))
-        self._handles.append(self.parts.core.register_forward_hook(self._core_post_hook, always_call=True))
+        _refuse_compiled(self.model)
+        self._check_policy()
+        for name, module in self.policy.modules().items():
+            if not isinstance(module, nn.Module):
+                raise ValueError(f"policy module {name!r} is a {type(module).__name__}, expected an nn.Module")
+        replacements = self.policy.replacements(self)
+        for module in replacements:
+            if "forward" in module.__dict__:
+                raise ValueError(f"{type(module).__name__}.forward is already replaced on this instance")
+        hooks = self._handles
+        hooks.append(self.model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True))
+        hooks.append(self.model.register_forward_hook(self._top_post_hook, always_call=True))
+        hooks.append(self.parts.core.register_forward_pre_hook(self._core_pre_hook, with_kwargs=True))
+        hooks.append(self.parts.core.register_forward_hook(self._core_post_hook, always_call=True))
         for i, layer in enumerate(self.parts.layers):
-            self._handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+            hooks.append(layer.register_forward_pre_hook(partial(self._layer_pre_hook, i), with_kwargs=True))
+        for i in sorted(set(self.policy.attention_layers)):
+            attention = self.attention_module(i)
+            hooks.append(attention.register_forward_pre_hook(partial(self._attention_hook, i), with_kwargs=True))
+        for module, forward in replacements.items():
+            module.forward = types.MethodType(forward, module)
+            self._replaced.append(module)
         self.model._vtexit_engine = self
+        forget_compiled_graphs()
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._call = None
-        self._record = None
+        for module in self._replaced:
+            del module.forward
+        self._replaced.clear()
+        with self._lock:
+            caches = [cache for cache, record in self._records.items() if record.compacted]
+            self._records.clear()
+        for cache in caches:
+            _poison(cache)
+        self._local = threading.local()
         if getattr(self.model, "_vtexit_engine", None) is self:
             del self.model._vtexit_engine
+        forget_compiled_graphs()
 
     @property
     def attached(self) -> bool:
         return bool(self._handles)
 
-    # ----------------------------------------------------------------------------------------- hooks
-    def _top_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if kwargs.get("labels") is not None:
-            raise ValueError(
-                "labels cannot be used while vtexit withdraws tokens: the logits then cover only the kept positions "
-                "and no longer line up with input_ids. Compute the loss on the unpatched model (handle.remove())."
-            )
+    def attention_module(self, layer_idx: int) -> nn.Module:
+        if not 0 <= layer_idx < self.num_layers:
+            raise ValueError(f"attention layer must be in [0, {self.num_layers - 1}], got {layer_idx}")
+        attention = getattr(self.parts.layers[layer_idx], self.family.attention, None)
+        if attention is None:
+            raise ValueError(f"decoder layer {layer_idx} has no attribute {self.family.attention!r}")
+        check_supported(attention)
+        return attention
 
+    def _check_policy(self) -> None:
+        if self.policy.renumber_positions:
+            rope = getattr(self.text_config, "rope_parameters", None) or {}
+            rotary = getattr(self.parts.language_model, "rotary_emb", None)
+            if "mrope_section" in rope or rotary is None:
+                raise ValueError(
+                    f"renumber_positions is not supported for {self.family.name}: it needs 1D rotary positions "
+                    "(multimodal RoPE positions have no renumbering)"
+                )
+            if "layer_type" in inspect.signature(rotary.forward).parameters:
+                raise ValueError(
+                    f"renumber_positions is not supported for {self.family.name}: its rotary embedding depends on "
+                    "the layer type"
+                )
+
+    def __deepcopy__(self, memo: dict) -> ScheduleEngine:
+        """A copied model keeps a working patch of its own: the engine is copied with the model's modules (the
+        hooks in the copied modules point to the copy) and starts with no call state and no cache records."""
+        new = ScheduleEngine.__new__(ScheduleEngine)
+        memo[id(self)] = new
+        skip = {"_local", "_lock", "_records", "_handles"}
+        for key, value in self.__dict__.items():
+            if key not in skip:
+                setattr(new, key, copy.deepcopy(value, memo))
+        new._init_runtime_state()
+        new._handles = [_copy_removable_handle(h, memo) for h in self._handles]
+        return new
+
+    def __reduce_ex__(self, protocol):
+        raise ValueError(
+            "a model patched by vtexit cannot be pickled (torch.save(model)): call handle.remove() first, or save "
+            "model.state_dict(), which the patch does not change"
+        )
+
+    # ----------------------------------------------------------------------------------------- hooks
+    @_eager
+    def _top_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        self._local.labels = None
+        if kwargs.get("labels") is None:
+            return None
+        kwargs = dict(kwargs)
+        self._local.labels = kwargs.pop("labels")
+        return args, kwargs
+
+    @_eager
+    def _top_post_hook(self, module: nn.Module, args: tuple, output: Any):
+        labels, self._local.labels = getattr(self._local, "labels", None), None
+        if labels is None or getattr(output, "logits", None) is None:
+            return None
+        output.loss = kept_positions_loss(output.logits, labels, getattr(self._local, "last_call_layout", None))
+        return output
+
+    @_eager
     def _core_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._call = None
+        self._local.last_call_layout = None
         cache = kwargs.get("past_key_values")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        has_media_inputs = any(kwargs.get(name) is not None for name in MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL)
         padding = kwargs.get("attention_mask")
         if isinstance(padding, dict) or (isinstance(padding, torch.Tensor) and padding.ndim != 2):
             raise ValueError(
@@ -152,18 +273,7 @@ class ScheduleEngine:
             )
         past_length = cache.get_seq_length() if isinstance(cache, Cache) else 0
         if past_length > 0:
-            record = self._record
-            ours = record is not None and record.cache() is cache
-            if has_media_inputs:
-                raise ValueError(
-                    "media inputs were passed with a non-empty cache (multi-turn with new images); vtexit supports "
-                    "media only in the first call on an empty cache"
-                )
-            if ours:
-                query_length = _sequence_length(input_ids, kwargs.get("inputs_embeds"))
-                self._call = _CallState(
-                    mode="decode", padding=padding, past_length=past_length, query_length=query_length
-                )
+            self._enter_continuation(cache, kwargs, input_ids, padding, past_length)
             return
         if input_ids is None:
             if kwargs.get("inputs_embeds") is not None:
@@ -171,46 +281,103 @@ class ScheduleEngine:
                     "vtexit finds visual tokens from input_ids, but this call passed only inputs_embeds; "
                     "pass input_ids (with pixel inputs) instead"
                 )
+            self._local.last_layout = None
             return
         media = self.family.media_mask(self.model.config, input_ids)
-        if not bool(media.any()):
-            return
         batch, length = input_ids.shape
+        layout = Layout.full(padding, batch, length, input_ids.device)
+        any_media, ends_in_media = torch.stack([media.any(), (media & layout.last_slot).any()]).tolist()
+        if not any_media:
+            self._local.last_layout = None
+            return
+        if ends_in_media:
+            raise ValueError(
+                "a prompt row ends in a visual token: the last prompt token predicts the next one and would be "
+                "withdrawn. Put text after the image (e.g. the chat template's generation prompt). With chunked "
+                "prefill (generate(prefill_chunk_size=...)) a chunk can end inside an image: vtexit does not "
+                "support chunked prefill."
+            )
+        block_ids = None
+        if self.family.media_blocks is not None and kwargs.get(self.family.media_blocks) is not None:
+            block_ids = media_block_ids(kwargs[self.family.media_blocks]).to(input_ids.device)
         self._call = _CallState(
             mode="prefill",
             padding=padding,
             media=media,
-            layout=Layout.full(padding, batch, length, input_ids.device),
+            block_ids=block_ids,
+            layout=layout,
+            full_valid=layout.valid,
+            cost=CallCost("prefill"),
         )
 
+    def _enter_continuation(self, cache: Cache, kwargs: dict, input_ids, padding, past_length: int) -> None:
+        """A call on a non-empty cache: decode (or continued text) after our prefill, or an untouched call."""
+        if _has_media_inputs(kwargs):
+            raise ValueError(
+                "media inputs arrived with a non-empty cache: a later turn with new images, or chunked prefill "
+                "(generate(prefill_chunk_size=...)) with an image after the first chunk. vtexit supports media "
+                "only in one prefill on an empty cache; chunked prefill and multi-turn images are not supported."
+            )
+        with self._lock:
+            record = self._records.get(cache)
+        if record is None:
+            self._local.last_layout = None  # a cache vtexit did not compact: every layer holds every position
+            return
+        query_length = _sequence_length(input_ids, kwargs.get("inputs_embeds"))
+        self._call = _CallState(
+            mode="decode",
+            padding=padding,
+            past_length=past_length,
+            query_length=query_length,
+            record=record,
+            cost=CallCost("decode"),
+        )
+
+    @_eager
     def _core_post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         call, self._call = self._call, None
+        if call is None:
+            return
+        if call.mode == "decode":
+            call.record.cost.decode.append(call.cost)
+            return
+        self._local.last_layout = call.layout
+        self._local.last_call_layout = call.layout
+        run_cost = RunCost(prefill=call.cost)
+        self._local.last_cost = run_cost
+        if call.cache is not None:
+            record = _PrefillRecord(
+                prompt_length=call.media.shape[1],
+                full_tokens=call.full_valid.sum(1),
+                stage_of_layer=call.stage_of_layer,
+                stages=call.stages,
+                cost=run_cost,
+            )
+            with self._lock:
+                self._records[call.cache] = record
+
+    @_eager
+    def _layer_pre_hook(self, layer_idx: int, module: nn.Module, args: tuple, kwargs: dict):
+        call = self._call
+        if call is None:
+            return None
+        if call.mode == "prefill":
+            return self._prefill_layer(layer_idx, call, args, kwargs)
+        return self._decode_layer(layer_idx, call, args, kwargs)
+
+    @_eager
+    def _attention_hook(self, layer_idx: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        call = self._call
         if call is None or call.mode != "prefill":
             return
-        self.last_layout = call.layout
-        prompt = call.media.shape[1] if call.padding is None else call.padding.sum(1)
-        prompt = torch.as_tensor(prompt).expand(call.media.shape[0])
-        self.last_tokens_per_layer = torch.stack(
-            [prompt if s < 0 else call.stage_valid[s].sum(1) for s in call.stage_of_layer]
-        ).cpu()
-        if call.cache is not None:
-            self._record = _PrefillRecord(
-                cache=weakref.ref(call.cache),
-                prompt_length=call.media.shape[1],
-                stage_of_layer=call.stage_of_layer,
-                valid=call.stage_valid,
-            )
-
-    def _layer_hook(self, layer_idx: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict):
-            call = self._call
-            if call is None:
-                return None
-            if call.mode == "prefill":
-                return self._prefill_layer(layer_idx, call, args, kwargs)
-            return self._decode_layer(layer_idx, call, args, kwargs)
-
-        return hook
+        hidden = args[0] if args else kwargs["hidden_states"]
+        last = call.layout.last_slot.to(torch.long).argmax(dim=1, keepdim=True)
+        probs = query_attention(
+            module, hidden, kwargs["position_embeddings"], kwargs.get("attention_mask"), last
+        ).squeeze(1)
+        # Scores are kept per original position, so a policy can read them after later layout changes.
+        scores = torch.zeros_like(call.full_valid, dtype=probs.dtype)
+        call.scores[layer_idx] = scores.scatter(1, call.layout.index, probs * call.layout.valid)
 
     # ----------------------------------------------------------------------------------------- prefill
     def _prefill_layer(self, layer_idx: int, call: _CallState, args: tuple, kwargs: dict):
@@ -218,30 +385,75 @@ class ScheduleEngine:
         if layer_idx == 0:
             cache = kwargs.get("past_key_values")
             call.cache = cache if isinstance(cache, Cache) else None
-        keep = self.policy.keep(PrefillView(layer_idx, call.layout, call.media, hidden))
+            self._follow_model(hidden)
+        keep = self.policy.keep(PrefillView(layer_idx, call.layout, call.media, hidden, call.scores))
         if keep is not None:
+            if layer_idx < self.min_layer:
+                raise ValueError(
+                    f"the policy dropped tokens before layer {layer_idx}; this model needs layers "
+                    f"0..{self.min_layer - 1} to keep the full sequence"
+                )
             call.layout, source = call.layout.select(keep)
             hidden = _compact_hidden(hidden, source, call.layout)
+            media = call.media.gather(1, call.layout.index) & call.layout.valid
+            visual, text = counts(call.layout.valid, media)
+            call.stages.append(_Stage(call.layout, visual, text, self._position_shift(call)))
             call.stage += 1
-            call.stage_valid.append(call.layout.valid)
         call.stage_of_layer.append(call.stage)
+        call.cost.layers.append(self._prefill_cost(call))
         if call.stage < 0:
             return None if keep is None else _join_hidden(hidden, rest, kwargs, in_kwargs)
         kwargs = self._compacted_kwargs(layer_idx, call, hidden, kwargs)
         return _join_hidden(hidden, rest, kwargs, in_kwargs)
 
+    def _prefill_cost(self, call: _CallState) -> LayerCost:
+        if call.stage >= 0:
+            stage = call.stages[call.stage]
+            visual, text = stage.visual, stage.text
+        else:
+            key = ("full counts",)
+            if key not in call.memo:
+                call.memo[key] = counts(call.full_valid, call.media)
+            visual, text = call.memo[key]
+        return LayerCost(visual_queries=visual, text_queries=text, keys=visual + text)
+
+    def _position_shift(self, call: _CallState) -> torch.Tensor | None:
+        if not self.policy.renumber_positions:
+            return None
+        return (call.full_valid.sum(1) - call.layout.valid.sum(1)).unsqueeze(1)
+
     def _compacted_kwargs(self, layer_idx: int, call: _CallState, hidden: torch.Tensor, kwargs: dict) -> dict:
         """Rewrite the full-sequence kwargs of a decoder layer for the current layout."""
         kwargs = dict(kwargs)
         index = call.layout.index
-        if kwargs.get("position_embeddings") is not None:
-            kwargs["position_embeddings"] = self._memo(
-                call, kwargs["position_embeddings"], lambda pe: tuple(gather_sequence(t, index, -2) for t in pe)
-            )
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = self._memo(call, kwargs["position_ids"], lambda p: gather_sequence(p, index, -1))
-        kwargs["attention_mask"] = self._mask(layer_idx, call, hidden, call.layout.valid, call.cache)
+        if self.policy.renumber_positions:
+            kwargs["position_ids"], kwargs["position_embeddings"] = self._renumbered(call, hidden, kwargs)
+        else:
+            if kwargs.get("position_embeddings") is not None:
+                kwargs["position_embeddings"] = self._memo(
+                    call, kwargs["position_embeddings"], lambda pe: tuple(gather_sequence(t, index, -2) for t in pe)
+                )
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = self._memo(
+                    call, kwargs["position_ids"], lambda p: gather_sequence(p, index, -1)
+                )
+        block_ids = None
+        if call.block_ids is not None:
+            block_ids = torch.where(call.layout.valid, call.block_ids.gather(1, index), -1)
+        kwargs["attention_mask"] = self._mask(layer_idx, call, hidden, call.layout.valid, call.cache, block_ids)
         return kwargs
+
+    def _renumbered(self, call: _CallState, hidden: torch.Tensor, kwargs: dict):
+        """Positions after dropping: each kept token moves down by the number of real tokens dropped before it."""
+        key = ("renumbered", call.stage)
+        if key not in call.memo:
+            layout = call.layout
+            original = gather_sequence(kwargs["position_ids"], layout.index, -1).expand(layout.index.shape)
+            valid_before = call.full_valid.cumsum(1) - call.full_valid.long()
+            kept_before = layout.valid.cumsum(1) - layout.valid.long()
+            positions = original - (valid_before.gather(1, layout.index) - kept_before)
+            call.memo[key] = (positions, self.parts.language_model.rotary_emb(hidden, positions))
+        return call.memo[key]
 
     def replay(
         self,
@@ -255,10 +467,11 @@ class ScheduleEngine:
         ``layer_inputs[i]`` is what layer i received (hidden states, kwargs) in an unpatched ``use_cache=False``
         forward. This is how calibration gets the KL for every K from one full forward.
         """
-        hidden, kwargs0 = layer_inputs[start]
+        hidden, _ = layer_inputs[start]
         batch, length = hidden.shape[:2]
         call = _CallState(mode="prefill", padding=padding)
         call.layout, source = Layout.full(padding, batch, length, hidden.device).select(keep)
+        call.full_valid = Layout.full(padding, batch, length, hidden.device).valid
         call.stage = 0
         hidden = _compact_hidden(hidden, source, call.layout)
         for j in range(start, self.num_layers):
@@ -270,35 +483,93 @@ class ScheduleEngine:
 
     # ----------------------------------------------------------------------------------------- decode
     def _decode_layer(self, layer_idx: int, call: _CallState, args: tuple, kwargs: dict):
-        record = self._record
+        record = call.record
         stage = record.stage_of_layer[layer_idx]
-        if stage < 0:
-            return None
         call.stage = stage
+        queries = torch.full_like(record.full_tokens, call.query_length)
         hidden = args[0] if args else kwargs["hidden_states"]
+        if stage < 0:
+            keys = call.padding.sum(1) if call.padding is not None else queries + call.past_length
+            call.cost.layers.append(LayerCost(torch.zeros_like(queries), queries, keys))
+            return None
+        key_padding = self._decode_key_padding(call, stage)
+        call.cost.layers.append(LayerCost(torch.zeros_like(queries), queries, self._memo_sum(call, key_padding)))
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = self._mask(layer_idx, call, hidden, key_padding, kwargs.get("past_key_values"))
+        shift = record.stages[stage].position_shift
+        if shift is not None:
+            key = ("decode positions", stage)
+            if key not in call.memo:
+                positions = kwargs["position_ids"] - shift
+                call.memo[key] = (positions, self.parts.language_model.rotary_emb(hidden, positions))
+            kwargs["position_ids"], kwargs["position_embeddings"] = call.memo[key]
+        return args, kwargs
 
-        def key_padding() -> torch.Tensor:
-            # Keys of this layer: the prompt positions it kept at prefill, then every token decoded since.
-            prompt_valid = record.valid[stage]
+    def _decode_key_padding(self, call: _CallState, stage: int) -> torch.Tensor:
+        """Keys of a compacted layer: the prompt positions it kept at prefill, then every token since."""
+        key = ("key padding", stage)
+        if key not in call.memo:
+            record = call.record
+            prompt_valid = record.stages[stage].layout.valid
             if call.padding is not None:
                 tail = call.padding[:, record.prompt_length :].to(device=prompt_valid.device, dtype=torch.bool)
             else:
                 new_columns = call.past_length + call.query_length - record.prompt_length
                 tail = torch.ones(prompt_valid.shape[0], new_columns, dtype=torch.bool, device=prompt_valid.device)
-            return torch.cat([prompt_valid, tail], dim=1)
+            call.memo[key] = torch.cat([prompt_valid, tail], dim=1)
+        return call.memo[key]
 
-        kwargs = dict(kwargs)
-        kwargs["attention_mask"] = self._mask(layer_idx, call, hidden, key_padding, kwargs.get("past_key_values"))
-        return args, kwargs
+    @staticmethod
+    def _memo_sum(call: _CallState, tensor: torch.Tensor) -> torch.Tensor:
+        key = ("sum", id(tensor))
+        if key not in call.memo:
+            call.memo[key] = tensor.sum(1)
+        return call.memo[key]
+
+    # ----------------------------------------------------------------------------------------- for methods
+    def current_media(self) -> torch.Tensor | None:
+        """Media flags (batch, length) of the slots the running layer holds in this thread's prefill; None during
+        decode (every new token is text) or outside a patched call. For replacement forwards."""
+        call = self._call
+        if call is None or call.mode != "prefill":
+            return None
+        return call.media.gather(1, call.layout.index) & call.layout.valid
+
+    def record_fraction(self, layer_idx: int, *, heads: float | None = None, ffn: float | None = None) -> None:
+        """Record the share of heads / FFN neurons the visual rows of a layer used (called by in-layer methods)."""
+        call = self._call
+        if call is None or layer_idx >= len(call.cost.layers):
+            return
+        cost = call.cost.layers[layer_idx]
+        if heads is not None:
+            cost.head_fraction = heads
+        if ffn is not None:
+            cost.ffn_fraction = ffn
 
     # ----------------------------------------------------------------------------------------- helpers
-    def _mask(self, layer_idx: int, call: _CallState, hidden: torch.Tensor, key_padding, cache) -> Any:
-        """The rebuilt mask of this stage and layer type, built once per forward; ``key_padding`` is lazy."""
+    def _follow_model(self, hidden: torch.Tensor) -> None:
+        """Method-owned modules follow the model's device and dtype (moved only when they differ)."""
+        for module in self.policy.modules().values():
+            parameter = next(module.parameters(), None)
+            if parameter is not None and (parameter.device != hidden.device or parameter.dtype != hidden.dtype):
+                module.to(device=hidden.device, dtype=hidden.dtype)
+
+    def _mask(
+        self,
+        layer_idx: int,
+        call: _CallState,
+        hidden: torch.Tensor,
+        key_padding: torch.Tensor,
+        cache,
+        block_ids: torch.Tensor | None = None,
+    ) -> Any:
+        """The rebuilt mask of this stage and layer type, built once per forward."""
         layer_type = self.layer_types[layer_idx]
         key = ("mask", call.stage, layer_type)
         if key not in call.memo:
-            padding = key_padding() if callable(key_padding) else key_padding
-            call.memo[key] = rebuild_mask(self.text_config, layer_type, hidden, padding, cache, layer_idx)
+            call.memo[key] = rebuild_mask(
+                self.text_config, layer_type, hidden, key_padding, cache, layer_idx, block_ids
+            )
         return call.memo[key]
 
     @staticmethod
@@ -311,6 +582,52 @@ class ScheduleEngine:
             hit = (obj, convert(obj))
             call.memo[key] = hit
         return hit[1]
+
+
+def _has_media_inputs(kwargs: dict) -> bool:
+    """Media inputs that carry something: ``None``, empty tensors and empty mappings are no media."""
+    for name in MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL:
+        value = kwargs.get(name)
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            if value.numel() > 0:
+                return True
+        elif isinstance(value, Mapping):
+            if any(v is not None for v in value.values()):
+                return True
+        elif value:
+            return True
+    return False
+
+
+def _refuse_compiled(model: nn.Module) -> None:
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise ValueError(
+            "got the wrapper returned by torch.compile(model): patch the original module (compiled._orig_mod); "
+            "the compiled wrapper then runs the patched model (it traces again on its next call)"
+        )
+
+
+def _poison(cache: Cache) -> None:
+    """A cache compacted under a patch is only valid under that patch: make it refuse to be continued."""
+
+    def refuse(*args, **kwargs):
+        raise ValueError(
+            "this cache was filled while vtexit withdrew tokens, and the patch has been removed: its withdrawn "
+            "layers hold fewer positions, so the unpatched model cannot continue it. Start generation again."
+        )
+
+    cache.get_seq_length = refuse
+    cache.update = refuse
+
+
+def _copy_removable_handle(handle, memo: dict):
+    """Copy a hook handle so that it removes the hook from the *copied* module's hook dicts."""
+    new = copy.copy(handle)
+    new.hooks_dict_ref = weakref.ref(copy.deepcopy(handle.hooks_dict_ref(), memo))
+    new.extra_dict_ref = tuple(weakref.ref(copy.deepcopy(ref(), memo)) for ref in handle.extra_dict_ref)
+    return new
 
 
 def _compact_hidden(hidden: torch.Tensor, source: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -335,3 +652,4 @@ def _join_hidden(hidden, rest, kwargs, in_kwargs):
         kwargs["hidden_states"] = hidden
         return rest, kwargs
     return (hidden, *rest), kwargs
+

@@ -51,6 +51,9 @@ class FamilySpec:
     final_norm: str = "norm"  # relative to language_model
     media_token_attrs: tuple[str, ...] = ("image_token_id", "video_token_id")
     min_layer: Callable[[PretrainedConfig], int] = field(default=default_min_layer)
+    attention: str = "self_attn"  # attention module of a decoder layer (for attention scores)
+    # Core kwarg with per-token types (1 = media) for families whose media blocks attend both ways (Gemma3).
+    media_blocks: str | None = None
 
     def media_token_ids(self, config: PretrainedConfig) -> list[int]:
         ids = [getattr(config, attr, None) for attr in self.media_token_attrs]
@@ -106,7 +109,7 @@ _BUILTIN = (
     FamilySpec(
         "idefics3", ("idefics3", "smolvlm"), language_model="model.text_model", media_token_attrs=("image_token_id",)
     ),
-    FamilySpec("gemma3", ("gemma3",), media_token_attrs=("image_token_id",)),
+    FamilySpec("gemma3", ("gemma3",), media_token_attrs=("image_token_id",), media_blocks="token_type_ids"),
 )
 
 _REGISTRY: dict[str, FamilySpec] = {t: spec for spec in _BUILTIN for t in spec.model_types}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from vtexit.core.costs import CallCost, RunCost
 from vtexit.core.families import FamilySpec, family_for
 
 FORMULA = (
@@ -55,10 +56,18 @@ class DecoderShape:
         )
 
     def layer(self, n: int, c: int) -> int:
+        return round(self.split_layer(0, n, c))
+
+    def split_layer(
+        self, visual: int, text: int, c: int, head_fraction: float = 1.0, ffn_fraction: float = 1.0
+    ) -> float:
+        """A layer whose visual query rows used only ``head_fraction`` of the heads (q/o projections and attention)
+        and ``ffn_fraction`` of the FFN neurons; key/value projections are counted for every row."""
         d, h, kv, dh, m = self.hidden, self.heads, self.kv_heads, self.head_dim, self.ffn
-        projections = n * d * (2 * h * dh + 2 * kv * dh)
-        attention = 2 * n * c * h * dh
-        mlp = (3 if self.gated else 2) * n * d * m
+        rows = text + visual * head_fraction
+        projections = rows * d * 2 * h * dh + (visual + text) * d * 2 * kv * dh
+        attention = 2 * rows * c * h * dh
+        mlp = (3 if self.gated else 2) * (text + visual * ffn_fraction) * d * m
         return projections + attention + mlp
 
 
@@ -66,10 +75,6 @@ class DecoderShape:
 class FlopsCount:
     prefill: int
     decode_per_token: int  # the first decode token, with the prompt in the cache
-
-    def ratio_to(self, other: FlopsCount) -> tuple[float, float]:
-        """(prefill, decode) speedup of ``self`` over ``other`` by FLOPs: other / self."""
-        return other.prefill / self.prefill, other.decode_per_token / self.decode_per_token
 
 
 def count(shape: DecoderShape, tokens_per_layer: Sequence[int]) -> FlopsCount:
@@ -79,6 +84,26 @@ def count(shape: DecoderShape, tokens_per_layer: Sequence[int]) -> FlopsCount:
     prefill = sum(shape.layer(n, n) for n in tokens_per_layer)
     decode = sum(shape.layer(1, n + 1) for n in tokens_per_layer)
     return FlopsCount(prefill=prefill, decode_per_token=decode)
+
+
+def call_flops(shape: DecoderShape, call: CallCost) -> list[int]:
+    """FLOPs per batch row of one recorded call (a prefill or a decode step), from what each layer ran."""
+    per_row = None
+    for layer in call.layers:
+        visual, text, keys = layer.visual_queries.tolist(), layer.text_queries.tolist(), layer.keys.tolist()
+        flops = [
+            shape.split_layer(v, t, c, layer.head_fraction, layer.ffn_fraction)
+            for v, t, c in zip(visual, text, keys, strict=True)
+        ]
+        per_row = flops if per_row is None else [a + b for a, b in zip(per_row, flops, strict=True)]
+    return [round(f) for f in per_row or []]
+
+
+def run_flops(shape: DecoderShape, run: RunCost) -> list[FlopsCount]:
+    """Per batch row: prefill FLOPs and the first decode step's FLOPs (0 when no decode step ran)."""
+    prefill = call_flops(shape, run.prefill)
+    decode = call_flops(shape, run.decode[0]) if run.decode else [0] * len(prefill)
+    return [FlopsCount(p, d) for p, d in zip(prefill, decode, strict=True)]
 
 
 def withdrawal_tokens(num_layers: int, prompt_tokens: int, visual_tokens: int, layer: int) -> list[int]:

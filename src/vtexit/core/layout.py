@@ -34,14 +34,23 @@ class Layout:
     def length(self) -> int:
         return self.index.shape[1]
 
+    @property
+    def last_slot(self) -> torch.Tensor:
+        """(batch, length) bool, True at each row's last valid slot: the prompt token that predicts the next one."""
+        slots = torch.arange(self.length, device=self.valid.device)
+        last = (slots * self.valid).argmax(dim=1, keepdim=True)
+        return slots.unsqueeze(0) == last
+
     def select(self, keep: torch.Tensor) -> tuple[Layout, torch.Tensor]:
         """Keep the slots where ``keep`` is True (pad slots are always dropped).
 
-        Returns the new layout and, for each new slot, the slot of ``self`` it comes from (to gather hidden states).
+        The last valid slot of every row is always kept, whatever ``keep`` says: its output is the next-token
+        prediction. Returns the new layout and, for each new slot, the slot of ``self`` it comes from (to gather
+        hidden states).
         """
         if keep.shape != self.valid.shape:
             raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected {tuple(self.valid.shape)}")
-        keep = keep & self.valid
+        keep = (keep.to(torch.bool) | self.last_slot) & self.valid
         counts = keep.sum(dim=1)
         new_length = max(int(counts.max()), 1)
         # A stable sort of the 0/1 keep flags puts dropped slots first and kept slots last, each in original order.

@@ -1,0 +1,81 @@
+"""The contract between a method and the engine: what a policy sees at each layer boundary, and what it may ask.
+
+A method is a :class:`Policy`. During each prefill the engine calls :meth:`Policy.keep` before every decoder layer
+with a :class:`PrefillView`; the policy answers which current slots each row keeps (or None: no event here). Rows
+decide independently (a row that keeps all of its slots is untouched), a keep may be partial, and there may be
+any number of events per prefill. Decode steps follow the prefill's schedule on their own.
+
+Optionally a policy
+  * reads attention scores: list the layers in ``attention_layers`` and read :meth:`PrefillView.attention` at any
+    later boundary (the last prompt token's attention, recomputed from q/k under SDPA, no eager needed);
+  * owns modules (gates): return them from :meth:`modules`; the engine moves them to the model's device and dtype;
+  * renumbers positions after a drop (``renumber_positions``), as PyramidDrop does; VTW keeps original positions;
+  * replaces attention/MLP forwards (:meth:`replacements`), for in-layer methods; the patch handle restores them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from vtexit.core.layout import Layout
+
+if TYPE_CHECKING:
+    from vtexit.core.engine import ScheduleEngine
+
+
+@dataclass
+class PrefillView:
+    """What a policy may look at when deciding an event before decoder layer ``layer_idx``."""
+
+    layer_idx: int
+    layout: Layout
+    media_original: torch.Tensor  # (batch, prompt length) bool, True at media (visual) tokens
+    hidden_states: torch.Tensor  # (batch, layout.length, hidden), the input of layer_idx
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (batch, prompt length)
+
+    @property
+    def media(self) -> torch.Tensor:
+        """Media flags of the current slots."""
+        return self.media_original.gather(1, self.layout.index) & self.layout.valid
+
+    @property
+    def text(self) -> torch.Tensor:
+        """Valid non-media slots."""
+        return self.layout.valid & ~self.media
+
+    def attention(self, layer: int) -> torch.Tensor:
+        """(batch, layout.length) attention the last prompt token gave each current slot at ``layer`` (mean over
+        heads); 0 on pad slots. ``layer`` must be listed in the policy's ``attention_layers`` and be < layer_idx."""
+        if layer not in self.scores:
+            raise ValueError(
+                f"attention at layer {layer} was not recorded: list it in the policy's attention_layers "
+                f"(and read it at a later layer boundary than {layer})"
+            )
+        return self.scores[layer].gather(1, self.layout.index) * self.layout.valid
+
+
+class Policy:
+    """Base class of a method's decision logic. Override :meth:`keep`; the rest is optional."""
+
+    attention_layers: tuple[int, ...] = ()
+    renumber_positions: bool = False
+
+    def keep(self, view: PrefillView) -> torch.Tensor | None:
+        """(batch, layout.length) bool: the slots each row keeps before ``view.layer_idx``; None for no event."""
+        return None
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Modules the method owns (e.g. gates); they follow the model's device and dtype."""
+        return {}
+
+    def replacements(self, engine: ScheduleEngine) -> dict[nn.Module, Callable]:
+        """Replacement forwards ``{module: forward(module, *args, **kwargs)}`` for in-layer methods.
+
+        ``engine.parts.layers`` are the decoder layers; inside a forward, ``engine.current_media()`` gives the media
+        flags of the slots being computed and ``engine.record_fraction`` records what was skipped."""
+        return {}

@@ -1,0 +1,49 @@
+"""One entry point for every method: ``apply(model, config)``, and configs named by strings or dicts.
+
+The CLI and evaluation plugins name a method and its settings as text (``"vtw"`` with ``layer=16``);
+:func:`config_from_dict` turns that into the method's config dataclass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from vtexit.core.engine import ScheduleEngine
+from vtexit.core.families import FamilySpec, family_for
+from vtexit.core.handle import PatchHandle
+from vtexit.methods.base import MethodConfig
+
+
+def method_configs() -> dict[str, type[MethodConfig]]:
+    """Every built-in method by name."""
+    from vtexit.methods.baseline import BaselineConfig
+    from vtexit.methods.vtw.config import VTWConfig
+
+    return {cls.method: cls for cls in (BaselineConfig, VTWConfig)}
+
+
+def config_from_dict(data: dict[str, Any]) -> MethodConfig:
+    """``{"method": "vtw", "layer": 16}`` (values may be strings) -> the method's config."""
+    data = dict(data)
+    name = data.pop("method", None)
+    configs = method_configs()
+    if name not in configs:
+        raise ValueError(f"method must be one of {sorted(configs)}, got {name!r}")
+    return configs[name].from_settings(data)
+
+
+def apply(model: nn.Module, config: MethodConfig, *, family: FamilySpec | None = None) -> PatchHandle:
+    """Patch ``model`` with the method ``config`` describes; returns its handle (``remove()`` restores the model).
+
+    The settings are checked against the model before anything is attached, so a refused config leaves the
+    model untouched.
+    """
+    if not isinstance(config, MethodConfig):
+        raise ValueError(f"config must be a vtexit method config (e.g. VTWConfig), got {type(config).__name__}")
+    family = family or family_for(model)
+    policy = config.build_policy(model, family)
+    engine = ScheduleEngine(model, policy, family)
+    engine.attach()
+    return config.handle_class(engine, config)

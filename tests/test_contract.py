@@ -1,0 +1,200 @@
+"""The rest of the engine contract: configs and the method registry, cost records, method-owned modules,
+position renumbering, and replacement forwards combined with a schedule in one patch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from reference import record_layer_inputs, scheduled_logits
+from torch import nn
+
+import vtexit
+from vtexit.testing.tiny_models import build_tiny
+
+
+@pytest.fixture(scope="module")
+def llava():
+    case = build_tiny("llava", num_layers=4)
+    case.model.generation_config.eos_token_id = None
+    case.model.generation_config.pad_token_id = 0
+    return case
+
+
+def _patch(model, policy) -> vtexit.PatchHandle:
+    engine = vtexit.ScheduleEngine(model, policy)
+    engine.attach()
+    return vtexit.PatchHandle(engine)
+
+
+# ------------------------------------------------------------------------------------------- configs
+@torch.no_grad()
+def test_config_round_trips_and_apply_equals_the_short_verb(llava):
+    config = vtexit.VTWConfig(layer=2)
+    data = json.loads(json.dumps(config.to_dict()))
+    assert data == {"method": "vtw", "layer": 2}
+    assert vtexit.config_from_dict(data) == config
+    assert vtexit.config_from_dict({"method": "vtw", "layer": "2"}) == config  # strings from a CLI
+    inputs = llava.inputs([1, 2], text_len=[5, 3])
+    with vtexit.apply(llava.model, config) as handle:
+        applied = llava.model(**inputs).logits
+        assert isinstance(handle, vtexit.WithdrawHandle) and handle.layer == 2
+    with vtexit.withdraw(llava.model, layer=2):
+        assert torch.equal(llava.model(**inputs).logits, applied)
+    assert set(vtexit.method_configs()) >= {"vtw", "none"}
+
+
+def test_bad_configs_name_the_setting(llava):
+    with pytest.raises(ValueError, match="method must be one of"):
+        vtexit.config_from_dict({"method": "nope"})
+    with pytest.raises(ValueError, match="unknown settings"):
+        vtexit.config_from_dict({"method": "vtw", "layer": 2, "keep": 0.5})
+    with pytest.raises(ValueError, match="layer"):
+        vtexit.config_from_dict({"method": "vtw", "layer": "two"})
+    with pytest.raises(ValueError, match="config must be"):
+        vtexit.apply(llava.model, {"method": "vtw", "layer": 2})
+
+
+# ------------------------------------------------------------------------------------------- cost records
+@torch.no_grad()
+def test_cost_records_count_what_each_layer_ran(llava):
+    inputs = llava.inputs([1, 0, 2], text_len=[5, 9, 3])
+    media = llava.media_mask(inputs)
+    real = inputs["attention_mask"].bool()
+    visual, text = (media & real).sum(1), (~media & real).sum(1)
+    with vtexit.withdraw(llava.model, layer=2) as handle:
+        llava.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        cost = handle.last_cost
+    prefill = cost.prefill.layers
+    for i, layer in enumerate(prefill):
+        expected_visual = visual if i < 2 else torch.zeros_like(visual)
+        assert torch.equal(layer.visual_queries, expected_visual) and torch.equal(layer.text_queries, text), i
+        assert torch.equal(layer.keys, expected_visual + text)
+    assert len(cost.decode) == 2  # 3 new tokens: the prefill and two decode steps
+    for step, call in enumerate(cost.decode):
+        for i, layer in enumerate(call.layers):
+            assert layer.queries.tolist() == [1, 1, 1]
+            kept = (visual if i < 2 else 0) + text
+            assert layer.keys.tolist() == (kept + step + 1).tolist(), (step, i)  # prompt + fed tokens
+    with vtexit.baseline(llava.model) as handle:
+        out = llava.model(**inputs).logits
+        assert handle.last_cost.tokens_per_layer().tolist() == [(visual + text).tolist()] * 4
+    assert torch.equal(out, llava.model(**inputs).logits)
+
+
+# ------------------------------------------------------------------------------------------- modules
+class _GatedExit(vtexit.Policy):
+    """A gate (a method-owned module) scores the last token; rows whose score is positive exit at layer 2."""
+
+    def __init__(self, hidden: int):
+        self.gate = nn.Linear(hidden, 1)
+        self.seen_dtype = None
+
+    def modules(self):
+        return {"gate": self.gate}
+
+    def keep(self, view):
+        if view.layer_idx != 2:
+            return None
+        self.seen_dtype = self.gate.weight.dtype
+        score = self.gate(view.hidden_states[:, -1]).squeeze(-1)
+        return view.layout.valid & ~(view.media & (score > 0).unsqueeze(1))
+
+
+@torch.no_grad()
+def test_method_modules_follow_the_model_dtype():
+    case = build_tiny("llava", num_layers=4)
+    model = case.model.to(torch.float64)
+    policy = _GatedExit(model.config.text_config.hidden_size)
+    with _patch(model, policy):
+        model(**case.inputs([1], text_len=[4]))
+    assert policy.seen_dtype == torch.float64 and policy.gate.weight.dtype == torch.float64
+
+
+# ------------------------------------------------------------------------------------------- renumbering
+class _RenumberedWithdrawal(vtexit.Policy):
+    renumber_positions = True
+
+    def __init__(self, layer: int):
+        self.layer = layer
+
+    def keep(self, view):
+        return view.text if view.layer_idx == self.layer else None
+
+
+@torch.no_grad()
+def test_renumbered_positions_match_layers_run_by_hand_and_decode(llava):
+    inputs = llava.inputs([1, 2], text_len=[5, 3])
+    media = llava.media_mask(inputs)
+    real = inputs["attention_mask"].bool()
+    seen = record_layer_inputs(llava.model, inputs)
+    with _patch(llava.model, _RenumberedWithdrawal(2)) as handle:
+        logits = llava.model(**inputs).logits
+        layout = handle.last_layout
+        generated = llava.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        for _ in range(3):
+            step = llava.model(**dict(inputs, input_ids=ids, attention_mask=mask), use_cache=False).logits[:, -1]
+            ids = torch.cat([ids, step.argmax(-1, keepdim=True)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    assert torch.equal(generated, ids)
+    for b in range(2):
+        text = (real[b] & ~media[b]).nonzero().squeeze(1)
+        expected = scheduled_logits(llava.model, seen, b, [(2, text)], renumber=True)
+        torch.testing.assert_close(logits[b][layout.valid[b]], expected, atol=2e-5, rtol=1e-4)
+    with vtexit.withdraw(llava.model, layer=2):
+        assert not torch.allclose(llava.model(**inputs).logits[:, -1], logits[:, -1])  # renumbering mattered
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+def test_renumbering_is_refused_where_positions_are_not_1d(family):
+    case = build_tiny(family)
+    with pytest.raises(ValueError, match="renumber_positions"):
+        _patch(case.model, _RenumberedWithdrawal(3))
+    assert not hasattr(case.model, "_vtexit_engine")
+
+
+# ------------------------------------------------------------------------------------------- replacement forwards
+class _SplitMLPWithdrawal(vtexit.Policy):
+    """Withdraws at layer 2 and replaces every MLP with one that computes visual rows and text rows apart."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def keep(self, view):
+        return view.text if view.layer_idx == 2 else None
+
+    def replacements(self, engine):
+        policy = self
+
+        def split_forward(mlp, hidden):
+            policy.calls += 1
+            media = engine.current_media()
+            original = type(mlp).forward
+            if media is None or media.shape != hidden.shape[:2]:
+                return original(mlp, hidden)
+            out = torch.empty_like(hidden)
+            for rows in (media, ~media):
+                out[rows] = original(mlp, hidden[rows])
+            return out
+
+        return {layer.mlp: split_forward for layer in engine.parts.layers}
+
+
+@torch.no_grad()
+def test_replacement_forwards_combine_with_a_schedule_and_remove_restores(llava):
+    inputs = llava.inputs([1, 2], text_len=[5, 3])
+    base = llava.model(**inputs).logits
+    with vtexit.withdraw(llava.model, layer=2):
+        withdrawn = llava.model(**inputs).logits
+        withdrawn_gen = llava.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    policy = _SplitMLPWithdrawal()
+    mlps = [layer.mlp for layer in llava.model.model.language_model.layers]
+    with _patch(llava.model, policy):
+        assert all("forward" in mlp.__dict__ for mlp in mlps)
+        torch.testing.assert_close(llava.model(**inputs).logits, withdrawn, atol=1e-6, rtol=1e-5)
+        assert torch.equal(llava.model.generate(**inputs, max_new_tokens=3, do_sample=False), withdrawn_gen)
+    assert policy.calls > 0
+    assert all("forward" not in mlp.__dict__ for mlp in mlps)
+    assert torch.equal(llava.model(**inputs).logits, base)
