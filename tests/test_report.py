@@ -1,0 +1,79 @@
+"""Result tables flag speedups the FLOPs cannot explain; plots leave matplotlib's global state alone."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from rich.console import Console
+
+from vtexit.evaluation.evaluate import EvalResult
+from vtexit.evaluation.report import beyond_flops_bound, results_table, speedup_cell
+
+
+@pytest.mark.parametrize(
+    ("speedup", "flops_ratio", "flagged"),
+    [
+        (2.80, 1.19, True),  # the demo run that started this: 16% of FLOPs saved, "2.80x faster"
+        (1.14, 1.19, False),
+        (1.30, 1.19, False),  # 1.30 < 1.10 * 1.19 = 1.309: within noise
+        (1.32, 1.19, True),
+        (0.90, 1.00, False),
+    ],
+)
+def test_speedups_beyond_the_flops_bound_are_flagged_as_noise(speedup, flops_ratio, flagged):
+    assert beyond_flops_bound(speedup, flops_ratio) is flagged
+    assert speedup_cell(speedup, flops_ratio) == f"{speedup:.2f}x" + (" (noise?)" if flagged else "")
+
+
+def _result(name: str, generate_s: float, prefill_s: float, prefill_flops: float, decode_flops: float) -> EvalResult:
+    return EvalResult(
+        name=name,
+        n=200,
+        accuracy=0.935,
+        per_type={"shape": 0.97},
+        count_per_type={"shape": 200},
+        generate_s_per_sample=generate_s,
+        lm_prefill_s_per_sample=prefill_s,
+        prefill_flops_per_sample=prefill_flops,
+        decode_flops_per_token=decode_flops,
+    )
+
+
+def _rows(table) -> list[str]:
+    console = Console(record=True, width=300)
+    console.print(table)
+    return console.export_text().splitlines()
+
+
+def test_results_table_marks_only_the_implausible_speedups():
+    baseline = _result("baseline", 0.2800, 0.1179, 8.845e9, 2.0e8)
+    burst = _result("VTW burst", 0.1000, 0.1037, 7.443e9, 1.9e8)  # generate 2.80x for a 1.19x FLOPs ratio
+    honest = _result("VTW honest", 0.2500, 0.1037, 7.443e9, 1.9e8)  # 1.12x and 1.14x
+    lines = _rows(results_table([baseline, burst, honest], baseline))
+    burst_row = next(line for line in lines if "VTW burst" in line)
+    honest_row = next(line for line in lines if "VTW honest" in line)
+    assert "2.80x (noise?)" in burst_row and "1.14x" in burst_row and burst_row.count("(noise?)") == 1
+    assert "(noise?)" not in honest_row and "1.12x" in honest_row
+    assert any("timing noise, not a result" in line for line in lines)  # the footnote explains the mark
+    calm = _rows(results_table([baseline, honest], baseline))
+    assert not any("noise" in line for line in calm)
+
+
+def test_importing_plots_selects_no_backend_and_plots_use_no_pyplot_state(tmp_path):
+    code = f"""
+import matplotlib
+matplotlib.use("svg")
+import matplotlib.pyplot as plt
+from vtexit.evaluation.plots import plot_kl
+from vtexit.methods.vtw.calibrate import CalibrationResult
+result = CalibrationResult(layer=2, eta=0.05, kl={{1: 0.8, 2: 0.01, 3: 0.0}}, num_rows=4, num_layers=3)
+plot_kl(result, {str(tmp_path / "kl.png")!r})
+print(matplotlib.get_backend(), len(plt.get_fignums()))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["svg", "0"]  # the user's backend kept, no figure left open in pyplot
+    with Image.open(tmp_path / "kl.png") as image:
+        assert image.format == "PNG" and image.size == (768, 480)  # figsize (6.4, 4) at 120 dpi
