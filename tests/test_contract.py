@@ -198,3 +198,19 @@ def test_replacement_forwards_combine_with_a_schedule_and_remove_restores(llava)
     assert policy.calls > 0
     assert all("forward" not in mlp.__dict__ for mlp in mlps)
     assert torch.equal(llava.model(**inputs).logits, base)
+
+
+def test_flops_of_in_layer_fractions_by_hand(llava):
+    from vtexit.core.flops import DecoderShape
+
+    shape = DecoderShape.from_model(llava.model)
+    d, h, kv, dh, m = shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.ffn
+    visual, text, keys = 10, 6, 16
+    by_hand = (
+        (text + visual / 2) * d * 2 * h * dh  # q and o projections: visual rows use half of the heads
+        + (visual + text) * d * 2 * kv * dh  # k and v projections for every row
+        + 2 * (text + visual / 2) * keys * h * dh  # scores and weighted values of the heads that ran
+        + 3 * (text + visual / 4) * d * m  # gated MLP: visual rows use a quarter of the neurons
+    )
+    assert shape.split_layer(visual, text, keys, head_fraction=0.5, ffn_fraction=0.25) == pytest.approx(by_hand)
+    assert shape.split_layer(visual, text, keys) == shape.layer(visual + text, keys)

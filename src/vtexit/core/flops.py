@@ -74,7 +74,7 @@ class DecoderShape:
 @dataclass(frozen=True)
 class FlopsCount:
     prefill: int
-    decode_per_token: int  # the first decode token, with the prompt in the cache
+    decode_per_token: int | None  # the first decode token, with the prompt in the cache (None: none ran)
 
 
 def count(shape: DecoderShape, tokens_per_layer: Sequence[int]) -> FlopsCount:
@@ -100,9 +100,9 @@ def call_flops(shape: DecoderShape, call: CallCost) -> list[int]:
 
 
 def run_flops(shape: DecoderShape, run: RunCost) -> list[FlopsCount]:
-    """Per batch row: prefill FLOPs and the first decode step's FLOPs (0 when no decode step ran)."""
+    """Per batch row: prefill FLOPs and the first decode step's FLOPs (None when no decode step ran)."""
     prefill = call_flops(shape, run.prefill)
-    decode = call_flops(shape, run.decode[0]) if run.decode else [0] * len(prefill)
+    decode = call_flops(shape, run.decode[0]) if run.decode else [None] * len(prefill)
     return [FlopsCount(p, d) for p, d in zip(prefill, decode, strict=True)]
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vtexit.core.families import family_for
-from vtexit.core.flops import DecoderShape, count, withdrawal_tokens
+from vtexit.core.flops import DecoderShape, FlopsCount, count, run_flops
 from vtexit.evaluation.timing import CallTimer
 from vtexit.methods.vtw import withdraw
 
@@ -61,6 +61,18 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def _batch_flops(shape: DecoderShape, handle, inputs: Mapping[str, torch.Tensor]) -> FlopsCount:
+    """FLOPs of the whole batch in the generate call that just ran: from the patch's cost records, or (unpatched)
+    every prompt token in every layer."""
+    if handle is not None:
+        rows = run_flops(shape, handle.last_cost)
+    else:
+        mask = inputs.get("attention_mask")
+        tokens = mask.sum(1).tolist() if mask is not None else [inputs["input_ids"].shape[1]] * len(inputs["input_ids"])
+        rows = [count(shape, [n] * shape.num_layers) for n in tokens]
+    return FlopsCount(sum(r.prefill for r in rows), sum(r.decode_per_token for r in rows))
+
+
 @torch.no_grad()
 def bench_withdrawal(
     model: nn.Module,
@@ -81,9 +93,6 @@ def bench_withdrawal(
         raise ValueError(f"new_tokens must be >= 2 to separate decode from prefill, got {new_tokens}")
     configs: list[int | None] = [None, *layers]
     family = family_for(model)
-    row_media = family.media_mask(model.config, inputs["input_ids"])
-    prompt = int(inputs["attention_mask"].sum(1).max()) if "attention_mask" in inputs else inputs["input_ids"].shape[1]
-    visual = int(row_media.sum(1).max())
     shape = DecoderShape.from_model(model)
     gen_kwargs = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
     samples: dict[int | None, dict[str, list[float]]] = {
@@ -91,6 +100,7 @@ def bench_withdrawal(
     }
     language_model = family.resolve(model).language_model
     kv: dict[int | None, tuple[int, ...]] = {}
+    flops: dict[int | None, FlopsCount] = {}
 
     def measure(config: int | None, record: bool) -> None:
         handle = withdraw(model, layer=config) if config is not None else None
@@ -99,6 +109,8 @@ def bench_withdrawal(
                 prefill = _timed(lambda: model(**inputs, use_cache=True))
             with CallTimer(language_model) as steps:
                 gen = _timed(lambda: model.generate(**inputs, **gen_kwargs))
+            if config not in flops:
+                flops[config] = _batch_flops(shape, handle, inputs)
             if record:
                 samples[config]["prefill"].append(prefill)
                 samples[config]["lm"].append(lm_timer.durations[0])
@@ -119,8 +131,6 @@ def bench_withdrawal(
                 bar.update()
     rows = []
     for config in configs:
-        tokens = withdrawal_tokens(shape.num_layers, prompt, visual, config if config is not None else shape.num_layers)
-        flops = count(shape, tokens)
         s = samples[config]
         rows.append(
             BenchRow(
@@ -130,8 +140,8 @@ def bench_withdrawal(
                 generate_s=statistics.median(s["gen"]),
                 decode_token_s=statistics.median(s["decode"]),
                 kv_bytes_per_layer=kv[config],
-                prefill_flops=flops.prefill,
-                decode_flops=flops.decode_per_token,
+                prefill_flops=flops[config].prefill,
+                decode_flops=flops[config].decode_per_token,
             )
         )
     return rows

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vtexit.core.families import family_for
-from vtexit.core.flops import DecoderShape, FlopsCount, count
+from vtexit.core.flops import DecoderShape, FlopsCount, count, run_flops
 from vtexit.core.handle import PatchHandle
 from vtexit.evaluation.batches import processor_batch
 from vtexit.evaluation.datasets import VQARecord
@@ -79,12 +79,12 @@ def normalise_answer(text: str) -> str:
 
 
 def sample_flops(shape: DecoderShape, handle: PatchHandle | None, inputs: Mapping) -> list[FlopsCount]:
-    """FLOPs of each row's prefill that just ran: the patch's recorded tokens per layer, or every prompt token."""
+    """FLOPs of each row of the generate call that just ran: from the patch's cost records (what each layer
+    computed), or, unpatched, every prompt token in every layer."""
     if handle is not None:
-        tokens = handle.last_cost.tokens_per_layer()
-    else:
-        tokens = inputs["attention_mask"].sum(1).expand(shape.num_layers, -1)
-    return [count(shape, tokens[:, b].tolist()) for b in range(tokens.shape[1])]
+        return run_flops(shape, handle.last_cost)
+    tokens = inputs["attention_mask"].sum(1).tolist()
+    return [count(shape, [n] * shape.num_layers) for n in tokens]
 
 
 @dataclass
@@ -125,7 +125,8 @@ def _run_batch(model, parts, shape, tokenizer, inputs, chunk, method, max_new_to
     tally.lm_prefill_s.append(lm_timer.durations[0] / len(chunk))
     texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     for record, text, cost in zip(chunk, texts, flops, strict=True):
-        tally.decode_flops.append(cost.decode_per_token)
+        if cost.decode_per_token is not None:
+            tally.decode_flops.append(cost.decode_per_token)
         prediction = normalise_answer(text)
         tally.answers.append(
             Answer(
@@ -154,7 +155,7 @@ def _result(name: str, tally: _Tally) -> EvalResult:
         generate_s_per_sample=statistics.median(tally.generate_s),
         lm_prefill_s_per_sample=statistics.median(tally.lm_prefill_s),
         prefill_flops_per_sample=sum(a.prefill_flops for a in answers) / n,
-        decode_flops_per_token=sum(tally.decode_flops) / n,
+        decode_flops_per_token=sum(tally.decode_flops) / max(1, len(tally.decode_flops)),
         answers=answers,
     )
 
