@@ -130,3 +130,33 @@ def scheduled_logits(
             kwargs["use_cache"] = False
             hidden = layers[j](hidden, **kwargs)
         return head(norm(hidden))[0]
+
+
+TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
+
+
+def greedy_no_cache(
+    model: nn.Module,
+    inputs: dict,
+    steps: int,
+    *,
+    suppress: list[int] | None = None,
+    ids: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Greedy decoding by recomputing the whole sequence at every step (no cache), from ``ids`` (default: the
+    prompt). ``suppress``: token ids never chosen (e.g. media ids, so no generated token is an image token)."""
+    ids = inputs["input_ids"] if ids is None else ids
+    mask = inputs["attention_mask"] if mask is None else mask
+    for _ in range(steps):
+        step = dict(inputs, input_ids=ids, attention_mask=mask)
+        for key in set(TOKEN_TYPE_KEYS) & step.keys():  # per-token inputs grow with the sequence (text = 0)
+            grown = torch.zeros_like(ids)
+            grown[:, : step[key].shape[1]] = step[key]
+            step[key] = grown
+        logits = model(**step, use_cache=False).logits[:, -1]
+        if suppress:
+            logits[:, suppress] = float("-inf")
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids

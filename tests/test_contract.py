@@ -14,38 +14,24 @@ import vtexit
 from vtexit.testing.tiny_models import build_tiny
 
 
-@pytest.fixture(scope="module")
-def llava():
-    case = build_tiny("llava", num_layers=4)
-    case.model.generation_config.eos_token_id = None
-    case.model.generation_config.pad_token_id = 0
-    return case
-
-
-def _patch(model, policy) -> vtexit.PatchHandle:
-    engine = vtexit.ScheduleEngine(model, policy)
-    engine.attach()
-    return vtexit.PatchHandle(engine)
-
-
 # ------------------------------------------------------------------------------------------- configs
 @torch.no_grad()
-def test_config_round_trips_and_apply_equals_the_short_verb(llava):
+def test_config_round_trips_and_apply_equals_the_short_verb(llava4):
     config = vtexit.VTWConfig(layer=2)
     data = json.loads(json.dumps(config.to_dict()))
     assert data == {"method": "vtw", "layer": 2}
     assert vtexit.config_from_dict(data) == config
     assert vtexit.config_from_dict({"method": "vtw", "layer": "2"}) == config  # strings from a CLI
-    inputs = llava.inputs([1, 2], text_len=[5, 3])
-    with vtexit.apply(llava.model, config) as handle:
-        applied = llava.model(**inputs).logits
+    inputs = llava4.inputs([1, 2], text_len=[5, 3])
+    with vtexit.apply(llava4.model, config) as handle:
+        applied = llava4.model(**inputs).logits
         assert isinstance(handle, vtexit.WithdrawHandle) and handle.layer == 2
-    with vtexit.withdraw(llava.model, layer=2):
-        assert torch.equal(llava.model(**inputs).logits, applied)
+    with vtexit.withdraw(llava4.model, layer=2):
+        assert torch.equal(llava4.model(**inputs).logits, applied)
     assert set(vtexit.method_configs()) >= {"vtw", "none"}
 
 
-def test_bad_configs_name_the_setting(llava):
+def test_bad_configs_name_the_setting(llava4):
     with pytest.raises(ValueError, match="method must be one of"):
         vtexit.config_from_dict({"method": "nope"})
     with pytest.raises(ValueError, match="unknown settings"):
@@ -53,18 +39,18 @@ def test_bad_configs_name_the_setting(llava):
     with pytest.raises(ValueError, match="layer"):
         vtexit.config_from_dict({"method": "vtw", "layer": "two"})
     with pytest.raises(ValueError, match="config must be"):
-        vtexit.apply(llava.model, {"method": "vtw", "layer": 2})
+        vtexit.apply(llava4.model, {"method": "vtw", "layer": 2})
 
 
 # ------------------------------------------------------------------------------------------- cost records
 @torch.no_grad()
-def test_cost_records_count_what_each_layer_ran(llava):
-    inputs = llava.inputs([1, 0, 2], text_len=[5, 9, 3])
-    media = llava.media_mask(inputs)
+def test_cost_records_count_what_each_layer_ran(llava4):
+    inputs = llava4.inputs([1, 0, 2], text_len=[5, 9, 3])
+    media = llava4.media_mask(inputs)
     real = inputs["attention_mask"].bool()
     visual, text = (media & real).sum(1), (~media & real).sum(1)
-    with vtexit.withdraw(llava.model, layer=2) as handle:
-        llava.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    with vtexit.withdraw(llava4.model, layer=2) as handle:
+        llava4.model.generate(**inputs, max_new_tokens=3, do_sample=False)
         cost = handle.last_cost
     prefill = cost.prefill.layers
     for i, layer in enumerate(prefill):
@@ -77,10 +63,10 @@ def test_cost_records_count_what_each_layer_ran(llava):
             assert layer.queries.tolist() == [1, 1, 1]
             kept = (visual if i < 2 else 0) + text
             assert layer.keys.tolist() == (kept + step + 1).tolist(), (step, i)  # prompt + fed tokens
-    with vtexit.baseline(llava.model) as handle:
-        out = llava.model(**inputs).logits
+    with vtexit.baseline(llava4.model) as handle:
+        out = llava4.model(**inputs).logits
         assert handle.last_cost.tokens_per_layer().tolist() == [(visual + text).tolist()] * 4
-    assert torch.equal(out, llava.model(**inputs).logits)
+    assert torch.equal(out, llava4.model(**inputs).logits)
 
 
 # ------------------------------------------------------------------------------------------- modules
@@ -107,7 +93,7 @@ def test_method_modules_follow_the_model_dtype():
     case = build_tiny("llava", num_layers=4)
     model = case.model.to(torch.float64)
     policy = _GatedExit(model.config.text_config.hidden_size)
-    with _patch(model, policy):
+    with vtexit.apply_policy(model, policy):
         model(**case.inputs([1], text_len=[4]))
     assert policy.seen_dtype == torch.float64 and policy.gate.weight.dtype == torch.float64
 
@@ -124,34 +110,34 @@ class _RenumberedWithdrawal(vtexit.Policy):
 
 
 @torch.no_grad()
-def test_renumbered_positions_match_layers_run_by_hand_and_decode(llava):
-    inputs = llava.inputs([1, 2], text_len=[5, 3])
-    media = llava.media_mask(inputs)
+def test_renumbered_positions_match_layers_run_by_hand_and_decode(llava4):
+    inputs = llava4.inputs([1, 2], text_len=[5, 3])
+    media = llava4.media_mask(inputs)
     real = inputs["attention_mask"].bool()
-    seen = record_layer_inputs(llava.model, inputs)
-    with _patch(llava.model, _RenumberedWithdrawal(2)) as handle:
-        logits = llava.model(**inputs).logits
+    seen = record_layer_inputs(llava4.model, inputs)
+    with vtexit.apply_policy(llava4.model, _RenumberedWithdrawal(2)) as handle:
+        logits = llava4.model(**inputs).logits
         layout = handle.last_layout
-        generated = llava.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        generated = llava4.model.generate(**inputs, max_new_tokens=3, do_sample=False)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         for _ in range(3):
-            step = llava.model(**dict(inputs, input_ids=ids, attention_mask=mask), use_cache=False).logits[:, -1]
+            step = llava4.model(**dict(inputs, input_ids=ids, attention_mask=mask), use_cache=False).logits[:, -1]
             ids = torch.cat([ids, step.argmax(-1, keepdim=True)], dim=1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     assert torch.equal(generated, ids)
     for b in range(2):
         text = (real[b] & ~media[b]).nonzero().squeeze(1)
-        expected = scheduled_logits(llava.model, seen, b, [(2, text)], renumber=True)
+        expected = scheduled_logits(llava4.model, seen, b, [(2, text)], renumber=True)
         torch.testing.assert_close(logits[b][layout.valid[b]], expected, atol=2e-5, rtol=1e-4)
-    with vtexit.withdraw(llava.model, layer=2):
-        assert not torch.allclose(llava.model(**inputs).logits[:, -1], logits[:, -1])  # renumbering mattered
+    with vtexit.withdraw(llava4.model, layer=2):
+        assert not torch.allclose(llava4.model(**inputs).logits[:, -1], logits[:, -1])  # renumbering mattered
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
 def test_renumbering_is_refused_where_positions_are_not_1d(family):
     case = build_tiny(family)
     with pytest.raises(ValueError, match="renumber_positions"):
-        _patch(case.model, _RenumberedWithdrawal(3))
+        vtexit.apply_policy(case.model, _RenumberedWithdrawal(3))
     assert not hasattr(case.model, "_vtexit_engine")
 
 
@@ -183,27 +169,27 @@ class _SplitMLPWithdrawal(vtexit.Policy):
 
 
 @torch.no_grad()
-def test_replacement_forwards_combine_with_a_schedule_and_remove_restores(llava):
-    inputs = llava.inputs([1, 2], text_len=[5, 3])
-    base = llava.model(**inputs).logits
-    with vtexit.withdraw(llava.model, layer=2):
-        withdrawn = llava.model(**inputs).logits
-        withdrawn_gen = llava.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+def test_replacement_forwards_combine_with_a_schedule_and_remove_restores(llava4):
+    inputs = llava4.inputs([1, 2], text_len=[5, 3])
+    base = llava4.model(**inputs).logits
+    with vtexit.withdraw(llava4.model, layer=2):
+        withdrawn = llava4.model(**inputs).logits
+        withdrawn_gen = llava4.model.generate(**inputs, max_new_tokens=3, do_sample=False)
     policy = _SplitMLPWithdrawal()
-    mlps = [layer.mlp for layer in llava.model.model.language_model.layers]
-    with _patch(llava.model, policy):
+    mlps = [layer.mlp for layer in llava4.model.model.language_model.layers]
+    with vtexit.apply_policy(llava4.model, policy):
         assert all("forward" in mlp.__dict__ for mlp in mlps)
-        torch.testing.assert_close(llava.model(**inputs).logits, withdrawn, atol=1e-6, rtol=1e-5)
-        assert torch.equal(llava.model.generate(**inputs, max_new_tokens=3, do_sample=False), withdrawn_gen)
+        torch.testing.assert_close(llava4.model(**inputs).logits, withdrawn, atol=1e-6, rtol=1e-5)
+        assert torch.equal(llava4.model.generate(**inputs, max_new_tokens=3, do_sample=False), withdrawn_gen)
     assert policy.calls > 0
     assert all("forward" not in mlp.__dict__ for mlp in mlps)
-    assert torch.equal(llava.model(**inputs).logits, base)
+    assert torch.equal(llava4.model(**inputs).logits, base)
 
 
-def test_flops_of_in_layer_fractions_by_hand(llava):
+def test_flops_of_in_layer_fractions_by_hand(llava4):
     from vtexit.core.flops import DecoderShape
 
-    shape = DecoderShape.from_model(llava.model)
+    shape = DecoderShape.from_model(llava4.model)
     d, h, kv, dh, m = shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.ffn
     visual, text, keys = 10, 6, 16
     by_hand = (

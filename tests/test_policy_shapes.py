@@ -8,42 +8,13 @@ cached greedy generation against a no-cache recomputation.
 
 from __future__ import annotations
 
-import pytest
 import torch
-from reference import image_blocks, record_layer_inputs, scheduled_logits
+from conftest import family_batch
+from reference import greedy_no_cache, image_blocks, record_layer_inputs, scheduled_logits
 
 import vtexit
-from vtexit.core.engine import ScheduleEngine
-from vtexit.core.handle import PatchHandle
-from vtexit.testing.tiny_models import FAMILIES, build_tiny
 
-ATTN = ("sdpa", "eager")
-BATCH = dict(images_per_row=[1, 0, 2], text_len=[5, 9, 3])
 NEW_TOKENS = 4
-TOKEN_TYPE_KEYS = {"token_type_ids", "mm_token_type_ids"}
-
-
-@pytest.fixture(scope="module", params=[(f, a) for f in FAMILIES for a in ATTN], ids=lambda p: f"{p[0]}-{p[1]}")
-def case(request):
-    torch.manual_seed(0)
-    family, attn = request.param
-    case = build_tiny(family, attn_implementation=attn)
-    case.model.generation_config.eos_token_id = None
-    case.model.generation_config.pad_token_id = 0
-    return case
-
-
-def _inputs(case):
-    kwargs = dict(BATCH)
-    if case.name == "llava_onevision":
-        kwargs["videos_per_row"] = [0, 1, 0]
-    return case.inputs(**kwargs)
-
-
-def _patch(model, policy) -> PatchHandle:
-    engine = ScheduleEngine(model, policy)
-    engine.attach()
-    return PatchHandle(engine)
 
 
 class PerRowExit(vtexit.Policy):
@@ -133,12 +104,12 @@ def _blocks(case, inputs):
 
 @torch.no_grad()
 def test_policies_match_layers_run_by_hand(case):
-    inputs = _inputs(case)
+    inputs = family_batch(case)
     seen = record_layer_inputs(case.model, inputs)
     blocks = _blocks(case, inputs)
     schedules, _ = _schedules(case, inputs)
     for name, policy, events in schedules:
-        with _patch(case.model, policy) as handle:
+        with vtexit.apply_policy(case.model, policy) as handle:
             logits = case.model(**inputs).logits
             layout = handle.last_layout
         for b, row_events in enumerate(events):
@@ -148,43 +119,28 @@ def test_policies_match_layers_run_by_hand(case):
             torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4, msg=f"{name} row {b}")
 
 
-def _greedy_no_cache(case, inputs, media_ids):
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    for _ in range(NEW_TOKENS):
-        step = dict(inputs, input_ids=ids, attention_mask=mask)
-        for key in TOKEN_TYPE_KEYS & step.keys():
-            grown = torch.zeros_like(ids)
-            grown[:, : step[key].shape[1]] = step[key]
-            step[key] = grown
-        logits = case.model(**step, use_cache=False).logits[:, -1]
-        logits[:, media_ids] = float("-inf")
-        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return ids
-
-
 @torch.no_grad()
 def test_policies_cached_generate_equals_no_cache(case):
-    inputs = _inputs(case)
+    inputs = family_batch(case)
     media_ids = sorted(set(inputs["input_ids"][case.media_mask(inputs)].tolist()))
     schedules, _ = _schedules(case, inputs)
     # Not the attention-ranked policy: a no-cache recomputation re-ranks from each new last token.
     for _, policy, _ in schedules:
-        with _patch(case.model, policy):
+        with vtexit.apply_policy(case.model, policy):
             generated = case.model.generate(
                 **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, suppress_tokens=media_ids
             )
-            expected = _greedy_no_cache(case, inputs, media_ids)
+            expected = greedy_no_cache(case.model, inputs, NEW_TOKENS, suppress=media_ids)
         assert torch.equal(generated, expected), type(policy).__name__
 
 
 @torch.no_grad()
 def test_attention_ranked_keep_matches_eager_attentions(case):
-    inputs = _inputs(case)
+    inputs = family_batch(case)
     low, n = vtexit.valid_layer_range(case.model)
     layer = max(low, 2)
     policy = TopAttention(layer, 3)
-    with _patch(case.model, policy) as handle:
+    with vtexit.apply_policy(case.model, policy) as handle:
         logits = case.model(**inputs).logits
         layout = handle.last_layout
     # Reference scores: an eager forward with output_attentions, last prompt row, mean over heads.

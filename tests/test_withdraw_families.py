@@ -6,35 +6,13 @@ Every expected value comes from the unpatched model or from layers run by hand (
 
 from __future__ import annotations
 
-import pytest
 import torch
-from reference import record_layer_inputs, withdrawn_logits
+from conftest import family_batch
+from reference import greedy_no_cache, record_layer_inputs, withdrawn_logits
 
 import vtexit
-from vtexit.testing.tiny_models import FAMILIES, build_tiny
 
-ATTN = ("sdpa", "eager")
-BATCH = dict(images_per_row=[1, 0, 2], text_len=[5, 9, 3])
 NEW_TOKENS = 5
-TOKEN_TYPE_KEYS = {"token_type_ids", "mm_token_type_ids"}
-
-
-@pytest.fixture(scope="module", params=[(f, a) for f in FAMILIES for a in ATTN], ids=lambda p: f"{p[0]}-{p[1]}")
-def case(request):
-    torch.manual_seed(0)
-    family, attn = request.param
-    case = build_tiny(family, attn_implementation=attn)
-    case.model.generation_config.eos_token_id = None  # fixed-length greedy runs, comparable step by step
-    case.model.generation_config.pad_token_id = 0
-    return case
-
-
-def _inputs(case, **overrides):
-    kwargs = dict(BATCH)
-    if case.name == "llava_onevision":
-        kwargs["videos_per_row"] = [0, 1, 0]
-    kwargs.update(overrides)
-    return case.inputs(**kwargs)
 
 
 def _layers(case) -> tuple[int, int]:
@@ -48,7 +26,7 @@ def _hooks(model) -> dict:
 
 @torch.no_grad()
 def test_layer_n_is_identity(case):
-    inputs = _inputs(case)
+    inputs = family_batch(case)
     base = case.model(**inputs).logits
     _, n = _layers(case)
     with vtexit.withdraw(case.model, layer=n):
@@ -58,7 +36,7 @@ def test_layer_n_is_identity(case):
 
 @torch.no_grad()
 def test_matches_layers_run_by_hand(case):
-    inputs = _inputs(case)
+    inputs = family_batch(case)
     media = case.media_mask(inputs)
     padding = inputs["attention_mask"].bool()
     seen = record_layer_inputs(case.model, inputs)
@@ -78,29 +56,19 @@ def test_matches_layers_run_by_hand(case):
 
 @torch.no_grad()
 def test_generate_with_cache_equals_no_cache_recomputation(case):
-    inputs = _inputs(case)
+    inputs = family_batch(case)
     low, n = _layers(case)
     k = (low + n) // 2
     media_ids = sorted(set(inputs["input_ids"][case.media_mask(inputs)].tolist()))
     with vtexit.withdraw(case.model, layer=k):
         generated = case.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, suppress_tokens=media_ids)
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        for _ in range(NEW_TOKENS):
-            step = dict(inputs, input_ids=ids, attention_mask=mask)
-            for key in TOKEN_TYPE_KEYS & step.keys():  # per-token inputs grow with the sequence (text = 0)
-                grown = torch.zeros_like(ids)
-                grown[:, : step[key].shape[1]] = step[key]
-                step[key] = grown
-            logits = case.model(**step, use_cache=False).logits[:, -1]
-            logits[:, media_ids] = float("-inf")
-            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    assert torch.equal(generated, ids)
+        expected = greedy_no_cache(case.model, inputs, NEW_TOKENS, suppress=media_ids)
+    assert torch.equal(generated, expected)
 
 
 @torch.no_grad()
 def test_withdrawn_layers_cache_fewer_positions(case):
-    inputs = _inputs(case)
+    inputs = family_batch(case)
     media = case.media_mask(inputs)
     low, n = _layers(case)
     k = (low + n) // 2
@@ -120,7 +88,7 @@ def test_withdrawn_layers_cache_fewer_positions(case):
 
 @torch.no_grad()
 def test_rows_without_images_are_untouched(case):
-    inputs = _inputs(case)
+    inputs = family_batch(case)
     media = case.media_mask(inputs)
     base = case.model(**inputs).logits
     low, _ = _layers(case)
@@ -136,7 +104,7 @@ def test_rows_without_images_are_untouched(case):
 
 @torch.no_grad()
 def test_remove_restores_the_model_bit_for_bit(case):
-    inputs = _inputs(case)
+    inputs = family_batch(case)
     base = case.model(**inputs).logits
     hooks_before = _hooks(case.model)
     low, _ = _layers(case)

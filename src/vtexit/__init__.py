@@ -11,7 +11,7 @@ from vtexit.core.layout import Layout
 from vtexit.core.policy import Policy, PrefillView
 from vtexit.methods.base import MethodConfig
 from vtexit.methods.baseline import BaselineConfig, baseline
-from vtexit.methods.registry import apply, config_from_dict, method_configs
+from vtexit.methods.registry import apply, apply_policy, config_from_dict, method_configs
 from vtexit.methods.vtw import (
     CalibrationResult,
     VTWConfig,
@@ -37,6 +37,7 @@ __all__ = [
     "VTWConfig",
     "WithdrawHandle",
     "apply",
+    "apply_policy",
     "baseline",
     "calibrate",
     "config_from_dict",

@@ -13,6 +13,7 @@ from torch import nn
 from vtexit.core.engine import ScheduleEngine
 from vtexit.core.families import FamilySpec, family_for
 from vtexit.core.handle import PatchHandle
+from vtexit.core.policy import Policy
 from vtexit.methods.base import MethodConfig
 
 
@@ -47,3 +48,12 @@ def apply(model: nn.Module, config: MethodConfig, *, family: FamilySpec | None =
     engine = ScheduleEngine(model, policy, family)
     engine.attach()
     return config.handle_class(engine, config)
+
+
+def apply_policy(model: nn.Module, policy: Policy, *, family: FamilySpec | None = None) -> PatchHandle:
+    """Patch ``model`` with a hand-written :class:`~vtexit.core.policy.Policy` (a method of your own)."""
+    if not isinstance(policy, Policy):
+        raise ValueError(f"policy must be a vtexit.Policy, got {type(policy).__name__}")
+    engine = ScheduleEngine(model, policy, family)
+    engine.attach()
+    return PatchHandle(engine)

@@ -1,0 +1,40 @@
+"""Shared fixtures: the family x attention tiny models of the family suites, and a small LLaVA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vtexit.testing.tiny_models import FAMILIES, build_tiny
+
+ATTN = ("sdpa", "eager")
+FAMILY_BATCH = dict(images_per_row=[1, 0, 2], text_len=[5, 9, 3])
+
+
+def _fixed_length_greedy(case):
+    case.model.generation_config.eos_token_id = None  # fixed-length greedy runs, comparable step by step
+    case.model.generation_config.pad_token_id = 0
+    return case
+
+
+@pytest.fixture(scope="module", params=[(f, a) for f in FAMILIES for a in ATTN], ids=lambda p: f"{p[0]}-{p[1]}")
+def case(request):
+    """Every family with both attention implementations."""
+    torch.manual_seed(0)
+    family, attn = request.param
+    return _fixed_length_greedy(build_tiny(family, attn_implementation=attn))
+
+
+@pytest.fixture(scope="module")
+def llava4():
+    """A 4-layer tiny LLaVA."""
+    return _fixed_length_greedy(build_tiny("llava", num_layers=4))
+
+
+def family_batch(case, **overrides):
+    """A left-padded batch whose rows hold 1, 0 and 2 images (and a video for OneVision)."""
+    kwargs = dict(FAMILY_BATCH)
+    if case.name == "llava_onevision":
+        kwargs["videos_per_row"] = [0, 1, 0]
+    kwargs.update(overrides)
+    return case.inputs(**kwargs)
