@@ -241,3 +241,11 @@ def test_benchmark_reports_kv_bytes_of_the_tokens_each_layer_keeps(llava):
     assert vtw.kv_bytes_per_layer == (length * per_token,) * 2 + ((length - visual) * per_token,) * 4
     assert vtw.prefill_flops < base.prefill_flops and vtw.decode_flops < base.decode_flops
     assert all(r.lm_prefill_s < r.prefill_s and r.decode_token_s > 0 for r in rows)
+
+
+def test_every_builtin_family_has_a_tiny_model():
+    from vtexit.core.families import builtin_families, family_for
+    from vtexit.testing.tiny_models import FAMILIES
+
+    covered = {family_for(build_tiny(name, num_layers=2).model).name for name in FAMILIES}
+    assert covered == {spec.name for spec in builtin_families()}

@@ -105,6 +105,7 @@ def _blocks(case, inputs):
 @torch.no_grad()
 def test_policies_match_layers_run_by_hand(case):
     inputs = family_batch(case)
+    base = case.model(**inputs).logits
     seen = record_layer_inputs(case.model, inputs)
     blocks = _blocks(case, inputs)
     schedules, _ = _schedules(case, inputs)
@@ -117,6 +118,7 @@ def test_policies_match_layers_run_by_hand(case):
             got = logits[b][layout.valid[b]]
             assert torch.equal(layout.index[b][layout.valid[b]], row_events[-1][1]), f"{name} row {b}"
             torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4, msg=f"{name} row {b}")
+    assert torch.equal(case.model(**inputs).logits, base)  # every patch removed: the model is as it was
 
 
 @torch.no_grad()

@@ -96,6 +96,8 @@ class ScheduleEngine:
     """Attaches a :class:`Policy` to a model. Use :meth:`attach`/:meth:`detach` (or a method's handle)."""
 
     def __init__(self, model: nn.Module, policy: Policy | None, family: FamilySpec | None = None):
+        if policy is not None and not isinstance(policy, Policy):
+            raise ValueError(f"policy must be a vtexit.Policy (subclass it), got {type(policy).__name__}")
         self.model = model
         self.policy = policy if policy is not None else Policy()
         self.family = family or family_for(model)
@@ -156,6 +158,8 @@ class ScheduleEngine:
         for module in replacements:
             if "forward" in module.__dict__:
                 raise ValueError(f"{type(module).__name__}.forward is already replaced on this instance")
+        # Everything that can refuse is resolved before the first hook, so a refusal leaves the model untouched.
+        attention_modules = [(i, self.attention_module(i)) for i in sorted(set(self.policy.attention_layers))]
         hooks = self._handles
         hooks.append(self.model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True))
         hooks.append(self.model.register_forward_hook(self._top_post_hook, always_call=True))
@@ -163,8 +167,7 @@ class ScheduleEngine:
         hooks.append(self.parts.core.register_forward_hook(self._core_post_hook, always_call=True))
         for i, layer in enumerate(self.parts.layers):
             hooks.append(layer.register_forward_pre_hook(partial(self._layer_pre_hook, i), with_kwargs=True))
-        for i in sorted(set(self.policy.attention_layers)):
-            attention = self.attention_module(i)
+        for i, attention in attention_modules:
             hooks.append(attention.register_forward_pre_hook(partial(self._attention_hook, i), with_kwargs=True))
         for module, forward in replacements.items():
             module.forward = types.MethodType(forward, module)

@@ -115,6 +115,11 @@ _BUILTIN = (
 _REGISTRY: dict[str, FamilySpec] = {t: spec for spec in _BUILTIN for t in spec.model_types}
 
 
+def builtin_families() -> tuple[FamilySpec, ...]:
+    """The families vtexit describes out of the box (each tested on a tiny model, see vtexit.testing)."""
+    return _BUILTIN
+
+
 def register_family(spec: FamilySpec) -> None:
     """Make ``spec`` the description used for its ``model_types`` (static configuration, like AutoConfig)."""
     for model_type in spec.model_types:
