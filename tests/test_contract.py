@@ -85,6 +85,7 @@ class _GatedExit(vtexit.Policy):
             return None
         self.seen_dtype = self.gate.weight.dtype
         score = self.gate(view.hidden_states[:, -1]).squeeze(-1)
+        view.state["exits"] = score > 0
         return view.layout.valid & ~(view.media & (score > 0).unsqueeze(1))
 
 
@@ -93,8 +94,11 @@ def test_method_modules_follow_the_model_dtype():
     case = build_tiny("llava", num_layers=4)
     model = case.model.to(torch.float64)
     policy = _GatedExit(model.config.text_config.hidden_size)
-    with vtexit.apply_policy(model, policy):
+    with vtexit.apply_policy(model, policy) as handle:
         model(**case.inputs([1], text_len=[4]))
+        exits = handle.last_policy_state["exits"]
+        model(**case.inputs([0], text_len=[4]))  # a text-only call: no prefill of the policy, state unchanged
+        assert handle.last_policy_state["exits"] is exits
     assert policy.seen_dtype == torch.float64 and policy.gate.weight.dtype == torch.float64
 
 

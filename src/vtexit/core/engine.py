@@ -83,6 +83,7 @@ class _CallState:
     record: _PrefillRecord | None = None
     cost: CallCost | None = None
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    policy_state: dict = field(default_factory=dict)
     memo: dict = field(default_factory=dict)
 
 
@@ -137,6 +138,11 @@ class ScheduleEngine:
     def last_layout(self) -> Layout | None:
         """Slots of the last call in this thread: logits line up with them. None after a call nothing changed."""
         return getattr(self._local, "last_layout", None)
+
+    @property
+    def last_policy_state(self) -> dict:
+        """What the policy kept in ``view.state`` during the last prefill in this thread."""
+        return getattr(self._local, "last_policy_state", {})
 
     @property
     def last_cost(self) -> RunCost | None:
@@ -346,6 +352,7 @@ class ScheduleEngine:
             return
         self._local.last_layout = call.layout
         self._local.last_call_layout = call.layout
+        self._local.last_policy_state = call.policy_state
         run_cost = RunCost(prefill=call.cost)
         self._local.last_cost = run_cost
         if call.cache is not None:
@@ -389,7 +396,7 @@ class ScheduleEngine:
             cache = kwargs.get("past_key_values")
             call.cache = cache if isinstance(cache, Cache) else None
             self._follow_model(hidden)
-        keep = self.policy.keep(PrefillView(layer_idx, call.layout, call.media, hidden, call.scores))
+        keep = self.policy.keep(PrefillView(layer_idx, call.layout, call.media, hidden, call.scores, call.policy_state))
         if keep is not None:
             if layer_idx < self.min_layer:
                 raise ValueError(

@@ -43,6 +43,11 @@ class PatchHandle:
         return self._engine.last_cost
 
     @property
+    def last_policy_state(self) -> dict:
+        """What the policy recorded in ``view.state`` during the last prefill in this thread."""
+        return self._engine.last_policy_state
+
+    @property
     def active(self) -> bool:
         return self._engine.attached
 

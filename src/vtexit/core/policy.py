@@ -6,6 +6,7 @@ decide independently (a row that keeps all of its slots is untouched), a keep ma
 any number of events per prefill. Decode steps follow the prefill's schedule on their own.
 
 Optionally a policy
+  * keeps per-call results in ``view.state`` (a dict per prefill; ``handle.last_policy_state`` afterwards);
   * reads attention scores: list the layers in ``attention_layers`` and read :meth:`PrefillView.attention` at any
     later boundary (the last prompt token's attention, recomputed from q/k under SDPA, no eager needed);
   * owns modules (gates): return them from :meth:`modules`; the engine moves them to the model's device and dtype;
@@ -37,6 +38,9 @@ class PrefillView:
     media_original: torch.Tensor  # (batch, prompt length) bool, True at media (visual) tokens
     hidden_states: torch.Tensor  # (batch, layout.length, hidden), the input of layer_idx
     scores: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (batch, prompt length)
+    # Scratch space of this call for the policy (e.g. the layer each row exited at): one dict per prefill, so
+    # concurrent calls never share it. After the call the handle shows it as ``last_policy_state``.
+    state: dict = field(default_factory=dict)
 
     @property
     def media(self) -> torch.Tensor:
