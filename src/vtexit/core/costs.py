@@ -7,6 +7,7 @@ while recording (no host-device sync per layer); they are read on the host only 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,12 +33,27 @@ class LayerCost:
         return self.visual_queries + self.text_queries
 
 
-@dataclass
 class CallCost:
-    """One forward call (a prefill or a decode step): one :class:`LayerCost` per decoder layer."""
+    """One forward call (a prefill or a decode step): one :class:`LayerCost` per decoder layer.
 
-    mode: str  # "prefill" | "decode" | "plain" (a call the method did not touch)
-    layers: list[LayerCost] = field(default_factory=list)
+    The engine records only what it already tracks while the model runs (which layout each layer used); the
+    per-layer records are built the first time someone reads ``layers``, so recording costs the forward nothing.
+    """
+
+    def __init__(self, mode: str, layers: list[LayerCost] | None = None, build: Callable[[], list[LayerCost]] = None):
+        self.mode = mode  # "prefill" | "decode"
+        self._layers = layers
+        self._build = build
+
+    @property
+    def layers(self) -> list[LayerCost]:
+        if self._layers is None:
+            self._layers = self._build() if self._build is not None else []
+            self._build = None
+        return self._layers
+
+    def __repr__(self) -> str:
+        return f"CallCost(mode={self.mode!r}, layers={len(self.layers)})"
 
 
 @dataclass

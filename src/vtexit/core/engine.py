@@ -17,6 +17,7 @@ prefill. Nothing is global, so differently patched models work side by side.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import threading
 import types
@@ -81,7 +82,7 @@ class _CallState:
     stage_of_layer: list[int] = field(default_factory=list)
     cache: Cache | None = None
     record: _PrefillRecord | None = None
-    cost: CallCost | None = None
+    fractions: dict[int, tuple[float | None, float | None]] = field(default_factory=dict)  # in-layer methods
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
     policy_state: dict = field(default_factory=dict)
     memo: dict = field(default_factory=dict)
@@ -89,8 +90,17 @@ class _CallState:
 
 def _eager(hook):
     """Hooks run eagerly under ``torch.compile``: they keep per-call Python state, which a compiled graph must not
-    bake in. Dynamo breaks the graph around them; the layers themselves still compile."""
-    return torch.compiler.disable(hook, recursive=True)
+    bake in. Dynamo breaks the graph around them; the layers themselves still compile. Outside compilation the
+    hook is called directly (the disabled wrapper costs a few microseconds per call)."""
+    disabled = torch.compiler.disable(hook, recursive=True)
+
+    @functools.wraps(hook)
+    def run(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return disabled(*args, **kwargs)
+        return hook(*args, **kwargs)
+
+    return run
 
 
 class ScheduleEngine:
@@ -111,6 +121,8 @@ class ScheduleEngine:
                 f"model config has none of the media token id attributes {list(self.family.media_token_attrs)}; "
                 "vtexit needs them to find the visual tokens"
             )
+        self._event_layers = None if self.policy.event_layers is None else frozenset(self.policy.event_layers)
+        self._media_ids: dict[torch.device, torch.Tensor] = {}
         self.handle = None  # set by the PatchHandle that owns this engine
         self._handles: list[Any] = []
         self._replaced: list[nn.Module] = []
@@ -171,7 +183,7 @@ class ScheduleEngine:
         hooks.append(self.model.register_forward_hook(self._top_post_hook, always_call=True))
         hooks.append(self.parts.core.register_forward_pre_hook(self._core_pre_hook, with_kwargs=True))
         hooks.append(self.parts.core.register_forward_hook(self._core_post_hook, always_call=True))
-        for i, layer in enumerate(self.parts.layers):
+        for i, layer in enumerate(self.parts.layers[self._first_hooked_layer() :], start=self._first_hooked_layer()):
             hooks.append(layer.register_forward_pre_hook(partial(self._layer_pre_hook, i), with_kwargs=True))
         for i, attention in attention_modules:
             hooks.append(attention.register_forward_pre_hook(partial(self._attention_hook, i), with_kwargs=True))
@@ -202,6 +214,12 @@ class ScheduleEngine:
     def attached(self) -> bool:
         return bool(self._handles)
 
+    def _first_hooked_layer(self) -> int:
+        """Layers before the policy's first possible event run untouched, so they get no hook at all."""
+        if self._event_layers is None:
+            return min(self.min_layer, self.num_layers)
+        return min([*self._event_layers, self.num_layers])
+
     def attention_module(self, layer_idx: int) -> nn.Module:
         if not 0 <= layer_idx < self.num_layers:
             raise ValueError(f"attention layer must be in [0, {self.num_layers - 1}], got {layer_idx}")
@@ -212,6 +230,12 @@ class ScheduleEngine:
         return attention
 
     def _check_policy(self) -> None:
+        early = sorted(i for i in self._event_layers or () if i < self.min_layer)
+        if early:
+            raise ValueError(
+                f"the policy's event_layers include {early}; this model needs layers 0..{self.min_layer - 1} to keep "
+                "the full sequence (transformers sizes masks and positions from them)"
+            )
         if self.policy.renumber_positions:
             rope = getattr(self.text_config, "rope_parameters", None) or {}
             rotary = getattr(self.parts.language_model, "rotary_emb", None)
@@ -292,10 +316,17 @@ class ScheduleEngine:
                 )
             self._local.last_layout = None
             return
-        media = self.family.media_mask(self.model.config, input_ids)
-        batch, length = input_ids.shape
-        layout = Layout.full(padding, batch, length, input_ids.device)
-        any_media, ends_in_media = torch.stack([media.any(), (media & layout.last_slot).any()]).tolist()
+        media = torch.isin(input_ids, self._media_ids_on(input_ids.device))
+        if padding is None:
+            last_is_media = media[:, -1]
+        else:  # the last real token of each row: where the running count of real tokens first peaks
+            last_is_media = media.gather(1, padding.cumsum(1).argmax(1, keepdim=True))
+        # The one host read of a prefill: is there media at all, does a row end in it, is there padding.
+        flags = media.any().int() * 4 + last_is_media.any().int() * 2
+        if padding is not None:
+            flags = flags + (~padding.bool()).any().int()
+        flags = int(flags)
+        any_media, ends_in_media, caller_padded = bool(flags & 4), bool(flags & 2), bool(flags & 1)
         if not any_media:
             self._local.last_layout = None
             return
@@ -309,6 +340,8 @@ class ScheduleEngine:
         block_ids = None
         if self.family.media_blocks is not None and kwargs.get(self.family.media_blocks) is not None:
             block_ids = media_block_ids(kwargs[self.family.media_blocks]).to(input_ids.device)
+        batch, length = input_ids.shape
+        layout = Layout.full(padding, batch, length, input_ids.device, padded=caller_padded)
         self._call = _CallState(
             mode="prefill",
             padding=padding,
@@ -316,7 +349,7 @@ class ScheduleEngine:
             block_ids=block_ids,
             layout=layout,
             full_valid=layout.valid,
-            cost=CallCost("prefill"),
+            stage_of_layer=[-1] * self.num_layers,
         )
 
     def _enter_continuation(self, cache: Cache, kwargs: dict, input_ids, padding, past_length: int) -> None:
@@ -339,7 +372,6 @@ class ScheduleEngine:
             past_length=past_length,
             query_length=query_length,
             record=record,
-            cost=CallCost("decode"),
         )
 
     @_eager
@@ -348,12 +380,14 @@ class ScheduleEngine:
         if call is None:
             return
         if call.mode == "decode":
-            call.record.cost.decode.append(call.cost)
+            decode = _DecodeCostInputs(call.record, call.padding, call.past_length, call.query_length, call.fractions)
+            call.record.cost.decode.append(CallCost("decode", build=decode.layers))
             return
         self._local.last_layout = call.layout
         self._local.last_call_layout = call.layout
         self._local.last_policy_state = call.policy_state
-        run_cost = RunCost(prefill=call.cost)
+        prefill = _PrefillCostInputs(call.full_valid, call.media, call.stages, call.stage_of_layer, call.fractions)
+        run_cost = RunCost(prefill=CallCost("prefill", build=prefill.layers))
         self._local.last_cost = run_cost
         if call.cache is not None:
             record = _PrefillRecord(
@@ -392,40 +426,26 @@ class ScheduleEngine:
     # ----------------------------------------------------------------------------------------- prefill
     def _prefill_layer(self, layer_idx: int, call: _CallState, args: tuple, kwargs: dict):
         hidden, rest, in_kwargs = _split_hidden(args, kwargs)
-        if layer_idx == 0:
+        if layer_idx == self._first_hooked_layer():
             cache = kwargs.get("past_key_values")
             call.cache = cache if isinstance(cache, Cache) else None
             self._follow_model(hidden)
-        keep = self.policy.keep(PrefillView(layer_idx, call.layout, call.media, hidden, call.scores, call.policy_state))
+        keep = None
+        if self._event_layers is None or layer_idx in self._event_layers:
+            view = PrefillView(layer_idx, call.layout, call.media, hidden, call.scores, call.policy_state)
+            keep = self.policy.keep(view)
         if keep is not None:
-            if layer_idx < self.min_layer:
-                raise ValueError(
-                    f"the policy dropped tokens before layer {layer_idx}; this model needs layers "
-                    f"0..{self.min_layer - 1} to keep the full sequence"
-                )
             call.layout, source = call.layout.select(keep)
             hidden = _compact_hidden(hidden, source, call.layout)
             media = call.media.gather(1, call.layout.index) & call.layout.valid
             visual, text = counts(call.layout.valid, media)
             call.stages.append(_Stage(call.layout, visual, text, self._position_shift(call)))
             call.stage += 1
-        call.stage_of_layer.append(call.stage)
-        call.cost.layers.append(self._prefill_cost(call))
+        call.stage_of_layer[layer_idx] = call.stage
         if call.stage < 0:
             return None if keep is None else _join_hidden(hidden, rest, kwargs, in_kwargs)
         kwargs = self._compacted_kwargs(layer_idx, call, hidden, kwargs)
         return _join_hidden(hidden, rest, kwargs, in_kwargs)
-
-    def _prefill_cost(self, call: _CallState) -> LayerCost:
-        if call.stage >= 0:
-            stage = call.stages[call.stage]
-            visual, text = stage.visual, stage.text
-        else:
-            key = ("full counts",)
-            if key not in call.memo:
-                call.memo[key] = counts(call.full_valid, call.media)
-            visual, text = call.memo[key]
-        return LayerCost(visual_queries=visual, text_queries=text, keys=visual + text)
 
     def _position_shift(self, call: _CallState) -> torch.Tensor | None:
         if not self.policy.renumber_positions:
@@ -450,7 +470,8 @@ class ScheduleEngine:
         block_ids = None
         if call.block_ids is not None:
             block_ids = torch.where(call.layout.valid, call.block_ids.gather(1, index), -1)
-        kwargs["attention_mask"] = self._mask(layer_idx, call, hidden, call.layout.valid, call.cache, block_ids)
+        key_padding = call.layout.valid if call.layout.padded else None
+        kwargs["attention_mask"] = self._mask(layer_idx, call, hidden, key_padding, call.cache, block_ids)
         return kwargs
 
     def _renumbered(self, call: _CallState, hidden: torch.Tensor, kwargs: dict):
@@ -496,14 +517,10 @@ class ScheduleEngine:
         record = call.record
         stage = record.stage_of_layer[layer_idx]
         call.stage = stage
-        queries = torch.full_like(record.full_tokens, call.query_length)
-        hidden = args[0] if args else kwargs["hidden_states"]
         if stage < 0:
-            keys = call.padding.sum(1) if call.padding is not None else queries + call.past_length
-            call.cost.layers.append(LayerCost(torch.zeros_like(queries), queries, keys))
             return None
-        key_padding = self._decode_key_padding(call, stage)
-        call.cost.layers.append(LayerCost(torch.zeros_like(queries), queries, self._memo_sum(call, key_padding)))
+        hidden = args[0] if args else kwargs["hidden_states"]
+        key_padding = _decode_key_padding(call, stage)
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = self._mask(layer_idx, call, hidden, key_padding, kwargs.get("past_key_values"))
         shift = record.stages[stage].position_shift
@@ -514,27 +531,6 @@ class ScheduleEngine:
                 call.memo[key] = (positions, self.parts.language_model.rotary_emb(hidden, positions))
             kwargs["position_ids"], kwargs["position_embeddings"] = call.memo[key]
         return args, kwargs
-
-    def _decode_key_padding(self, call: _CallState, stage: int) -> torch.Tensor:
-        """Keys of a compacted layer: the prompt positions it kept at prefill, then every token since."""
-        key = ("key padding", stage)
-        if key not in call.memo:
-            record = call.record
-            prompt_valid = record.stages[stage].layout.valid
-            if call.padding is not None:
-                tail = call.padding[:, record.prompt_length :].to(device=prompt_valid.device, dtype=torch.bool)
-            else:
-                new_columns = call.past_length + call.query_length - record.prompt_length
-                tail = torch.ones(prompt_valid.shape[0], new_columns, dtype=torch.bool, device=prompt_valid.device)
-            call.memo[key] = torch.cat([prompt_valid, tail], dim=1)
-        return call.memo[key]
-
-    @staticmethod
-    def _memo_sum(call: _CallState, tensor: torch.Tensor) -> torch.Tensor:
-        key = ("sum", id(tensor))
-        if key not in call.memo:
-            call.memo[key] = tensor.sum(1)
-        return call.memo[key]
 
     # ----------------------------------------------------------------------------------------- for methods
     def current_media(self) -> torch.Tensor | None:
@@ -548,15 +544,19 @@ class ScheduleEngine:
     def record_fraction(self, layer_idx: int, *, heads: float | None = None, ffn: float | None = None) -> None:
         """Record the share of heads / FFN neurons the visual rows of a layer used (called by in-layer methods)."""
         call = self._call
-        if call is None or layer_idx >= len(call.cost.layers):
+        if call is None:
             return
-        cost = call.cost.layers[layer_idx]
-        if heads is not None:
-            cost.head_fraction = heads
-        if ffn is not None:
-            cost.ffn_fraction = ffn
+        old_heads, old_ffn = call.fractions.get(layer_idx, (None, None))
+        call.fractions[layer_idx] = (old_heads if heads is None else heads, old_ffn if ffn is None else ffn)
 
     # ----------------------------------------------------------------------------------------- helpers
+    def _media_ids_on(self, device: torch.device) -> torch.Tensor:
+        ids = self._media_ids.get(device)
+        if ids is None:
+            ids = torch.tensor(self.family.media_token_ids(self.model.config), device=device)
+            self._media_ids[device] = ids
+        return ids
+
     def _follow_model(self, hidden: torch.Tensor) -> None:
         """Method-owned modules follow the model's device and dtype (moved only when they differ)."""
         for module in self.policy.modules().values():
@@ -592,6 +592,81 @@ class ScheduleEngine:
             hit = (obj, convert(obj))
             call.memo[key] = hit
         return hit[1]
+
+
+def _decode_key_padding(call: _CallState, stage: int) -> torch.Tensor:
+    """Keys of a compacted layer in a decode call: the prompt positions it kept at prefill, then every token since."""
+    key = ("key padding", stage)
+    if key not in call.memo:
+        call.memo[key] = _key_padding(call.record, stage, call.padding, call.past_length, call.query_length)
+    return call.memo[key]
+
+
+def _key_padding(record: _PrefillRecord, stage: int, padding, past_length: int, query_length: int) -> torch.Tensor:
+    prompt_valid = record.stages[stage].layout.valid
+    if padding is not None:
+        tail = padding[:, record.prompt_length :].to(device=prompt_valid.device, dtype=torch.bool)
+    else:
+        new_columns = past_length + query_length - record.prompt_length
+        tail = torch.ones(prompt_valid.shape[0], new_columns, dtype=torch.bool, device=prompt_valid.device)
+    return torch.cat([prompt_valid, tail], dim=1)
+
+
+def _with_fractions(layers: list[LayerCost], fractions: dict) -> list[LayerCost]:
+    for layer_idx, (heads, ffn) in fractions.items():
+        if heads is not None:
+            layers[layer_idx].head_fraction = heads
+        if ffn is not None:
+            layers[layer_idx].ffn_fraction = ffn
+    return layers
+
+
+@dataclass
+class _PrefillCostInputs:
+    """What a prefill's cost records are built from when read (no reference to the cache or activations)."""
+
+    full_valid: torch.Tensor
+    media: torch.Tensor
+    stages: list[_Stage]
+    stage_of_layer: list[int]
+    fractions: dict
+
+    def layers(self) -> list[LayerCost]:
+        """Per layer: the visual/text slots of the layout it ran on (keys = queries in a prefill)."""
+        full = counts(self.full_valid, self.media)
+        per_stage = [(stage.visual, stage.text) for stage in self.stages]
+        layers = []
+        for stage in self.stage_of_layer:
+            visual, text = full if stage < 0 else per_stage[stage]
+            layers.append(LayerCost(visual_queries=visual, text_queries=text, keys=visual + text))
+        return _with_fractions(layers, self.fractions)
+
+
+@dataclass
+class _DecodeCostInputs:
+    record: _PrefillRecord
+    padding: torch.Tensor | None
+    past_length: int
+    query_length: int
+    fractions: dict
+
+    def layers(self) -> list[LayerCost]:
+        """Per layer: the new (text) tokens, and the keys each layer attended to."""
+        queries = torch.full_like(self.record.full_tokens, self.query_length)
+        no_visual = torch.zeros_like(queries)
+        if self.padding is not None:
+            full_keys = self.padding.sum(1).to(queries.device)
+        else:
+            full_keys = queries + self.past_length
+        per_stage = [
+            _key_padding(self.record, s, self.padding, self.past_length, self.query_length).sum(1)
+            for s in range(len(self.record.stages))
+        ]
+        layers = [
+            LayerCost(no_visual, queries, full_keys if stage < 0 else per_stage[stage])
+            for stage in self.record.stage_of_layer
+        ]
+        return _with_fractions(layers, self.fractions)
 
 
 def _has_media_inputs(kwargs: dict) -> bool:

@@ -19,16 +19,30 @@ class Layout:
 
     index: torch.Tensor  # (batch, length) long: original sequence position of each slot
     valid: torch.Tensor  # (batch, length) bool
+    # Known on the host: False only when every slot is valid (then masks need no padding and SDPA may run causal).
+    padded: bool = True
 
     @classmethod
-    def full(cls, attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> Layout:
-        """The layout before any event: every position, with the caller's padding as invalid slots."""
+    def full(
+        cls,
+        attention_mask: torch.Tensor | None,
+        batch: int,
+        length: int,
+        device: torch.device,
+        padded: bool | None = None,
+    ) -> Layout:
+        """The layout before any event: every position, with the caller's padding as invalid slots.
+
+        ``padded``: whether the caller's mask has a zero, if the caller already knows (else assumed when a mask is
+        given)."""
         index = torch.arange(length, device=device).expand(batch, length)
         if attention_mask is None:
             valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+            padded = False
         else:
             valid = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
-        return cls(index=index, valid=valid)
+            padded = True if padded is None else padded
+        return cls(index=index, valid=valid, padded=padded)
 
     @property
     def length(self) -> int:
@@ -52,13 +66,15 @@ class Layout:
             raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected {tuple(self.valid.shape)}")
         keep = (keep.to(torch.bool) | self.last_slot) & self.valid
         counts = keep.sum(dim=1)
-        new_length = max(int(counts.max()), 1)
+        # The one host read of an event: the longest row sets the new length; equal rows need no pad slots.
+        longest, shortest = divmod(int(counts.max() * (self.length + 1) + counts.min()), self.length + 1)
+        new_length = max(longest, 1)
         # A stable sort of the 0/1 keep flags puts dropped slots first and kept slots last, each in original order.
         order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices
         source = order[:, self.length - new_length :]
         slots = torch.arange(new_length, device=keep.device)
         valid = slots.unsqueeze(0) >= (new_length - counts).unsqueeze(1)
-        return Layout(index=self.index.gather(1, source), valid=valid), source
+        return Layout(index=self.index.gather(1, source), valid=valid, padded=shortest != longest), source
 
 
 def gather_sequence(tensor: torch.Tensor, index: torch.Tensor, seq_dim: int) -> torch.Tensor:

@@ -46,14 +46,17 @@ def rebuild_mask(
     text_config: PretrainedConfig,
     layer_type: str,
     hidden_states: torch.Tensor,
-    key_padding: torch.Tensor,
+    key_padding: torch.Tensor | None,
     cache: Cache | None,
     layer_idx: int,
     block_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """The causal mask of ``layer_idx`` for queries ``hidden_states`` and keys described by ``key_padding``.
 
-    ``key_padding`` is the 2D (batch, keys seen so far + queries) validity of the layer's keys. ``block_ids``
+    ``key_padding`` is the 2D (batch, keys seen so far + queries) validity of the layer's keys, or None when every
+    key is valid (then SDPA may run with ``is_causal`` and no mask). With a padding mask, transformers' check
+    whether the mask could be skipped would read the device (a host sync per call); padded keys need the mask
+    anyway, so it is not asked. ``block_ids``
     (batch, keys), if given, marks bidirectional media blocks per key slot (-1 = causal text). Position ids are
     deliberately not passed: gathered positions have gaps, which mask creation would read as packed sequences.
     """
@@ -72,7 +75,7 @@ def rebuild_mask(
     sliding = layer_type in SLIDING_TYPES
     if block_ids is None:
         make = create_sliding_window_causal_mask if sliding else create_causal_mask
-        return make(**common)
+        return make(**common, allow_is_causal_skip=key_padding is None)
     if not sliding:
         return create_causal_mask(**common, block_sequence_ids=block_ids)
     # As Gemma3 composes it: AND(sliding window, OR(causal, blockwise)).

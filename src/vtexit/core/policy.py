@@ -68,6 +68,10 @@ class Policy:
 
     attention_layers: tuple[int, ...] = ()
     renumber_positions: bool = False
+    # The layers before which keep() may return a mask; None asks at every layer from the family's minimum layer on
+    # (layer 0, and for some families a few more, must keep the full sequence). Layers before the first event layer
+    # get no hook at all, so naming them makes the patch cheaper.
+    event_layers: frozenset[int] | None = None
 
     def keep(self, view: PrefillView) -> torch.Tensor | None:
         """(batch, layout.length) bool: the slots each row keeps before ``view.layer_idx``; None for no event."""

@@ -24,7 +24,9 @@ class BaselineConfig(MethodConfig):
     method: ClassVar[str] = "none"
 
     def build_policy(self, model: nn.Module, family: FamilySpec) -> Policy:
-        return Policy()
+        policy = Policy()
+        policy.event_layers = frozenset()  # never drops: no layer needs a hook
+        return policy
 
 
 def baseline(model: nn.Module, *, family: FamilySpec | None = None) -> PatchHandle:

@@ -1,0 +1,45 @@
+"""Host-device syncs a patch adds, counted with torch.profiler (``aten::_local_scalar_dense``, which CPU runs record
+as well): one per prefill, one per compaction event, none per decode step. The unpatched model is the reference."""
+
+from __future__ import annotations
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import vtexit
+
+
+def _syncs(fn) -> int:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(event.count for event in prof.key_averages() if event.key == "aten::_local_scalar_dense")
+
+
+class _TwoEvents(vtexit.Policy):
+    event_layers = frozenset({1, 3})
+
+    def keep(self, view):
+        if view.layer_idx == 1:
+            return view.layout.valid & ~(view.media & (view.layout.index % 2 == 1))
+        return view.text
+
+
+@torch.no_grad()
+def test_syncs_per_prefill_event_and_decode_step(llava4):
+    model = llava4.model
+    inputs = llava4.inputs([1, 2], text_len=[5, 3])  # left-padded: the caller's mask has zeros
+    prefill = _syncs(lambda: model(**inputs))
+    with vtexit.withdraw(model, layer=4):  # K = N: hooks, no event
+        assert _syncs(lambda: model(**inputs)) <= prefill + 1
+    with vtexit.withdraw(model, layer=2):
+        assert _syncs(lambda: model(**inputs)) <= prefill + 2
+    with vtexit.apply_policy(model, _TwoEvents()):
+        assert _syncs(lambda: model(**inputs)) <= prefill + 3
+
+    def generate(steps: int):
+        return lambda: model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+
+    per_steps_unpatched = _syncs(generate(6)) - _syncs(generate(3))
+    with vtexit.withdraw(model, layer=2):
+        per_steps_patched = _syncs(generate(6)) - _syncs(generate(3))
+    assert per_steps_patched == per_steps_unpatched  # three more decode steps cost no extra sync
