@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vtexit-installed
 
-.PHONY: setup test demo bench lint
+.PHONY: setup test demo bench lint gpu-check
 
 setup: $(STAMP)
 
@@ -27,3 +27,7 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/bench_vtw.py
+
+# On a CUDA machine, with its own torch (not this venv's CPU wheel): exactness on CUDA + the speed benchmark.
+gpu-check:
+	bash scripts/gpu_check.sh

@@ -7,7 +7,6 @@ again) and medians are reported, next to the analytic FLOPs ratio that the measu
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 
 from vtexit.core.families import family_for
 from vtexit.core.flops import DecoderShape, FlopsCount, count, run_flops
+from vtexit.evaluation.speed import time_call
 from vtexit.evaluation.timing import CallTimer
 from vtexit.methods.vtw import withdraw
 
@@ -55,10 +55,8 @@ def kv_bytes_per_layer(cache) -> tuple[int, ...]:
     )
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def _timed(fn, device: torch.device) -> float:
+    return time_call(fn, device)
 
 
 def _batch_flops(shape: DecoderShape, handle, inputs: Mapping[str, torch.Tensor]) -> FlopsCount:
@@ -94,6 +92,7 @@ def bench_withdrawal(
     configs: list[int | None] = [None, *layers]
     family = family_for(model)
     shape = DecoderShape.from_model(model)
+    device = inputs["input_ids"].device
     gen_kwargs = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
     samples: dict[int | None, dict[str, list[float]]] = {
         c: {"prefill": [], "lm": [], "gen": [], "decode": []} for c in configs
@@ -106,9 +105,9 @@ def bench_withdrawal(
         handle = withdraw(model, layer=config) if config is not None else None
         try:
             with CallTimer(language_model) as lm_timer:
-                prefill = _timed(lambda: model(**inputs, use_cache=True))
+                prefill = _timed(lambda: model(**inputs, use_cache=True), device)
             with CallTimer(language_model) as steps:
-                gen = _timed(lambda: model.generate(**inputs, **gen_kwargs))
+                gen = _timed(lambda: model.generate(**inputs, **gen_kwargs), device)
             if config not in flops:
                 flops[config] = _batch_flops(shape, handle, inputs)
             if record:

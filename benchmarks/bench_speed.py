@@ -1,0 +1,114 @@
+"""Withdrawal's wall-clock speed on a GPU (or the CPU), eager and compiled, beside the same model without vtexit.
+
+On CUDA: LLaVA-1.5-7B's language-model shape (hidden 4096, 32 layers, gated MLP 11008, vocab 32000) in bf16, built
+on the GPU, with 576 and 2304 visual tokens + 64 text tokens at batch 1 and 16. On the CPU: a small shape. It prints
+per configuration the prefill time, the speedup over the same mode's baseline against the FLOPs ratio (from cost
+records), decode ms/token and peak memory, plus transformers' own static-cache + compiled decode for reference, and
+writes everything to --out as JSON.
+
+    python benchmarks/bench_speed.py [--device cuda] [--out out/speed.json] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from datetime import date
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from vtexit.evaluation.speed import measure_speed, speed_ratios, time_call
+from vtexit.testing.tiny_models import build_llava_shaped
+
+SHAPES = {
+    "7b": dict(hidden_size=4096, num_layers=32, num_heads=32, intermediate_size=11008, vocab_size=32000),
+    "small": dict(hidden_size=256, num_layers=8, num_heads=8, intermediate_size=688, vocab_size=4096),
+}
+
+
+def _static_decode_ms(model, inputs, new_tokens: int, device) -> float | None:
+    """transformers' own static cache + compiled decode, without vtexit (the configuration users pick for speed)."""
+    gen = dict(do_sample=False, cache_implementation="static", min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+    one = dict(gen, min_new_tokens=1, max_new_tokens=1)
+    try:
+        for _ in range(2):
+            model.generate(**inputs, **gen)
+        full = time_call(lambda: model.generate(**inputs, **gen), device)
+        short = time_call(lambda: model.generate(**inputs, **one), device)
+    except Exception as err:  # noqa: BLE001 - reported, the rest of the benchmark goes on
+        print(f"static-cache baseline failed: {type(err).__name__}: {err}")
+        return None
+    return 1e3 * (full - short) / (new_tokens - 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: 7b on CUDA, small on CPU")
+    parser.add_argument("--visual", default=None, help="visual tokens per image, comma-separated (perfect squares)")
+    parser.add_argument("--batch", default=None, help="batch sizes, comma-separated")
+    parser.add_argument("--layers", default=None, help="withdrawal layers K, comma-separated")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-static", action="store_true", help="skip transformers' static+compiled decode")
+    parser.add_argument("--out", type=Path, default=Path("out/speed.json"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    shape = args.shape or ("7b" if cuda else "small")
+    visual = [int(v) for v in (args.visual or ("576,2304" if cuda else "64")).split(",")]
+    batches = [int(b) for b in (args.batch or ("1,16" if cuda else "1,4")).split(",")]
+    layers = [int(k) for k in (args.layers or ("2,8,16,24" if shape == "7b" else "2,4,6")).split(",")]
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    console = Console(width=170)
+    results = dict(device=torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+                   date=date.today().isoformat(), torch=torch.__version__, shape=shape, dtype=str(dtype), runs=[])
+    for tokens in visual:
+        with torch.device(device):
+            case = build_llava_shaped(image_tokens=tokens, **SHAPES[shape])
+        model = case.model.to(dtype).eval()
+        model.generation_config.eos_token_id = None
+        for batch in batches:
+            inputs = {k: v.to(device) for k, v in case.inputs([1] * batch, text_len=64).items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            rows = speed_ratios(
+                measure_speed(model, inputs, layers, repeats=args.repeats, new_tokens=args.new_tokens,
+                              compiled=not args.no_compile)
+            )
+            static_ms = None if args.no_static else _static_decode_ms(model, inputs, args.new_tokens, device)
+            results["runs"].append(dict(visual=tokens, batch=batch, rows=rows, static_compiled_decode_ms=static_ms))
+            table = Table(title=f"{shape}, {tokens} visual + 64 text tokens, batch {batch}, {device} ({dtype})")
+            for name in ("mode", "config", "prefill ms", "speedup", "FLOPs ratio", "speedup / FLOPs",
+                         "decode ms/token", "peak GiB"):
+                table.add_column(name, justify="right")
+            for row in rows:
+                table.add_row(
+                    row["mode"],
+                    "baseline" if row["layer"] is None else f"VTW K={row['layer']}",
+                    f"{1e3 * row['prefill_s']:.2f}",
+                    f"{row['speedup']:.2f}x" + (" (noise?)" if row["beyond_flops_bound"] else ""),
+                    f"{row['flops_ratio']:.2f}x",
+                    f"{row['efficiency']:.2f}",
+                    "-" if row["decode_token_s"] is None else f"{1e3 * row['decode_token_s']:.2f}",
+                    "-" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**30:.2f}",
+                )
+            console.print(table)
+            if static_ms is not None:
+                console.print(f"transformers static cache + compiled decode (no vtexit): {static_ms:.2f} ms/token")
+        del model, case
+        if cuda:
+            torch.cuda.empty_cache()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

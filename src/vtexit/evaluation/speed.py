@@ -1,0 +1,143 @@
+"""Wall-clock speed of withdrawal on the hardware at hand (GPU or CPU), eager and compiled, against the same
+configuration without vtexit, in one run.
+
+Timing synchronises the device around every timed call (CUDA events on GPUs), so the numbers are the device's, not
+the host's enqueue time. Eager configurations are interleaved within each repeat; a compiled configuration is timed
+in a block of its own after a warm-up, because patching and removing make a compiled model trace again.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from vtexit.core.flops import DecoderShape, count, run_flops
+from vtexit.methods.vtw import withdraw
+
+NOISE_MARGIN = 1.10  # a speedup above 1.10 x the FLOPs ratio is reported as noise
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds ``fn`` takes on ``device``: CUDA events on a GPU, a plain clock on the CPU (both synchronised)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1e3
+    import time
+
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
+
+
+@dataclass(frozen=True)
+class SpeedRow:
+    """One configuration: ``layer`` None is the model without vtexit."""
+
+    mode: str  # "eager" | "compiled"
+    layer: int | None
+    prefill_s: float  # median forward without cache, last-token logits only
+    decode_token_s: float | None  # median ms per generated token (dynamic cache), eager only
+    peak_bytes: int | None  # peak device memory of a generate call (CUDA only)
+    prefill_flops: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _flops(model: nn.Module, inputs: Mapping, handle) -> int:
+    shape = DecoderShape.from_model(model)
+    if handle is not None:
+        return sum(r.prefill for r in run_flops(shape, handle.last_cost))
+    tokens = inputs["attention_mask"].sum(1).tolist()
+    return sum(count(shape, [n] * shape.num_layers).prefill for n in tokens)
+
+
+@torch.no_grad()
+def measure_speed(
+    model: nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    layers: Sequence[int],
+    *,
+    repeats: int = 5,
+    new_tokens: int = 16,
+    compiled: bool = False,
+    compile_backend: str = "inductor",
+) -> list[SpeedRow]:
+    """Prefill (and, eager, decode and peak memory) for the model without vtexit and VTW at each K."""
+    device = inputs["input_ids"].device
+    configs: list[int | None] = [None, *layers]
+    forward = dict(use_cache=False, logits_to_keep=1)
+    generate = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+    first_token = dict(generate, max_new_tokens=1, min_new_tokens=1)
+    prefill: dict[int | None, list[float]] = {c: [] for c in configs}
+    decode: dict[int | None, list[float]] = {c: [] for c in configs}
+    peak: dict[int | None, int | None] = {}
+    flops: dict[int | None, int] = {}
+    for r in range(repeats + 1):  # the first round warms up
+        for config in configs:
+            handle = withdraw(model, layer=config) if config is not None else None
+            try:
+                seconds = time_call(lambda: model(**inputs, **forward), device)
+                if config not in flops:
+                    flops[config] = _flops(model, inputs, handle)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                short = time_call(lambda: model.generate(**inputs, **first_token), device)
+                full = time_call(lambda: model.generate(**inputs, **generate), device)
+                if device.type == "cuda":
+                    peak[config] = torch.cuda.max_memory_allocated(device)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            if r > 0:
+                prefill[config].append(seconds)
+                decode[config].append((full - short) / (new_tokens - 1))
+    rows = [
+        SpeedRow("eager", c, statistics.median(prefill[c]), statistics.median(decode[c]), peak.get(c), flops[c])
+        for c in configs
+    ]
+    if compiled:
+        rows += _compiled_rows(model, inputs, configs, repeats, forward, flops, compile_backend)
+    return rows
+
+
+def _compiled_rows(model, inputs, configs, repeats, forward, flops, backend) -> list[SpeedRow]:
+    device = inputs["input_ids"].device
+    rows = []
+    compiled = torch.compile(model, backend=backend)
+    for config in configs:
+        handle = withdraw(model, layer=config) if config is not None else None
+        try:
+            for _ in range(2):  # trace and warm up
+                compiled(**inputs, **forward)
+            times = [time_call(lambda: compiled(**inputs, **forward), device) for _ in range(repeats)]
+        finally:
+            if handle is not None:
+                handle.remove()
+        rows.append(SpeedRow("compiled", config, statistics.median(times), None, None, flops[config]))
+    return rows
+
+
+def speed_ratios(rows: Sequence[SpeedRow]) -> list[dict]:
+    """Per row: prefill speedup over the same mode's baseline, the FLOPs ratio, and their quotient."""
+    base = {row.mode: row for row in rows if row.layer is None}
+    out = []
+    for row in rows:
+        ref = base[row.mode]
+        speedup = ref.prefill_s / row.prefill_s
+        ratio = ref.prefill_flops / row.prefill_flops
+        efficiency = speedup / ratio
+        # Faster than the FLOPs allow is noise (load bursts, warm-up), not a result: flag it.
+        out.append(dict(row.to_dict(), speedup=speedup, flops_ratio=ratio, efficiency=efficiency,
+                        beyond_flops_bound=efficiency > NOISE_MARGIN))
+    return out
+

@@ -1,0 +1,54 @@
+"""The GPU check: the family exactness checks on CUDA against the CPU, and the generate path that once crashed
+there. Skipped where no CUDA device is present (CI); ``make gpu-check`` runs it with the speed benchmark."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import family_batch
+
+import vtexit
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """fp32 without TF32, so CUDA matmuls match the CPU to float rounding."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def _on(inputs: dict, device: str) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+@torch.no_grad()
+def test_withdrawn_logits_and_generate_on_cuda_match_the_cpu(case):
+    inputs = family_batch(case)
+    low, n = vtexit.valid_layer_range(case.model)
+    media_ids = sorted(set(inputs["input_ids"][case.media_mask(inputs)].tolist()))
+    generate = dict(max_new_tokens=4, do_sample=False, suppress_tokens=media_ids)
+    expected = {}
+    for k in sorted({low, (low + n) // 2}):
+        with vtexit.withdraw(case.model, layer=k):
+            expected[k] = (case.model(**inputs).logits, case.model.generate(**inputs, **generate))
+    base_cpu = case.model(**inputs).logits
+    model = case.model.to("cuda")
+    try:
+        cuda_inputs = _on(inputs, "cuda")
+        base = model(**cuda_inputs).logits
+        torch.testing.assert_close(base.cpu(), base_cpu, atol=1e-4, rtol=1e-4)
+        with vtexit.withdraw(model, layer=n):
+            assert torch.equal(model(**cuda_inputs).logits, base)  # K = N: bit-identical on CUDA too
+        for k, (logits, tokens) in expected.items():
+            with vtexit.withdraw(model, layer=k) as handle:
+                got = model(**cuda_inputs).logits
+                assert handle.last_layout.index.device.type == "cuda"
+                torch.testing.assert_close(got.cpu(), logits, atol=1e-4, rtol=1e-4, msg=f"K={k}")
+                assert torch.equal(model.generate(**cuda_inputs, **generate).cpu(), tokens), f"K={k}"
+                assert all(layer.keys.device.type == "cuda" for layer in handle.last_cost.prefill.layers)
+    finally:
+        case.model.to("cpu")

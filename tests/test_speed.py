@@ -1,0 +1,29 @@
+"""The speed benchmark's measurement code on the CPU (the GPU run uses the same code): every configuration is
+measured, FLOPs come from the cost records, and impossible speedups are flagged."""
+
+from __future__ import annotations
+
+from vtexit.core.flops import DecoderShape, count
+from vtexit.evaluation.speed import NOISE_MARGIN, SpeedRow, measure_speed, speed_ratios
+
+
+def test_measure_speed_on_cpu(llava4):
+    inputs = llava4.inputs([1, 1], text_len=[5, 5])
+    rows = measure_speed(llava4.model, inputs, [2], repeats=1, new_tokens=3)
+    assert [(r.mode, r.layer) for r in rows] == [("eager", None), ("eager", 2)]
+    assert all(r.prefill_s > 0 and r.decode_token_s is not None for r in rows)
+    shape = DecoderShape.from_model(llava4.model)
+    media = llava4.media_mask(inputs)
+    length, text = inputs["input_ids"].shape[1], int((~media[0]).sum())
+    by_hand = 2 * count(shape, [length, length] + [text] * (shape.num_layers - 2)).prefill
+    assert rows[1].prefill_flops == by_hand
+    assert rows[0].prefill_flops == 2 * count(shape, [length] * shape.num_layers).prefill
+
+
+def test_speedups_beyond_the_flops_bound_are_flagged():
+    def row(layer, seconds, flops):
+        return SpeedRow("eager", layer, seconds, None, None, flops)
+
+    rows = speed_ratios([row(None, 1.0, 300), row(2, 0.5, 150), row(4, 0.2, 150)])
+    assert [r["beyond_flops_bound"] for r in rows] == [False, False, True]
+    assert rows[2]["efficiency"] > NOISE_MARGIN and abs(rows[1]["efficiency"] - 1.0) < 1e-9
