@@ -11,6 +11,9 @@ from vtexit.core.layout import Layout
 from vtexit.core.policy import Policy, PrefillView
 from vtexit.methods.base import MethodConfig
 from vtexit.methods.baseline import BaselineConfig, baseline
+from vtexit.methods.fastv import FastVConfig, fastv
+from vtexit.methods.pdrop import PDropConfig, pdrop
+from vtexit.methods.random_drop import RandomDropConfig, random_drop
 from vtexit.methods.registry import apply, apply_policy, config_from_dict, method_configs
 from vtexit.methods.vtw import (
     CalibrationResult,
@@ -22,6 +25,12 @@ from vtexit.methods.vtw import (
 )
 
 __all__ = [
+    "FastVConfig",
+    "PDropConfig",
+    "RandomDropConfig",
+    "fastv",
+    "pdrop",
+    "random_drop",
     "BaselineConfig",
     "CalibrationResult",
     "CallCost",

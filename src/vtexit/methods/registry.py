@@ -22,7 +22,13 @@ def method_configs() -> dict[str, type[MethodConfig]]:
     from vtexit.methods.baseline import BaselineConfig
     from vtexit.methods.vtw.config import VTWConfig
 
-    return {cls.method: cls for cls in (BaselineConfig, VTWConfig)}
+    configs = {cls.method: cls for cls in (BaselineConfig, VTWConfig)}
+    from vtexit.methods.fastv.config import FastVConfig
+    from vtexit.methods.pdrop.config import PDropConfig
+    from vtexit.methods.random_drop.config import RandomDropConfig
+
+    configs.update({cls.method: cls for cls in (FastVConfig, PDropConfig, RandomDropConfig)})
+    return configs
 
 
 def config_from_dict(data: dict[str, Any]) -> MethodConfig:

@@ -1,0 +1,33 @@
+"""The random baseline's settings: the layer, the kept fraction and the seed."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from vtexit.core.families import FamilySpec
+from vtexit.core.policy import Policy
+from vtexit.methods.base import MethodConfig
+from vtexit.methods.fastv.ranking import check_drop_layer, check_keep
+from vtexit.methods.random_drop.policy import RandomDropPolicy
+
+
+@dataclass(frozen=True)
+class RandomDropConfig(MethodConfig):
+    """Before decoder layer ``layer`` keep a seeded uniform random fraction ``keep`` of each row's visual tokens."""
+
+    method: ClassVar[str] = "random_drop"
+    layer: int
+    keep: float
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keep", check_keep(self.keep))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed < 2**40:
+            raise ValueError(f"seed must be an int in [0, 2**40), got {self.seed!r}")
+
+    def build_policy(self, model: nn.Module, family: FamilySpec) -> Policy:
+        return RandomDropPolicy(check_drop_layer(model, self.layer, family), self.keep, int(self.seed))
