@@ -11,6 +11,7 @@ from vtexit.core.layout import Layout
 from vtexit.core.policy import Policy, PrefillView
 from vtexit.methods.base import MethodConfig
 from vtexit.methods.baseline import BaselineConfig, baseline
+from vtexit.methods.dyvte import DyVTEConfig, DyVTEGates, DyVTEHandle, dyvte, train_gates
 from vtexit.methods.fastv import FastVConfig, fastv
 from vtexit.methods.pdrop import PDropConfig, pdrop
 from vtexit.methods.random_drop import RandomDropConfig, random_drop
@@ -25,6 +26,11 @@ from vtexit.methods.vtw import (
 )
 
 __all__ = [
+    "DyVTEConfig",
+    "DyVTEGates",
+    "DyVTEHandle",
+    "dyvte",
+    "train_gates",
     "FastVConfig",
     "PDropConfig",
     "RandomDropConfig",

@@ -6,6 +6,7 @@ projector + LoRA trained by ``scripts/train_default_model.py`` on easy-vqa.
 
 from vtexit.default_model.assemble import IMAGE_SIZE, NUM_IMAGE_TOKENS
 from vtexit.default_model.cache import CorruptCacheError
+from vtexit.default_model.gates import load_default_gates
 from vtexit.default_model.loader import base_folder, load_default
 from vtexit.default_model.parts import MissingPartError
 from vtexit.default_model.prompt import IMAGE_TOKEN, build_prompt
@@ -19,4 +20,5 @@ __all__ = [
     "base_folder",
     "build_prompt",
     "load_default",
+    "load_default_gates",
 ]

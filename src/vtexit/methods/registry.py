@@ -28,6 +28,9 @@ def method_configs() -> dict[str, type[MethodConfig]]:
     from vtexit.methods.random_drop.config import RandomDropConfig
 
     configs.update({cls.method: cls for cls in (FastVConfig, PDropConfig, RandomDropConfig)})
+    from vtexit.methods.dyvte.config import DyVTEConfig
+
+    configs[DyVTEConfig.method] = DyVTEConfig
     return configs
 
 

@@ -1,0 +1,66 @@
+"""DyVTE's settings (the gates folder and the exit threshold), named by text so a CLI or a saved run can give them."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from vtexit.core.families import FamilySpec, family_for
+from vtexit.core.policy import Policy
+from vtexit.methods.base import MethodConfig
+from vtexit.methods.dyvte.gates import DyVTEGates
+from vtexit.methods.dyvte.policy import DyVTEHandle, DyVTEPolicy
+
+DEFAULT_THRESHOLD = 0.5  # exit when P(exit) > 0.5, i.e. logit(exit) > logit(stay), as in the public code
+DEFAULT_GATES = "default"  # the gates shipped for the built-in default model
+
+
+def check_threshold(threshold: object) -> float:
+    """``threshold`` as a float, or a ValueError naming it: a real number in [0, 1]."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise ValueError(f"threshold must be a number in [0, 1] (exit when P(exit) > threshold), got {threshold!r}")
+    value = float(threshold)
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"threshold must be a number in [0, 1] (exit when P(exit) > threshold), got {threshold!r}")
+    return value
+
+
+def load_gates(gates: str) -> DyVTEGates:
+    """``"default"`` (the gates shipped for the default model) or a folder written by ``save_pretrained``."""
+    if not isinstance(gates, str):
+        raise ValueError(f"gates must be 'default' or the path of a gates folder, got {gates!r}")
+    if gates == DEFAULT_GATES:
+        from vtexit.default_model.gates import load_default_gates
+
+        return load_default_gates()
+    return DyVTEGates.from_pretrained(gates)
+
+
+def build_dyvte_policy(
+    model: nn.Module, gates: DyVTEGates, threshold: object, family: FamilySpec | None = None
+) -> DyVTEPolicy:
+    """Check ``gates`` and ``threshold`` against ``model`` (ValueError naming them) and make the policy."""
+    if not isinstance(gates, DyVTEGates):
+        raise ValueError(f"gates must be DyVTEGates (or a folder / 'default'), got {type(gates).__name__}")
+    threshold = check_threshold(threshold)
+    family = family or family_for(model)
+    gates.check_model(model, family)
+    return DyVTEPolicy(gates, threshold, gates.config.num_layers)
+
+
+@dataclass(frozen=True)
+class DyVTEConfig(MethodConfig):
+    """Per-row exits decided by learned gates: ``gates`` is a folder (or ``"default"``), ``threshold`` in [0, 1]."""
+
+    method: ClassVar[str] = "dyvte"
+    handle_class: ClassVar[type] = DyVTEHandle
+    gates: str = DEFAULT_GATES
+    threshold: float = DEFAULT_THRESHOLD
+
+    def build_policy(self, model: nn.Module, family: FamilySpec) -> Policy:
+        check_threshold(self.threshold)
+        return build_dyvte_policy(model, load_gates(self.gates), self.threshold, family)
