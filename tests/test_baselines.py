@@ -342,3 +342,36 @@ def test_random_drop_rows_do_not_depend_on_the_batch_and_seeds_differ(llava4):
     assert batch[0] == batch[2] == alone[0]  # one image each: same ordinals, whatever the padding and the batch
     assert len(batch[1]) == 2 * len(batch[0])
     assert kept_ordinals(llava4.inputs([1], text_len=[2], seed=4), seed=1) != alone
+
+
+def _syncs(fn) -> int:
+    """Host-device syncs of ``fn``, counted with torch.profiler (as tests/test_host_syncs.py does)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(event.count for event in prof.key_averages() if event.key == "aten::_local_scalar_dense")
+
+
+@torch.no_grad()
+def test_baselines_add_no_host_sync_beyond_the_engine(llava4):
+    """The engine reads the host once per prefill and once per event; the ranking itself adds none, and decode
+    steps none at all."""
+    model = llava4.model
+    inputs = llava4.inputs([1, 2], text_len=[5, 3])
+    prefill = _syncs(lambda: model(**inputs))
+    cases = [
+        (lambda: vtexit.fastv(model, layer=2, keep=0.5), 1),
+        (lambda: vtexit.pdrop(model, layers=(1, 3), keep=0.5), 2),
+        (lambda: vtexit.random_drop(model, layer=2, keep=0.5), 1),
+    ]
+
+    def generate(steps: int):
+        return lambda: model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+
+    per_steps_unpatched = _syncs(generate(5)) - _syncs(generate(3))
+    for verb, events in cases:
+        with verb():
+            model(**inputs)  # the random drop draws its values once per device here
+            assert _syncs(lambda: model(**inputs)) <= prefill + 1 + events
+            assert _syncs(generate(5)) - _syncs(generate(3)) == per_steps_unpatched
