@@ -22,70 +22,30 @@ import inspect
 import threading
 import types
 import weakref
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
-from transformers.generation.utils import MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL
 
 from vtexit.core.attention_scores import check_supported, query_attention
+from vtexit.core.call_state import (
+    CallState,
+    DecodeCostInputs,
+    PrefillCostInputs,
+    PrefillRecord,
+    Stage,
+    decode_key_padding,
+)
 from vtexit.core.compiled import forget_compiled_graphs
-from vtexit.core.costs import CallCost, LayerCost, RunCost, counts
+from vtexit.core.costs import CallCost, RunCost, counts
 from vtexit.core.families import FamilySpec, ResolvedFamily, family_for
+from vtexit.core.guards import copy_removable_handle, has_media_inputs, poison, refuse_compiled
 from vtexit.core.layout import Layout, gather_sequence
 from vtexit.core.loss import kept_positions_loss
 from vtexit.core.masks import layer_types, media_block_ids, rebuild_mask
 from vtexit.core.policy import Policy, PrefillView
-
-
-@dataclass
-class _Stage:
-    """The layout after one compaction event of a prefill."""
-
-    layout: Layout
-    visual: torch.Tensor  # (batch,) visual slots kept
-    text: torch.Tensor  # (batch,) text slots kept
-    position_shift: torch.Tensor | None = None  # (batch, 1) positions removed by renumbering
-
-
-@dataclass
-class _PrefillRecord:
-    """What decode steps need from the prefill that filled a cache."""
-
-    prompt_length: int
-    full_tokens: torch.Tensor  # (batch,) prompt tokens (padding excluded)
-    stage_of_layer: list[int]  # per layer: index into `stages` (-1 = full sequence)
-    stages: list[_Stage]
-    cost: RunCost
-
-    @property
-    def compacted(self) -> bool:
-        return any(s >= 0 for s in self.stage_of_layer)
-
-
-@dataclass
-class _CallState:
-    mode: str  # "prefill" | "decode"
-    padding: torch.Tensor | None  # the caller's 2D attention mask
-    past_length: int = 0
-    query_length: int = 0
-    media: torch.Tensor | None = None
-    block_ids: torch.Tensor | None = None  # (batch, prompt length) bidirectional media blocks, or None
-    layout: Layout | None = None
-    full_valid: torch.Tensor | None = None  # (batch, prompt length) the caller's padding as bool
-    stage: int = -1
-    stages: list[_Stage] = field(default_factory=list)
-    stage_of_layer: list[int] = field(default_factory=list)
-    cache: Cache | None = None
-    record: _PrefillRecord | None = None
-    fractions: dict[int, tuple[float | None, float | None]] = field(default_factory=dict)  # in-layer methods
-    scores: dict[int, torch.Tensor] = field(default_factory=dict)
-    policy_state: dict = field(default_factory=dict)
-    memo: dict = field(default_factory=dict)
 
 
 def _eager(hook):
@@ -131,7 +91,7 @@ class ScheduleEngine:
     def _init_runtime_state(self) -> None:
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._records: weakref.WeakKeyDictionary[Cache, _PrefillRecord] = weakref.WeakKeyDictionary()
+        self._records: weakref.WeakKeyDictionary[Cache, PrefillRecord] = weakref.WeakKeyDictionary()
 
     @property
     def num_layers(self) -> int:
@@ -139,11 +99,11 @@ class ScheduleEngine:
 
     # ----------------------------------------------------------------------------------------- per-thread state
     @property
-    def _call(self) -> _CallState | None:
+    def _call(self) -> CallState | None:
         return getattr(self._local, "call", None)
 
     @_call.setter
-    def _call(self, value: _CallState | None) -> None:
+    def _call(self, value: CallState | None) -> None:
         self._local.call = value
 
     @property
@@ -167,7 +127,7 @@ class ScheduleEngine:
             raise ValueError(
                 "model is already patched by vtexit; call .remove() on the first handle before patching again"
             )
-        _refuse_compiled(self.model)
+        refuse_compiled(self.model)
         self._check_policy()
         for name, module in self.policy.modules().items():
             if not isinstance(module, nn.Module):
@@ -204,7 +164,7 @@ class ScheduleEngine:
             caches = [cache for cache, record in self._records.items() if record.compacted]
             self._records.clear()
         for cache in caches:
-            _poison(cache)
+            poison(cache)
         self._local = threading.local()
         if getattr(self.model, "_vtexit_engine", None) is self:
             del self.model._vtexit_engine
@@ -260,7 +220,7 @@ class ScheduleEngine:
             if key not in skip:
                 setattr(new, key, copy.deepcopy(value, memo))
         new._init_runtime_state()
-        new._handles = [_copy_removable_handle(h, memo) for h in self._handles]
+        new._handles = [copy_removable_handle(h, memo) for h in self._handles]
         return new
 
     def __reduce_ex__(self, protocol):
@@ -342,7 +302,7 @@ class ScheduleEngine:
             block_ids = media_block_ids(kwargs[self.family.media_blocks]).to(input_ids.device)
         batch, length = input_ids.shape
         layout = Layout.full(padding, batch, length, input_ids.device, padded=caller_padded)
-        self._call = _CallState(
+        self._call = CallState(
             mode="prefill",
             padding=padding,
             media=media,
@@ -354,7 +314,7 @@ class ScheduleEngine:
 
     def _enter_continuation(self, cache: Cache, kwargs: dict, input_ids, padding, past_length: int) -> None:
         """A call on a non-empty cache: decode (or continued text) after our prefill, or an untouched call."""
-        if _has_media_inputs(kwargs):
+        if has_media_inputs(kwargs):
             raise ValueError(
                 "media inputs arrived with a non-empty cache: a later turn with new images, or chunked prefill "
                 "(generate(prefill_chunk_size=...)) with an image after the first chunk. vtexit supports media "
@@ -366,7 +326,7 @@ class ScheduleEngine:
             self._local.last_layout = None  # a cache vtexit did not compact: every layer holds every position
             return
         query_length = _sequence_length(input_ids, kwargs.get("inputs_embeds"))
-        self._call = _CallState(
+        self._call = CallState(
             mode="decode",
             padding=padding,
             past_length=past_length,
@@ -380,17 +340,17 @@ class ScheduleEngine:
         if call is None:
             return
         if call.mode == "decode":
-            decode = _DecodeCostInputs(call.record, call.padding, call.past_length, call.query_length, call.fractions)
+            decode = DecodeCostInputs(call.record, call.padding, call.past_length, call.query_length, call.fractions)
             call.record.cost.decode.append(CallCost("decode", build=decode.layers))
             return
         self._local.last_layout = call.layout
         self._local.last_call_layout = call.layout
         self._local.last_policy_state = call.policy_state
-        prefill = _PrefillCostInputs(call.full_valid, call.media, call.stages, call.stage_of_layer, call.fractions)
+        prefill = PrefillCostInputs(call.full_valid, call.media, call.stages, call.stage_of_layer, call.fractions)
         run_cost = RunCost(prefill=CallCost("prefill", build=prefill.layers))
         self._local.last_cost = run_cost
         if call.cache is not None:
-            record = _PrefillRecord(
+            record = PrefillRecord(
                 prompt_length=call.media.shape[1],
                 full_tokens=call.full_valid.sum(1),
                 stage_of_layer=call.stage_of_layer,
@@ -424,7 +384,7 @@ class ScheduleEngine:
         call.scores[layer_idx] = scores.scatter(1, call.layout.index, probs * call.layout.valid)
 
     # ----------------------------------------------------------------------------------------- prefill
-    def _prefill_layer(self, layer_idx: int, call: _CallState, args: tuple, kwargs: dict):
+    def _prefill_layer(self, layer_idx: int, call: CallState, args: tuple, kwargs: dict):
         hidden, rest, in_kwargs = _split_hidden(args, kwargs)
         if layer_idx == self._first_hooked_layer():
             cache = kwargs.get("past_key_values")
@@ -439,7 +399,7 @@ class ScheduleEngine:
             hidden = _compact_hidden(hidden, source, call.layout)
             media = call.media.gather(1, call.layout.index) & call.layout.valid
             visual, text = counts(call.layout.valid, media)
-            call.stages.append(_Stage(call.layout, visual, text, self._position_shift(call)))
+            call.stages.append(Stage(call.layout, visual, text, self._position_shift(call)))
             call.stage += 1
         call.stage_of_layer[layer_idx] = call.stage
         if call.stage < 0:
@@ -447,12 +407,12 @@ class ScheduleEngine:
         kwargs = self._compacted_kwargs(layer_idx, call, hidden, kwargs)
         return _join_hidden(hidden, rest, kwargs, in_kwargs)
 
-    def _position_shift(self, call: _CallState) -> torch.Tensor | None:
+    def _position_shift(self, call: CallState) -> torch.Tensor | None:
         if not self.policy.renumber_positions:
             return None
         return (call.full_valid.sum(1) - call.layout.valid.sum(1)).unsqueeze(1)
 
-    def _compacted_kwargs(self, layer_idx: int, call: _CallState, hidden: torch.Tensor, kwargs: dict) -> dict:
+    def _compacted_kwargs(self, layer_idx: int, call: CallState, hidden: torch.Tensor, kwargs: dict) -> dict:
         """Rewrite the full-sequence kwargs of a decoder layer for the current layout."""
         kwargs = dict(kwargs)
         index = call.layout.index
@@ -474,7 +434,7 @@ class ScheduleEngine:
         kwargs["attention_mask"] = self._mask(layer_idx, call, hidden, key_padding, call.cache, block_ids)
         return kwargs
 
-    def _renumbered(self, call: _CallState, hidden: torch.Tensor, kwargs: dict):
+    def _renumbered(self, call: CallState, hidden: torch.Tensor, kwargs: dict):
         """Positions after dropping: each kept token moves down by the number of real tokens dropped before it."""
         key = ("renumbered", call.stage)
         if key not in call.memo:
@@ -500,7 +460,7 @@ class ScheduleEngine:
         """
         hidden, _ = layer_inputs[start]
         batch, length = hidden.shape[:2]
-        call = _CallState(mode="prefill", padding=padding)
+        call = CallState(mode="prefill", padding=padding)
         call.layout, source = Layout.full(padding, batch, length, hidden.device).select(keep)
         call.full_valid = Layout.full(padding, batch, length, hidden.device).valid
         call.stage = 0
@@ -513,14 +473,14 @@ class ScheduleEngine:
         return hidden, call.layout
 
     # ----------------------------------------------------------------------------------------- decode
-    def _decode_layer(self, layer_idx: int, call: _CallState, args: tuple, kwargs: dict):
+    def _decode_layer(self, layer_idx: int, call: CallState, args: tuple, kwargs: dict):
         record = call.record
         stage = record.stage_of_layer[layer_idx]
         call.stage = stage
         if stage < 0:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
-        key_padding = _decode_key_padding(call, stage)
+        key_padding = decode_key_padding(call, stage)
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = self._mask(layer_idx, call, hidden, key_padding, kwargs.get("past_key_values"))
         shift = record.stages[stage].position_shift
@@ -567,7 +527,7 @@ class ScheduleEngine:
     def _mask(
         self,
         layer_idx: int,
-        call: _CallState,
+        call: CallState,
         hidden: torch.Tensor,
         key_padding: torch.Tensor,
         cache,
@@ -583,7 +543,7 @@ class ScheduleEngine:
         return call.memo[key]
 
     @staticmethod
-    def _memo(call: _CallState, obj: Any, convert) -> Any:
+    def _memo(call: CallState, obj: Any, convert) -> Any:
         # Conversions are memoised by identity, once per stage: the text model passes the same objects to every
         # layer (or one per layer type), so each is gathered once per forward.
         key = (id(obj), call.stage)
@@ -592,127 +552,6 @@ class ScheduleEngine:
             hit = (obj, convert(obj))
             call.memo[key] = hit
         return hit[1]
-
-
-def _decode_key_padding(call: _CallState, stage: int) -> torch.Tensor:
-    """Keys of a compacted layer in a decode call: the prompt positions it kept at prefill, then every token since."""
-    key = ("key padding", stage)
-    if key not in call.memo:
-        call.memo[key] = _key_padding(call.record, stage, call.padding, call.past_length, call.query_length)
-    return call.memo[key]
-
-
-def _key_padding(record: _PrefillRecord, stage: int, padding, past_length: int, query_length: int) -> torch.Tensor:
-    prompt_valid = record.stages[stage].layout.valid
-    if padding is not None:
-        tail = padding[:, record.prompt_length :].to(device=prompt_valid.device, dtype=torch.bool)
-    else:
-        new_columns = past_length + query_length - record.prompt_length
-        tail = torch.ones(prompt_valid.shape[0], new_columns, dtype=torch.bool, device=prompt_valid.device)
-    return torch.cat([prompt_valid, tail], dim=1)
-
-
-def _with_fractions(layers: list[LayerCost], fractions: dict) -> list[LayerCost]:
-    for layer_idx, (heads, ffn) in fractions.items():
-        if heads is not None:
-            layers[layer_idx].head_fraction = heads
-        if ffn is not None:
-            layers[layer_idx].ffn_fraction = ffn
-    return layers
-
-
-@dataclass
-class _PrefillCostInputs:
-    """What a prefill's cost records are built from when read (no reference to the cache or activations)."""
-
-    full_valid: torch.Tensor
-    media: torch.Tensor
-    stages: list[_Stage]
-    stage_of_layer: list[int]
-    fractions: dict
-
-    def layers(self) -> list[LayerCost]:
-        """Per layer: the visual/text slots of the layout it ran on (keys = queries in a prefill)."""
-        full = counts(self.full_valid, self.media)
-        per_stage = [(stage.visual, stage.text) for stage in self.stages]
-        layers = []
-        for stage in self.stage_of_layer:
-            visual, text = full if stage < 0 else per_stage[stage]
-            layers.append(LayerCost(visual_queries=visual, text_queries=text, keys=visual + text))
-        return _with_fractions(layers, self.fractions)
-
-
-@dataclass
-class _DecodeCostInputs:
-    record: _PrefillRecord
-    padding: torch.Tensor | None
-    past_length: int
-    query_length: int
-    fractions: dict
-
-    def layers(self) -> list[LayerCost]:
-        """Per layer: the new (text) tokens, and the keys each layer attended to."""
-        queries = torch.full_like(self.record.full_tokens, self.query_length)
-        no_visual = torch.zeros_like(queries)
-        if self.padding is not None:
-            full_keys = self.padding.sum(1).to(queries.device)
-        else:
-            full_keys = queries + self.past_length
-        per_stage = [
-            _key_padding(self.record, s, self.padding, self.past_length, self.query_length).sum(1)
-            for s in range(len(self.record.stages))
-        ]
-        layers = [
-            LayerCost(no_visual, queries, full_keys if stage < 0 else per_stage[stage])
-            for stage in self.record.stage_of_layer
-        ]
-        return _with_fractions(layers, self.fractions)
-
-
-def _has_media_inputs(kwargs: dict) -> bool:
-    """Media inputs that carry something: ``None``, empty tensors and empty mappings are no media."""
-    for name in MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL:
-        value = kwargs.get(name)
-        if value is None:
-            continue
-        if isinstance(value, torch.Tensor):
-            if value.numel() > 0:
-                return True
-        elif isinstance(value, Mapping):
-            if any(v is not None for v in value.values()):
-                return True
-        elif value:
-            return True
-    return False
-
-
-def _refuse_compiled(model: nn.Module) -> None:
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-        raise ValueError(
-            "got the wrapper returned by torch.compile(model): patch the original module (compiled._orig_mod); "
-            "the compiled wrapper then runs the patched model (it traces again on its next call)"
-        )
-
-
-def _poison(cache: Cache) -> None:
-    """A cache compacted under a patch is only valid under that patch: make it refuse to be continued."""
-
-    def refuse(*args, **kwargs):
-        raise ValueError(
-            "this cache was filled while vtexit withdrew tokens, and the patch has been removed: its withdrawn "
-            "layers hold fewer positions, so the unpatched model cannot continue it. Start generation again."
-        )
-
-    cache.get_seq_length = refuse
-    cache.update = refuse
-
-
-def _copy_removable_handle(handle, memo: dict):
-    """Copy a hook handle so that it removes the hook from the *copied* module's hook dicts."""
-    new = copy.copy(handle)
-    new.hooks_dict_ref = weakref.ref(copy.deepcopy(handle.hooks_dict_ref(), memo))
-    new.extra_dict_ref = tuple(weakref.ref(copy.deepcopy(ref(), memo)) for ref in handle.extra_dict_ref)
-    return new
 
 
 def _compact_hidden(hidden: torch.Tensor, source: torch.Tensor, layout: Layout) -> torch.Tensor:

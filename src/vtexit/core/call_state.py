@@ -1,0 +1,135 @@
+"""What one patched call keeps while it runs, what a prefill leaves for the decode steps of its cache, and the
+cost records built from them when read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache
+
+from vtexit.core.costs import LayerCost, RunCost, counts
+from vtexit.core.layout import Layout
+
+
+@dataclass
+class Stage:
+    """The layout after one compaction event of a prefill."""
+
+    layout: Layout
+    visual: torch.Tensor  # (batch,) visual slots kept
+    text: torch.Tensor  # (batch,) text slots kept
+    position_shift: torch.Tensor | None = None  # (batch, 1) positions removed by renumbering
+
+
+@dataclass
+class PrefillRecord:
+    """What decode steps need from the prefill that filled a cache."""
+
+    prompt_length: int
+    full_tokens: torch.Tensor  # (batch,) prompt tokens (padding excluded)
+    stage_of_layer: list[int]  # per layer: index into `stages` (-1 = full sequence)
+    stages: list[Stage]
+    cost: RunCost
+
+    @property
+    def compacted(self) -> bool:
+        return any(s >= 0 for s in self.stage_of_layer)
+
+
+@dataclass
+class CallState:
+    """The state of one forward call of a patched model (one per thread)."""
+
+    mode: str  # "prefill" | "decode"
+    padding: torch.Tensor | None  # the caller's 2D attention mask
+    past_length: int = 0
+    query_length: int = 0
+    media: torch.Tensor | None = None
+    block_ids: torch.Tensor | None = None  # (batch, prompt length) bidirectional media blocks, or None
+    layout: Layout | None = None
+    full_valid: torch.Tensor | None = None  # (batch, prompt length) the caller's padding as bool
+    stage: int = -1
+    stages: list[Stage] = field(default_factory=list)
+    stage_of_layer: list[int] = field(default_factory=list)
+    cache: Cache | None = None
+    record: PrefillRecord | None = None
+    fractions: dict[int, tuple[float | None, float | None]] = field(default_factory=dict)  # in-layer methods
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    policy_state: dict = field(default_factory=dict)
+    memo: dict = field(default_factory=dict)
+
+
+def decode_key_padding(call: CallState, stage: int) -> torch.Tensor:
+    """Keys of a compacted layer in a decode call: the prompt positions it kept at prefill, then every token since."""
+    key = ("key padding", stage)
+    if key not in call.memo:
+        call.memo[key] = key_padding(call.record, stage, call.padding, call.past_length, call.query_length)
+    return call.memo[key]
+
+
+def key_padding(record: PrefillRecord, stage: int, padding, past_length: int, query_length: int) -> torch.Tensor:
+    prompt_valid = record.stages[stage].layout.valid
+    if padding is not None:
+        tail = padding[:, record.prompt_length :].to(device=prompt_valid.device, dtype=torch.bool)
+    else:
+        new_columns = past_length + query_length - record.prompt_length
+        tail = torch.ones(prompt_valid.shape[0], new_columns, dtype=torch.bool, device=prompt_valid.device)
+    return torch.cat([prompt_valid, tail], dim=1)
+
+
+def with_fractions(layers: list[LayerCost], fractions: dict) -> list[LayerCost]:
+    for layer_idx, (heads, ffn) in fractions.items():
+        if heads is not None:
+            layers[layer_idx].head_fraction = heads
+        if ffn is not None:
+            layers[layer_idx].ffn_fraction = ffn
+    return layers
+
+
+@dataclass
+class PrefillCostInputs:
+    """What a prefill's cost records are built from when read (no reference to the cache or activations)."""
+
+    full_valid: torch.Tensor
+    media: torch.Tensor
+    stages: list[Stage]
+    stage_of_layer: list[int]
+    fractions: dict
+
+    def layers(self) -> list[LayerCost]:
+        """Per layer: the visual/text slots of the layout it ran on (keys = queries in a prefill)."""
+        full = counts(self.full_valid, self.media)
+        per_stage = [(stage.visual, stage.text) for stage in self.stages]
+        layers = []
+        for stage in self.stage_of_layer:
+            visual, text = full if stage < 0 else per_stage[stage]
+            layers.append(LayerCost(visual_queries=visual, text_queries=text, keys=visual + text))
+        return with_fractions(layers, self.fractions)
+
+
+@dataclass
+class DecodeCostInputs:
+    record: PrefillRecord
+    padding: torch.Tensor | None
+    past_length: int
+    query_length: int
+    fractions: dict
+
+    def layers(self) -> list[LayerCost]:
+        """Per layer: the new (text) tokens, and the keys each layer attended to."""
+        queries = torch.full_like(self.record.full_tokens, self.query_length)
+        no_visual = torch.zeros_like(queries)
+        if self.padding is not None:
+            full_keys = self.padding.sum(1).to(queries.device)
+        else:
+            full_keys = queries + self.past_length
+        per_stage = [
+            key_padding(self.record, s, self.padding, self.past_length, self.query_length).sum(1)
+            for s in range(len(self.record.stages))
+        ]
+        layers = [
+            LayerCost(no_visual, queries, full_keys if stage < 0 else per_stage[stage])
+            for stage in self.record.stage_of_layer
+        ]
+        return with_fractions(layers, self.fractions)

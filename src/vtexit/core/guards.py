@@ -1,0 +1,59 @@
+"""Guards around a patch: what counts as media input, what a compiled wrapper or a pickled or copied patch needs,
+and caches that must not outlive their patch."""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.generation.utils import MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL
+
+
+def has_media_inputs(kwargs: dict) -> bool:
+    """Media inputs that carry something: ``None``, empty tensors and empty mappings are no media."""
+    for name in MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL:
+        value = kwargs.get(name)
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            if value.numel() > 0:
+                return True
+        elif isinstance(value, Mapping):
+            if any(v is not None for v in value.values()):
+                return True
+        elif value:
+            return True
+    return False
+
+
+def refuse_compiled(model: nn.Module) -> None:
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise ValueError(
+            "got the wrapper returned by torch.compile(model): patch the original module (compiled._orig_mod); "
+            "the compiled wrapper then runs the patched model (it traces again on its next call)"
+        )
+
+
+def poison(cache: Cache) -> None:
+    """A cache compacted under a patch is only valid under that patch: make it refuse to be continued."""
+
+    def refuse(*args, **kwargs):
+        raise ValueError(
+            "this cache was filled while vtexit withdrew tokens, and the patch has been removed: its withdrawn "
+            "layers hold fewer positions, so the unpatched model cannot continue it. Start generation again."
+        )
+
+    cache.get_seq_length = refuse
+    cache.update = refuse
+
+
+def copy_removable_handle(handle, memo: dict):
+    """Copy a hook handle so that it removes the hook from the *copied* module's hook dicts."""
+    new = copy.copy(handle)
+    new.hooks_dict_ref = weakref.ref(copy.deepcopy(handle.hooks_dict_ref(), memo))
+    new.extra_dict_ref = tuple(weakref.ref(copy.deepcopy(ref(), memo)) for ref in handle.extra_dict_ref)
+    return new
