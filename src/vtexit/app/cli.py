@@ -197,6 +197,9 @@ def evaluate(
     model: str = typer.Option("default", help=MODEL_HELP),
     dataset: str = typer.Option("easy-vqa", help="'easy-vqa' (test split) or a .jsonl of image/question/answer"),
     layer: list[int] = typer.Option([], help="VTW layer K to evaluate (repeat for several); baseline always runs"),
+    method: list[str] = typer.Option(
+        [], help="any method by name and settings, e.g. 'dyvte:gates=out/gates,threshold=0.7' (repeat for several)"
+    ),
     rows: int = typer.Option(200, min=1, help="fixed subset size (seeded)"),
     batch_size: int = typer.Option(8, min=1),
     max_new_tokens: int = typer.Option(4, min=1),
@@ -234,6 +237,7 @@ def evaluate(
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--layer") from None
     methods = {"baseline": None, **{f"VTW K={k}": (lambda m, k=k: withdraw(m, layer=k)) for k in ks}}
+    methods.update(_named_methods(source.model, method))
     results = evaluate_interleaved(
         source.model,
         source.processor,
@@ -245,6 +249,22 @@ def evaluate(
     )
     console.print(results_table(results, results[0], dataset=dataset))
     console.print(f"wrote {save_results(results, out)}")
+
+
+def _named_methods(model, specs: list[str]) -> dict:
+    """``--method`` specs -> {spec: method}; each is applied once first, so a bad setting fails before any work."""
+    from vtexit.app.method_spec import parse_method_spec
+    from vtexit.methods.registry import apply
+
+    methods = {}
+    for spec in specs:
+        try:
+            config = parse_method_spec(spec)
+            apply(model, config).remove()
+        except ValueError as err:
+            raise typer.BadParameter(str(err), param_hint="--method") from None
+        methods[spec] = lambda m, c=config: apply(m, c)
+    return methods
 
 
 @app.command()
@@ -280,6 +300,62 @@ def demo(
     except MissingPartError as err:  # a part package installed but broken: its message says how to reinstall
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
+
+
+@app.command("train-gates")
+def train_gates(
+    model: str = typer.Option("default", help=MODEL_HELP),
+    dataset: str = typer.Option("easy-vqa", help="'easy-vqa' (train split) or a .jsonl of image/question/answer"),
+    rows: int = typer.Option(1000, min=1, help="training questions (fixed subset, seeded)"),
+    batch_size: int = typer.Option(16, min=1),
+    layers: str = typer.Option(None, help="comma-separated exit layers that get a gate (default: every valid one)"),
+    answers: str = typer.Option("model", help="labels score 'model' (its own greedy answer) or 'dataset' answers"),
+    gate_size: int = typer.Option(None, min=1, help="hidden width of each gate (default: LM hidden size / 8)"),
+    steps: int = typer.Option(400, min=1),
+    lr: float = typer.Option(1e-3),
+    seed: int = typer.Option(0),
+    min_agreement: float = typer.Option(1.0, help="safe exit: share of answer tokens keeping the full top-1"),
+    loss_ratio: float = typer.Option(1.03, help="safe exit: answer loss at most this x the full model's"),
+    labels: Path = typer.Option(None, help="labels file: read if it exists (skips labelling), else written"),
+    out: Path = typer.Option(Path("out/gates"), help="folder for the gates and training.json"),
+    threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
+) -> None:
+    """Train DyVTE gates: label exits with the model itself (record-and-replay), fit the gates, save them."""
+    from vtexit.app.train_gates import ANSWERS, TrainGatesSettings, run_train_gates
+    from vtexit.methods.dyvte.labels import LabelRule
+
+    if answers not in ANSWERS:
+        raise typer.BadParameter(f"must be one of {list(ANSWERS)}, got {answers!r}", param_hint="--answers")
+    try:
+        LabelRule(min_agreement, loss_ratio)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    _require_for(model, easy_vqa=dataset == "easy-vqa")
+    _writable_folder(out)
+    if threads:
+        torch.set_num_threads(threads)
+    source = _load(model, "sdpa")
+    if answers == "dataset" and source.processor is None:
+        raise typer.BadParameter("dataset answers need a model with a processor (not 'tiny')", param_hint="--answers")
+    settings = TrainGatesSettings(
+        dataset=dataset,
+        rows=rows,
+        batch_size=batch_size,
+        layers=_parse_layers(layers),
+        answers=answers,
+        gate_size=gate_size,
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        min_agreement=min_agreement,
+        loss_ratio=loss_ratio,
+        labels=labels,
+        out=out,
+    )
+    try:
+        run_train_gates(source, settings, console)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
 
 
 if __name__ == "__main__":
