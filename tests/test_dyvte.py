@@ -167,6 +167,10 @@ def test_threshold_moves_exits_later(llava):
     with vtexit.dyvte(llava.model, gates, threshold=1.0) as handle:  # P(exit) > 1 never holds
         llava.model(**inputs)
         assert handle.exit_layers == [4, 4, 4]
+    gates.set_default_threshold(1.0)  # saved with the gates, used when a patch gives no threshold
+    with vtexit.dyvte(llava.model, gates) as handle:
+        llava.model(**inputs)
+        assert handle.exit_layers == [4, 4, 4] and handle.threshold == 1.0
 
 
 def _host_reads(model, inputs) -> int:
@@ -195,7 +199,7 @@ def test_host_reads_one_per_gated_layer_until_every_row_has_exited(llava):
         assert handle.exit_layers == [1, 1]
 
 
-@pytest.mark.parametrize("threshold", [-0.1, 1.5, float("nan"), "0.5", None, True])
+@pytest.mark.parametrize("threshold", [-0.1, 1.5, float("nan"), "0.5", True])
 def test_bad_threshold_is_refused(llava, threshold):
     gates = vtexit.DyVTEGates.for_model(llava.model)
     with pytest.raises(ValueError, match="threshold must be"):

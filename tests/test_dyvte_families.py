@@ -37,9 +37,10 @@ def hand_features(seen: list, layer: int, inputs: dict, media: torch.Tensor) -> 
     return torch.stack(rows)
 
 
-def crafted_gates(case, inputs) -> tuple[vtexit.DyVTEGates, list[int]]:
+def crafted_gates(case, inputs) -> tuple[vtexit.DyVTEGates, list[int], list]:
     """Random gates whose biases make the highest-scoring row with visual tokens exit at the first gated layer and
-    every other row at the last one; every other gate never fires. Returns the gates and the expected exits."""
+    every other row at the last one; every other gate never fires. Returns the gates, the expected exits and the
+    recorded layer inputs of the unpatched model."""
     low, n = vtexit.valid_layer_range(case.model)
     torch.manual_seed(0)
     gates = vtexit.DyVTEGates.for_model(case.model, gate_size=8)
@@ -63,16 +64,15 @@ def crafted_gates(case, inputs) -> tuple[vtexit.DyVTEGates, list[int]]:
         gates.gates[str(last)].fc2.bias[1] = 1.0 - float(margins[last].min())  # every row passes 0
     expected = [first if b == top else last if has_media[b] else n for b in range(len(has_media))]
     assert len({e for e, m in zip(expected, has_media, strict=True) if m}) == 2  # two exit layers in one batch
-    return gates, expected
+    return gates, expected, seen
 
 
 @torch.no_grad()
 def test_rows_exit_at_their_own_layer_exactly(case):
     inputs = family_batch(case)
-    gates, expected = crafted_gates(case, inputs)
+    gates, expected, seen = crafted_gates(case, inputs)
     n = vtexit.valid_layer_range(case.model)[1]
     base = case.model(**inputs).logits
-    seen = record_layer_inputs(case.model, inputs)
     media = case.media_mask(inputs)
     real = inputs["attention_mask"].bool()
     blocks = image_blocks(inputs["token_type_ids"]) if case.name == "gemma3" else None
@@ -96,7 +96,7 @@ def test_rows_exit_at_their_own_layer_exactly(case):
 @torch.no_grad()
 def test_cached_generate_equals_no_cache_recomputation_per_exit_layer(case):
     inputs = family_batch(case)
-    gates, expected = crafted_gates(case, inputs)
+    gates, expected, _ = crafted_gates(case, inputs)
     n = vtexit.valid_layer_range(case.model)[1]
     media_ids = sorted(set(inputs["input_ids"][case.media_mask(inputs)].tolist()))
     with vtexit.dyvte(case.model, gates) as handle:

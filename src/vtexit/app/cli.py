@@ -316,6 +316,7 @@ def train_gates(
     seed: int = typer.Option(0),
     min_agreement: float = typer.Option(1.0, help="safe exit: share of answer tokens keeping the full top-1"),
     loss_ratio: float = typer.Option(1.03, help="safe exit: answer loss at most this x the full model's"),
+    threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="exit threshold saved with the gates (default)"),
     labels: Path = typer.Option(None, help="labels file: read if it exists (skips labelling), else written"),
     out: Path = typer.Option(Path("out/gates"), help="folder for the gates and training.json"),
     threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
@@ -349,6 +350,7 @@ def train_gates(
         seed=seed,
         min_agreement=min_agreement,
         loss_ratio=loss_ratio,
+        threshold=threshold,
         labels=labels,
         out=out,
     )

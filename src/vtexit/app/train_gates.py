@@ -38,6 +38,7 @@ class TrainGatesSettings:
     seed: int = 0
     min_agreement: float = 1.0
     loss_ratio: float = 1.03
+    threshold: float = 0.5  # saved with the gates as their default exit threshold
     validation: float = 0.1
     max_new_tokens: int = 4
     labels: Path | None = None
@@ -103,6 +104,7 @@ def run_train_gates(source: ModelSource, settings: TrainGatesSettings, console: 
     record.labelling_s = labelling
     record.fitting_s = time.perf_counter() - begin - labelling
     gates.training_record = record
+    gates.set_default_threshold(settings.threshold)
     gates.save_pretrained(settings.out)
 
     held = torch.tensor(record.validation_rows_index, dtype=torch.long)

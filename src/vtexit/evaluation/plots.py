@@ -7,6 +7,8 @@ needs no screen.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -83,4 +85,108 @@ def plot_attention_groups(shares, groups: tuple[str, ...], path: str | Path) -> 
     ax.set_ylim(0, 1)
     ax.set_title("Where the last token attends, per layer (mean over heads and samples)")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, ncol=len(groups), frameon=False)
+    return _save(fig, path)
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    """One configuration on the accuracy / FLOPs plane; ``method`` picks the marker, ``label`` names the point."""
+
+    method: str
+    label: str
+    flops_saved: float  # share of the baseline's prefill FLOPs, 0..1
+    accuracy: float  # 0..1
+
+
+MARKERS = {"none": "*", "vtw": "o", "fastv": "s", "pdrop": "^", "random_drop": "X", "dyvte": "D", "yopo": "P"}
+SPARE_MARKERS = ("v", "<", ">", "p", "h", "8", "d")
+
+
+def _beats(q: ParetoPoint, p: ParetoPoint) -> bool:
+    """q is at least as good as p on both axes and better on one."""
+    at_least = q.flops_saved >= p.flops_saved and q.accuracy >= p.accuracy
+    return at_least and (q.flops_saved, q.accuracy) != (p.flops_saved, p.accuracy)
+
+
+def pareto_front(points: Sequence[ParetoPoint]) -> list[ParetoPoint]:
+    """The points no other point beats on both axes, ordered by FLOPs saved."""
+    front = [p for p in points if not any(_beats(q, p) for q in points)]
+    return sorted(front, key=lambda p: (p.flops_saved, -p.accuracy))
+
+
+# Label offsets (points) tried in turn, so that labels of nearby points do not overlap.
+_LABEL_OFFSETS = ((6, 4), (6, -11), (-6, 4), (-6, -11), (6, 13), (-6, 13), (6, -20), (-6, -20))
+_LABEL_FONT = 6.5
+
+
+def _place_labels(fig: Figure, ax, items: list[tuple[float, float, str, str]]) -> None:
+    """Annotate (x, y, text, colour) items, each at the first offset whose text box (estimated from the font
+    size) overlaps no label placed before; the last offset when none is free."""
+    scale = fig.dpi / 72
+    placed: list[tuple[float, float, float, float]] = []
+    for x, y, text, colour in items:
+        px, py = ax.transData.transform((x, y))
+        width, height = 0.6 * _LABEL_FONT * len(text) * scale, _LABEL_FONT * scale
+        for dx, dy in _LABEL_OFFSETS:
+            left = px + dx * scale - (width if dx < 0 else 0)
+            bottom = py + dy * scale
+            box = (left, bottom, left + width, bottom + height)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+        placed.append(box)
+        ax.annotate(
+            text,
+            (x, y),
+            textcoords="offset points",
+            xytext=(dx, dy),
+            ha="right" if dx < 0 else "left",
+            fontsize=_LABEL_FONT,
+            color=colour,
+        )
+
+
+def plot_pareto(points: Sequence[ParetoPoint], path: str | Path, title: str = "") -> Path:
+    """Accuracy against prefill FLOPs saved, one marker (and colour) per method, each point labelled with its
+    settings, the Pareto front (points no other beats on both axes) as a dashed staircase."""
+    fig = Figure(figsize=(8, 5.4))
+    ax = fig.subplots()
+    spare = iter(SPARE_MARKERS * 4)
+    cycle = iter(f"C{i}" for i in range(100))
+    labels = []
+    for method in dict.fromkeys(p.method for p in points):
+        mine = [p for p in points if p.method == method]
+        colour = "black" if method == "none" else next(cycle)
+        marker = MARKERS.get(method) or next(spare)
+        ax.scatter(
+            [100 * p.flops_saved for p in mine],
+            [100 * p.accuracy for p in mine],
+            marker=marker,
+            s=140 if marker == "*" else 60,
+            color=colour,
+            label="unpatched" if method == "none" else method,
+            zorder=3,
+        )
+        for p in mine:
+            text = p.label.split(" ", 1)[1] if p.label.startswith(method + " ") else p.label
+            labels.append((100 * p.flops_saved, 100 * p.accuracy, text, colour))
+    front = pareto_front(points)
+    ax.step(
+        [100 * p.flops_saved for p in front],
+        [100 * p.accuracy for p in front],
+        where="post",
+        linestyle="--",
+        color="grey",
+        alpha=0.7,
+        label="Pareto front",
+        zorder=2,
+    )
+    lowest = min(100 * p.accuracy for p in points)
+    ax.set_xlim(-3, 103)
+    ax.set_ylim(max(0.0, 10 * (lowest // 10) - 10), 104)
+    ax.set_xlabel("prefill FLOPs saved (%)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "Accuracy against prefill FLOPs saved")
+    ax.legend(loc="lower left", fontsize=8)
+    _place_labels(fig, ax, labels)
     return _save(fig, path)

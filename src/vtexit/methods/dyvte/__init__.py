@@ -25,17 +25,21 @@ def dyvte(
     model: nn.Module,
     gates: DyVTEGates | str | os.PathLike[str] = "default",
     *,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float | None = DEFAULT_THRESHOLD,
     family: FamilySpec | None = None,
 ) -> DyVTEHandle:
     """Patch ``model`` with DyVTE: each row withdraws its visual tokens before the first gated layer whose gate
-    says exit (P(exit) > ``threshold``). ``gates``: a :class:`DyVTEGates`, a folder written by its
-    ``save_pretrained``, or ``"default"`` (the gates shipped for the default model). ``handle.exit_layers`` gives
-    the layer of each row of the last prefill. Same as ``vtexit.apply(model, DyVTEConfig(folder, threshold))``."""
+    says exit, P(exit) > ``threshold`` (None: the threshold saved with the gates).
+
+    ``gates``: a :class:`DyVTEGates`, a folder written by its ``save_pretrained``, or ``"default"`` (the gates
+    shipped for the default model). ``handle.exit_layers`` gives the layer of each row of the last prefill.
+    Same as ``vtexit.apply(model, DyVTEConfig(folder, threshold))``."""
+    if threshold is not None:
+        threshold = check_threshold(threshold)
     if isinstance(gates, DyVTEGates):
-        config = DyVTEConfig(gates=gates.source or "(in memory)", threshold=check_threshold(threshold))
+        config = DyVTEConfig(gates=gates.source or "(in memory)", threshold=threshold)
     elif isinstance(gates, (str, os.PathLike)):
-        config = DyVTEConfig(gates=os.fspath(gates), threshold=check_threshold(threshold))
+        config = DyVTEConfig(gates=os.fspath(gates), threshold=threshold)
         gates = load_gates(config.gates)
     else:
         raise ValueError(f"gates must be DyVTEGates, a gates folder or 'default', got {type(gates).__name__}")

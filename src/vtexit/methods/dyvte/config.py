@@ -15,7 +15,7 @@ from vtexit.methods.base import MethodConfig
 from vtexit.methods.dyvte.gates import DyVTEGates
 from vtexit.methods.dyvte.policy import DyVTEHandle, DyVTEPolicy
 
-DEFAULT_THRESHOLD = 0.5  # exit when P(exit) > 0.5, i.e. logit(exit) > logit(stay), as in the public code
+DEFAULT_THRESHOLD = None  # the threshold saved with the gates (0.5 = logit(exit) > logit(stay), the public code's)
 DEFAULT_GATES = "default"  # the gates shipped for the built-in default model
 
 
@@ -43,10 +43,11 @@ def load_gates(gates: str) -> DyVTEGates:
 def build_dyvte_policy(
     model: nn.Module, gates: DyVTEGates, threshold: object, family: FamilySpec | None = None
 ) -> DyVTEPolicy:
-    """Check ``gates`` and ``threshold`` against ``model`` (ValueError naming them) and make the policy."""
+    """Check ``gates`` and ``threshold`` against ``model`` (ValueError naming them) and make the policy.
+    ``threshold=None`` uses the one saved with the gates."""
     if not isinstance(gates, DyVTEGates):
         raise ValueError(f"gates must be DyVTEGates (or a folder / 'default'), got {type(gates).__name__}")
-    threshold = check_threshold(threshold)
+    threshold = check_threshold(gates.config.threshold if threshold is None else threshold)
     family = family or family_for(model)
     gates.check_model(model, family)
     return DyVTEPolicy(gates, threshold, gates.config.num_layers)
@@ -54,13 +55,15 @@ def build_dyvte_policy(
 
 @dataclass(frozen=True)
 class DyVTEConfig(MethodConfig):
-    """Per-row exits decided by learned gates: ``gates`` is a folder (or ``"default"``), ``threshold`` in [0, 1]."""
+    """Per-row exits decided by learned gates: ``gates`` is a folder (or ``"default"``), ``threshold`` in [0, 1]
+    (None: the threshold saved with the gates)."""
 
     method: ClassVar[str] = "dyvte"
     handle_class: ClassVar[type] = DyVTEHandle
     gates: str = DEFAULT_GATES
-    threshold: float = DEFAULT_THRESHOLD
+    threshold: float | None = DEFAULT_THRESHOLD
 
     def build_policy(self, model: nn.Module, family: FamilySpec) -> Policy:
-        check_threshold(self.threshold)
+        if self.threshold is not None:
+            check_threshold(self.threshold)
         return build_dyvte_policy(model, load_gates(self.gates), self.threshold, family)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,10 +40,13 @@ class GatesConfig:
     layers: tuple[int, ...]  # exit layers K that have a gate, ascending
     gate_size: int  # width h of each gate's hidden layer
     model_type: str = ""  # informative only (e.g. "llava")
+    threshold: float = 0.5  # the exit threshold recommended with these gates (used when a patch gives none)
 
     def __post_init__(self) -> None:
         layers = tuple(int(k) for k in self.layers)
         object.__setattr__(self, "layers", layers)
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")
         if self.hidden_size < 1 or self.gate_size < 1 or self.num_layers < 1:
             raise ValueError(f"hidden_size, gate_size and num_layers must be >= 1, got {self}")
         if not layers or list(layers) != sorted(set(layers)) or not 0 < layers[0] <= layers[-1] < self.num_layers:
@@ -107,6 +110,10 @@ class DyVTEGates(nn.Module):
     @property
     def layers(self) -> tuple[int, ...]:
         return self.config.layers
+
+    def set_default_threshold(self, threshold: float) -> None:
+        """The threshold a patch uses when it is given none (saved with the gates)."""
+        self.config = replace(self.config, threshold=float(threshold))
 
     def forward(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         """(batch, 2) logits (stay, exit) of the gate of exit layer ``layer``."""
