@@ -360,5 +360,100 @@ def train_gates(
         raise typer.BadParameter(str(err)) from None
 
 
+EXAMPLE_POINT = '{"method": "vtw", "layer": 16}'
+
+
+def _sweep_grid(config: list[str], grid: Path | None) -> list[dict] | None:
+    """Sweep points from ``--config`` JSON objects and a ``--grid`` JSON file (None: the default grid)."""
+    import json
+
+    points: list[dict] = []
+    if grid is not None:
+        try:
+            data = json.loads(grid.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            message = f"cannot read a JSON list of configs from {str(grid)!r}: {err}"
+            raise typer.BadParameter(message, param_hint="--grid") from None
+        if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+            message = f"{str(grid)!r} must hold a JSON list of config objects like {EXAMPLE_POINT}"
+            raise typer.BadParameter(message, param_hint="--grid")
+        points += data
+    for text in config:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise typer.BadParameter(f"not valid JSON ({err.msg}): {text!r}", param_hint="--config") from None
+        if not isinstance(data, dict):
+            message = f"must be a JSON object like {EXAMPLE_POINT}, got {text!r}"
+            raise typer.BadParameter(message, param_hint="--config")
+        points.append(data)
+    return points or None
+
+
+@app.command()
+def sweep(
+    model: str = typer.Option("default", help=MODEL_HELP),
+    dataset: str = typer.Option("easy-vqa", help="'easy-vqa' (test split) or a .jsonl of image/question/answer"),
+    rows: int = typer.Option(64, min=1, help="fixed subset size (seeded)"),
+    config: list[str] = typer.Option(
+        [], help='a point as JSON, e.g. \'{"method": "fastv", "layer": 2, "keep": 0.5}\' (repeat; replaces the grid)'
+    ),
+    grid: Path = typer.Option(None, help="JSON file with a list of such points (replaces the default grid)"),
+    batch_size: int = typer.Option(8, min=1),
+    max_new_tokens: int = typer.Option(4, min=1),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("out/sweep"), help="folder for sweep.json, sweep.md and pareto.png"),
+    threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
+) -> None:
+    """Methods x budgets on one dataset: accuracy, prefill FLOPs and interleaved median times, and a Pareto plot.
+
+    Default grid (N decoder layers): VTW at N/2, 3N/4, 4N/5; FastV and a random drop at layer 2 keeping 1/2 and
+    1/4; PyramidDrop with stages at N/4, N/2, 3N/4 keeping 1/2 and 1/4. Any registered method can be a point.
+    """
+    from rich.table import Table
+
+    from vtexit.app.model_sources import EASY_VQA_INSTALL
+    from vtexit.evaluation.datasets.select import fixed_subset, load_dataset
+    from vtexit.evaluation.sweep import COLUMNS, resolve_grid, run_sweep, save_sweep, table_rows
+
+    points = _sweep_grid(config, grid)
+    _writable_folder(out)
+    if dataset == "easy-vqa":
+        _require(("easy_vqa",), EASY_VQA_INSTALL, "the easy-vqa dataset")
+    _require_for(model, easy_vqa=False)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        records = fixed_subset(load_dataset(dataset, "test"), rows, seed)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--dataset") from None
+    source = _load(model, "sdpa")
+    if source.processor is None:
+        raise typer.BadParameter("the sweep needs a model with a processor (not 'tiny')", param_hint="--model")
+    if points is not None:
+        try:
+            resolve_grid(source.model, points)  # every setting checked against the model before any evaluation
+        except ValueError as err:
+            raise typer.BadParameter(str(err), param_hint="--config/--grid") from None
+    results = run_sweep(
+        source.model,
+        source.processor,
+        records,
+        source.prompt,
+        points,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+    )
+    title = f"{source.name}, {dataset}, {len(records)} questions"
+    table = Table(title=f"{title} (exact match; times: medians of interleaved batches)")
+    for name in COLUMNS:
+        table.add_column(name, justify="right")
+    for row in table_rows(results):
+        table.add_row(*row)
+    console.print(table)
+    paths = save_sweep(results, out, title=title)
+    console.print(f"wrote {paths['json']}, {paths['markdown']} and {paths['plot']}")
+
+
 if __name__ == "__main__":
     app()
