@@ -7,6 +7,9 @@ the analytic FLOPs of the schedule that actually ran (read from the engine, so a
 Configurations to be compared are timed interleaved (:func:`evaluate_interleaved`): batch by batch, each runs in
 turn, in a rotating order, and times are medians of per-batch times. Timing one configuration after the other lets
 a burst of load on a shared machine land on one side and pass for a speedup.
+
+Inside :func:`vtexit.evaluation.distributed.data_parallel` (processes launched by torchrun or accelerate), each
+process runs its share of the batches and every process returns the merged result.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from tqdm.auto import tqdm
 from vtexit.core.families import family_for
 from vtexit.core.flops import DecoderShape, FlopsCount, count, run_flops
 from vtexit.core.handle import PatchHandle
+from vtexit.evaluation import distributed
 from vtexit.evaluation.batches import processor_batch
 from vtexit.evaluation.datasets import VQARecord
 from vtexit.evaluation.timing import CallTimer
@@ -66,7 +70,11 @@ class EvalResult:
 
 
 def save_results(results: Sequence[EvalResult], path: str | Path) -> Path:
+    """Write ``results`` as JSON; inside :func:`~vtexit.evaluation.distributed.data_parallel` only rank 0 writes
+    (every rank holds the same merged results)."""
     path = Path(path)
+    if not distributed.is_main_process():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([r.to_dict() for r in results], indent=2))
     return path
@@ -95,6 +103,11 @@ class _Tally:
     generate_s: list[float] = field(default_factory=list)  # per batch, per sample
     lm_prefill_s: list[float] = field(default_factory=list)
     decode_flops: list[int] = field(default_factory=list)
+
+    @classmethod
+    def joined(cls, parts: Sequence[_Tally]) -> _Tally:
+        """One tally of batch tallies, in the given (batch) order."""
+        return cls(*([x for part in parts for x in getattr(part, f)] for f in cls.__dataclass_fields__))
 
 
 def _check_methods(methods: Mapping[str, Method | None]) -> None:
@@ -192,21 +205,29 @@ def evaluate_interleaved(
     parts = family.resolve(model)
     shape = DecoderShape.from_model(model, family)
     tokenizer = processor.tokenizer
+    device = next(model.parameters()).device  # inputs follow the model (each process's own GPU, if it has one)
     names = list(methods)
-    tallies = {name: _Tally() for name in names}
     starts = range(0, len(records), batch_size)
+    ranks = distributed.active()  # inside data_parallel(): this process runs every world_size-th batch
+    if ranks is not None:
+        starts = starts[ranks.rank :: ranks.world_size]
     for start in starts[:warmup_batches]:
         chunk = records[start : start + batch_size]
-        inputs = processor_batch(processor, chunk, prompt)
+        inputs = processor_batch(processor, chunk, prompt).to(device)
         for name in names:
             _run_batch(model, parts, shape, tokenizer, inputs, chunk, methods[name], max_new_tokens, _Tally())
-    for b, start in enumerate(tqdm(starts, desc=" vs ".join(names), disable=not progress)):
+    batches: dict[int, dict[str, _Tally]] = {}  # batch index -> configuration -> what it gave
+    for start in tqdm(starts, desc=" vs ".join(names), disable=not progress or not distributed.is_main_process()):
+        b = start // batch_size
         chunk = records[start : start + batch_size]
-        inputs = processor_batch(processor, chunk, prompt)
+        inputs = processor_batch(processor, chunk, prompt).to(device)
+        batches[b] = {name: _Tally() for name in names}
         shift = b % len(names)
         for name in names[shift:] + names[:shift]:
-            _run_batch(model, parts, shape, tokenizer, inputs, chunk, methods[name], max_new_tokens, tallies[name])
-    return [_result(name, tallies[name]) for name in names]
+            _run_batch(model, parts, shape, tokenizer, inputs, chunk, methods[name], max_new_tokens, batches[b][name])
+    batches = distributed.gather_union(batches)  # every process's batches (only this one's without data_parallel)
+    order = sorted(batches)
+    return [_result(name, _Tally.joined([batches[b][name] for b in order])) for name in names]
 
 
 def evaluate(
