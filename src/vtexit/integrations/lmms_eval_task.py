@@ -87,3 +87,31 @@ def write_vqa_task(
     path = folder / f"{name}.yaml"
     path.write_text(task_yaml(name, f"{name}.jsonl", max_new_tokens))
     return path
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """``python -m vtexit.integrations.lmms_eval_task --out tasks``: the questions ``vtexit evaluate`` would ask
+    (same dataset, ``--rows`` and ``--seed``) as an lmms-eval task."""
+    import argparse
+
+    from vtexit.evaluation.datasets.select import fixed_subset, load_dataset
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--dataset", default="easy-vqa", help="'easy-vqa' (test split) or a .jsonl file")
+    parser.add_argument("--rows", type=int, default=200, help="fixed subset size (seeded, as vtexit evaluate)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="vtexit_vqa", help="task name")
+    parser.add_argument("--max-new-tokens", type=int, default=4)
+    parser.add_argument("--out", type=Path, required=True, help="folder for the task (pass it as --include_path)")
+    args = parser.parse_args(argv)
+    try:
+        records = fixed_subset(load_dataset(args.dataset, "test"), args.rows, args.seed)
+        path = write_vqa_task(records, args.out, name=args.name, max_new_tokens=args.max_new_tokens)
+    except ValueError as err:
+        parser.error(str(err))
+    print(f"wrote {path} ({len(records)} questions); run it with --include_path {args.out} --tasks {args.name}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
