@@ -121,9 +121,13 @@ _LABEL_FONT = 6.5
 
 def _place_labels(fig: Figure, ax, items: list[tuple[float, float, str, str]]) -> None:
     """Annotate (x, y, text, colour) items, each at the first offset whose text box (estimated from the font
-    size) overlaps no label placed before; the last offset when none is free."""
+    size) overlaps no marker and no label placed before; the last offset when none is free."""
+    fig.tight_layout()  # place against the final axes geometry
     scale = fig.dpi / 72
     placed: list[tuple[float, float, float, float]] = []
+    for x, y, _, _ in items:  # markers are obstacles too
+        px, py = ax.transData.transform((x, y))
+        placed.append((px - 5 * scale, py - 5 * scale, px + 5 * scale, py + 5 * scale))
     for x, y, text, colour in items:
         px, py = ax.transData.transform((x, y))
         width, height = 0.6 * _LABEL_FONT * len(text) * scale, _LABEL_FONT * scale
