@@ -8,9 +8,12 @@ the accuracy is not trivially 0.
 
 from __future__ import annotations
 
+import ast
+import importlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -25,10 +28,11 @@ import vtexit
 from vtexit.app.model_sources import load_source
 from vtexit.evaluation.datasets.jsonl import JsonlVQA
 from vtexit.evaluation.evaluate import evaluate
+from vtexit.integrations.lmms_eval_task import main as task_main
 from vtexit.integrations.lmms_eval_task import write_vqa_task
 from vtexit.testing.tiny_folder import save_tiny_llava_folder, write_shape_questions
 
-pytestmark = pytest.mark.skipif(
+needs_lmms_eval = pytest.mark.skipif(
     importlib.util.find_spec("lmms_eval") is None,
     reason="lmms-eval is not installed (make setup installs it: pip install --no-deps lmms-eval==0.7.3 "
     "and pip install 'vtexit[lmms]')",
@@ -111,23 +115,40 @@ def run_lmms_eval(root: Path, folder: Path) -> dict[str, tuple[float, list[str]]
         text=True,
         timeout=300,
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, log
     found = {}
-    for name in runs:
-        (results,) = (root / "out" / name).rglob("*_results.json")
-        (samples,) = (root / "out" / name).rglob(f"*_samples_{TASK}.jsonl")
+    for name in runs:  # lmms-eval logs a failed run and still exits 0: no result file then
+        files = sorted((root / "out" / name).rglob("*.json*"))
+        assert len(files) == 2, log
+        results, samples = sorted(files, key=lambda f: f.name.endswith(".jsonl"))
         accuracy = json.loads(results.read_text())["results"][TASK]["exact_match,none"]
         docs = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda d: d["doc_id"])
         found[name] = (accuracy, [first_word(d["filtered_resps"]) for d in docs])
     return found
 
 
+def test_only_the_integration_imports_lmms_eval():
+    """vtexit's core, methods, evaluation and app never import lmms-eval (it resets loguru and is optional)."""
+    src = Path(vtexit.__file__).parent
+    importers = []
+    for path in src.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n.split(".")[0] == "lmms_eval" for n in names):
+                importers.append(path.relative_to(src).as_posix())
+    assert sorted(set(importers)) == ["integrations/lmms_eval.py"]
+
+
+@needs_lmms_eval
 def test_plugin_is_registered_through_the_entry_point():
     (entry,) = [ep for ep in entry_points(group="lmms_eval.models") if ep.name == "vtexit"]
     manifest = entry.load()()
     assert (manifest.model_id, manifest.simple_class_path) == ("vtexit", "vtexit.integrations.lmms_eval.VTExitLMM")
 
 
+@needs_lmms_eval
 def test_lmms_eval_gives_the_answers_and_accuracy_of_vtexits_evaluator(setup):
     root, folder, source, records, hand = setup
     through_lmms = run_lmms_eval(root, folder)
@@ -152,6 +173,17 @@ def test_lmms_eval_gives_the_answers_and_accuracy_of_vtexits_evaluator(setup):
     assert through_lmms["vtw"][1] != through_lmms["unpatched"][1]  # the method really ran inside lmms-eval
 
 
+def test_task_command_writes_a_task_whose_functions_import(setup, tmp_path):
+    questions = setup[3][0].image_path.parent / "questions.jsonl"
+    path = task_main(["--dataset", str(questions), "--rows", "3", "--name", "three", "--out", str(tmp_path)])
+    targets = re.findall(r"!function (\S+)", path.read_text())
+    assert len(targets) == 3
+    for target in targets:
+        module, name = target.rsplit(".", 1)
+        assert callable(getattr(importlib.import_module(module), name))
+    assert len((tmp_path / "three.jsonl").read_text().splitlines()) == 3
+
+
 def test_task_writer_refuses_bad_arguments(setup, tmp_path):
     records = setup[3]
     with pytest.raises(ValueError, match="records is empty"):
@@ -162,6 +194,7 @@ def test_task_writer_refuses_bad_arguments(setup, tmp_path):
         write_vqa_task(records, tmp_path, max_new_tokens=0)
 
 
+@needs_lmms_eval
 def test_plugin_refuses_bad_model_arguments(setup):
     from vtexit.integrations.lmms_eval import VTExitLMM
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from lmms_eval.api.model import lmms
+from tqdm.auto import tqdm
 
 MODEL_ID = "vtexit"
 CLASS_PATH = f"{__name__}.VTExitLMM"
@@ -118,6 +119,8 @@ class VTExitLMM(lmms):
             )
         self._rank, self._world_size, local_rank = _rank_env()
         self._device = _device(device, local_rank, self._world_size)
+        if self._device.type == "cuda" and self._device.index is not None:
+            torch.cuda.set_device(self._device)  # collectives of lmms-eval's gather use the current device
         source = load_source(pretrained or "default", attn_implementation=attn_implementation)
         if source.processor is None:
             raise ValueError(f"pretrained must be a model folder with a processor, got {pretrained!r}")
@@ -168,6 +171,8 @@ class VTExitLMM(lmms):
             key = json.dumps([task, split, gen_kwargs], sort_keys=True, default=str)
             groups.setdefault(key, []).append(i)
         answers: list[str | None] = [None] * len(requests)
+        batches = sum(-(-len(indices) // self.batch_size) for indices in groups.values())
+        progress = tqdm(total=batches, desc="Model Responding", disable=self.rank != 0)
         for indices in groups.values():
             max_new_tokens, until = _greedy_settings(dict(requests[indices[0]].args[1]))
             for start in range(0, len(indices), self.batch_size):
@@ -180,6 +185,8 @@ class VTExitLMM(lmms):
                 for i, text in zip(batch, self._generate(contexts, visuals, max_new_tokens), strict=True):
                     answers[i] = cut_at(text, until)
                     self.cache_hook.add_partial("generate_until", requests[i].args[:2], answers[i])
+                progress.update(1)
+        progress.close()
         return answers  # type: ignore[return-value]
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:

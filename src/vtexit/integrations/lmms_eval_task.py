@@ -22,7 +22,7 @@ from vtexit.evaluation.evaluate import normalise_answer
 
 __all__ = ["doc_to_text", "doc_to_visual", "process_results", "write_vqa_task"]
 
-_MODULE = __name__
+_MODULE = "vtexit.integrations.lmms_eval_task"  # not __name__: that is "__main__" under python -m
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
