@@ -110,7 +110,7 @@ def run_train_gates(source: ModelSource, settings: TrainGatesSettings, console: 
     held = torch.tensor(record.validation_rows_index, dtype=torch.long)
     simulated = {}
     if len(held):
-        for threshold in SIMULATED_THRESHOLDS:
+        for threshold in sorted({*SIMULATED_THRESHOLDS, settings.threshold}):
             exits, kept = simulate_exits(gates, labels.select(held), threshold)
             simulated[threshold] = {
                 "mean_exit": float(exits.float().mean()),
