@@ -173,6 +173,20 @@ def test_threshold_moves_exits_later(llava):
         assert handle.exit_layers == [4, 4, 4] and handle.threshold == 1.0
 
 
+@torch.no_grad()
+def test_exit_layers_describe_the_last_call_with_images_only(llava):
+    torch.manual_seed(4)
+    gates = vtexit.DyVTEGates.for_model(llava.model)
+    with torch.no_grad():
+        gates.gates["1"].fc2.bias[1] = 100.0
+    with vtexit.dyvte(llava.model, gates) as handle:
+        assert handle.exit_layers is None  # no call yet
+        llava.model(**llava.inputs([1, 1], text_len=[4, 5]))
+        assert handle.exit_layers == [1, 1]
+        llava.model(**llava.inputs([0, 0], text_len=[4, 5]))  # text only: nothing exits, nothing to report
+        assert handle.exit_layers is None
+
+
 def _host_reads(model, inputs) -> int:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         model(**inputs)
@@ -251,3 +265,24 @@ def test_cli_trains_gates_that_load(tmp_path: Path):
     assert info["layers"] == list(gates.layers) and info["labels"]["rows"] == 4
     bad = CliRunner().invoke(app, ["train-gates", "--model", "tiny", "--answers", "gold", "--out", str(out)])
     assert bad.exit_code == 2 and "--answers" in bad.output
+
+
+def test_cli_trains_on_a_local_folder_with_dataset_answers_and_evaluates_dyvte_by_name(tmp_path: Path):
+    from vtexit.testing.tiny_folder import save_tiny_llava_folder, write_shape_questions
+
+    folder = save_tiny_llava_folder(tmp_path / "tiny")
+    questions = write_shape_questions(tmp_path / "data", count=6)
+    gates, out = tmp_path / "gates", tmp_path / "eval.json"
+    common = ["--model", str(folder), "--dataset", str(questions), "--rows", "6", "--batch-size", "3"]
+    trained = CliRunner().invoke(
+        app, ["train-gates", *common, "--answers", "dataset", "--steps", "5", "--out", str(gates)]
+    )
+    assert trained.exit_code == 0, trained.output
+    spec = f"dyvte:gates={gates},threshold=0.5"
+    evaluated = CliRunner().invoke(app, ["evaluate", *common, "--method", spec, "--out", str(out)])
+    assert evaluated.exit_code == 0, evaluated.output
+    results = {r["name"]: r for r in json.loads(out.read_text())}
+    assert set(results) == {"baseline", spec} and results[spec]["n"] == 6
+    assert results[spec]["prefill_flops_per_sample"] <= results["baseline"]["prefill_flops_per_sample"]
+    refused = CliRunner().invoke(app, ["evaluate", *common, "--method", "dyvte:threshold=2", "--out", str(out)])
+    assert refused.exit_code == 2 and "threshold must be" in " ".join(refused.output.split())
