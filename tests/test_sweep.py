@@ -58,6 +58,10 @@ def test_bad_points_are_refused_by_name_before_any_work():
         [{"method": "none"}, {"method": "vtw", "layer": 2, "label": "VTW at 2"}, vtexit.FastVConfig(layer=1, keep=0.5)],
     )
     assert [e.label for e in entries] == ["baseline", "VTW at 2", "fastv layer=1 keep=0.5"]
+    renumbered = resolve_grid(
+        model, [{"method": "pdrop", "layers": [1, 3]}, {"method": "pdrop", "layers": "1,3", "renumber": True}]
+    )
+    assert [e.label for e in renumbered[1:]] == ["pdrop layers=1/3 keep=0.5", "pdrop layers=1/3 keep=0.5 renumber=True"]
     assert entries[1].config == vtexit.VTWConfig(layer=2)
 
 

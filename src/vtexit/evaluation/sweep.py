@@ -63,11 +63,12 @@ def _format(value: Any) -> str:
 
 
 def label_of(config: MethodConfig) -> str:
-    """``fastv layer=2 keep=0.5``: the method and its settings, except on/off flags left at their default."""
+    """``fastv layer=2 keep=0.5``: the method and its settings, except on/off flags and unset (None) settings left
+    at their default."""
     parts = [config.method]
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if isinstance(f.default, bool) and value == f.default:
+        if (isinstance(f.default, bool) or f.default is None) and value == f.default:
             continue
         parts.append(f"{f.name}={_format(value)}")
     return " ".join(parts)
