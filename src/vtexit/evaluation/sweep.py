@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from vtexit.core.families import family_for
+from vtexit.evaluation import distributed
 from vtexit.evaluation.datasets import VQARecord
 from vtexit.evaluation.evaluate import EvalResult, Method, evaluate_interleaved
 from vtexit.evaluation.plots import ParetoPoint, plot_pareto
@@ -236,10 +237,14 @@ def pareto_points(points: Sequence[SweepPoint]) -> list[ParetoPoint]:
 
 
 def save_sweep(points: Sequence[SweepPoint], folder: str | Path, title: str = "") -> dict[str, Path]:
-    """Write ``sweep.json`` (every point with its config and answers), ``sweep.md`` and ``pareto.png``."""
+    """Write ``sweep.json`` (every point with its config and answers), ``sweep.md`` and ``pareto.png``. Under
+    data-parallel evaluation (``torchrun -m vtexit.app.parallel sweep``) every rank holds the same merged points and
+    only rank 0 writes."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     paths = {"json": folder / "sweep.json", "markdown": folder / "sweep.md", "plot": folder / "pareto.png"}
+    if not distributed.is_main_process():
+        return paths
+    folder.mkdir(parents=True, exist_ok=True)
     paths["json"].write_text(json.dumps([p.to_dict() for p in points], indent=1))
     paths["markdown"].write_text(markdown_table(points))
     plot_pareto(pareto_points(points), paths["plot"], title=title)
