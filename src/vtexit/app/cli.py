@@ -408,7 +408,8 @@ def sweep(
     """Methods x budgets on one dataset: accuracy, prefill FLOPs and interleaved median times, and a Pareto plot.
 
     Default grid (N decoder layers): VTW at N/2, 3N/4, 4N/5; FastV and a random drop at layer 2 keeping 1/2 and
-    1/4; PyramidDrop with stages at N/4, N/2, 3N/4 keeping 1/2 and 1/4. Any registered method can be a point.
+    1/4; PyramidDrop with stages at N/4, N/2, 3N/4 keeping 1/2 and 1/4; on the default model also DyVTE with its
+    shipped gates. Any registered method can be a point.
     """
     from rich.table import Table
 
@@ -430,6 +431,10 @@ def sweep(
     source = _load(model, "sdpa")
     if source.processor is None:
         raise typer.BadParameter("the sweep needs a model with a processor (not 'tiny')", param_hint="--model")
+    if points is None and model == "default":  # the default model ships DyVTE gates: sweep them too
+        from vtexit.evaluation.sweep import default_grid
+
+        points = [*default_grid(source.model), {"method": "dyvte"}]
     if points is not None:
         try:
             resolve_grid(source.model, points)  # every setting checked against the model before any evaluation
