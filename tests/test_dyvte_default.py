@@ -40,13 +40,13 @@ def default_model():
 
     model, processor = load_default()
     records = fixed_subset(EasyVQA("test"), 4, seed=7)  # exits 16, 28, 26, 16 with the shipped gates
-    return model, dict(processor_batch(processor, records, build_prompt))
+    return model, dict(processor_batch(processor, records, build_prompt)), processor, records
 
 
 @needs_parts
 @torch.no_grad()
 def test_each_row_of_a_batch_equals_the_row_under_vtw_at_its_exit_layer(default_model):
-    model, inputs = default_model
+    model, inputs, _, _ = default_model
     with vtexit.apply(model, vtexit.DyVTEConfig()) as handle:  # "default" gates at their saved threshold
         logits = model(**inputs).logits
         layout = handle.last_layout
@@ -60,3 +60,47 @@ def test_each_row_of_a_batch_equals_the_row_under_vtw_at_its_exit_layer(default_
             got = logits[b][layout.valid[b]]
             expected = reference[b][reference_layout.valid[b]]
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4, msg=f"row {b} exit {layer}")
+
+
+@needs_parts
+def test_demo_part_reports_the_exits_the_patch_reports(default_model, tmp_path):
+    from rich.console import Console
+
+    from vtexit.app.demo_dyvte import run_dyvte_demo
+    from vtexit.default_model import build_prompt
+    from vtexit.evaluation.evaluate import evaluate
+
+    model, inputs, processor, records = default_model
+    with vtexit.dyvte(model) as handle, torch.no_grad():
+        model(**inputs)
+        exits = handle.exit_layers
+    baseline = evaluate(model, processor, records, build_prompt, batch_size=4, progress=False)
+    vtw = evaluate(
+        model,
+        processor,
+        records,
+        build_prompt,
+        method=lambda m: vtexit.withdraw(m, layer=24),
+        name="VTW K=24",
+        batch_size=4,
+        progress=False,
+    )
+    console = Console(record=True, width=200)
+    result = run_dyvte_demo(
+        model,
+        processor,
+        records,
+        build_prompt,
+        baseline,
+        vtw,
+        24,
+        {24: (0.16, 1.0)},
+        4,
+        tmp_path,
+        console,
+        batch_size=4,
+    )
+    saved = json.loads((tmp_path / "dyvte.json").read_text())
+    assert saved["exit_layers"] == exits and saved["threshold"] == load_default_gates().config.threshold
+    assert result.prefill_flops_per_sample < baseline.prefill_flops_per_sample
+    assert (tmp_path / "pareto.png").stat().st_size > 0 and "DyVTE" in console.export_text()

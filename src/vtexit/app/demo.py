@@ -26,6 +26,7 @@ class DemoSettings:
     sweep_rows: int = 64
     sweep_step: int = 4
     attention_rows: int = 8
+    dyvte: bool = True  # also evaluate DyVTE with the shipped gates (one more pass over the test questions)
     batch_size: int = 8
     seed: int = 0
     out: Path = Path("out/demo")
@@ -98,6 +99,14 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> tuple[Ca
         sweep_table.add_row(str(k_), f"{100 * accuracy[k_]:.1f}%", f"{100 * saved[k_]:.0f}%")
     sweep_table.add_row(str(n), f"{100 * base_accuracy:.1f}%", "0%", style="dim")
     console.print(sweep_table)
+    if settings.dyvte:
+        from vtexit.app.demo_dyvte import run_dyvte_demo
+
+        sweep = {k_: (saved[k_], accuracy[k_]) for k_ in accuracy}
+        run_dyvte_demo(
+            model, processor, records, build_prompt, baseline, vtw, k, sweep, len(sweep_records), out, console,
+            batch_size=settings.batch_size,
+        )
     console.print(
         f"wrote {out}/: kl.json, results.json, attention_groups.json, "
         "kl_curve.png, accuracy_vs_k.png, attention_groups.png"

@@ -208,14 +208,15 @@ def plot_pareto(
             color="tab:blue",
         )
     ts = sorted(dyvte, key=lambda t: dyvte[t][0])
-    ax.plot(
-        [100 * dyvte[t][0] for t in ts],
-        [100 * dyvte[t][1] for t in ts],
-        marker="D",
-        linestyle="--",
-        color="tab:red",
-        label="DyVTE (gate threshold)",
-    )
+    if set(ts) != {highlight}:
+        ax.plot(
+            [100 * dyvte[t][0] for t in ts],
+            [100 * dyvte[t][1] for t in ts],
+            marker="D",
+            linestyle="--",
+            color="tab:red",
+            label="DyVTE (gate threshold)",
+        )
     for t in {ts[0], ts[-1]} - {highlight}:
         ax.annotate(
             f"t={t:g}",

@@ -24,7 +24,7 @@ class DyVTEPolicy(Policy):
     """Per-row exits decided by ``gates`` at ``threshold`` (exit when P(exit) > threshold)."""
 
     def __init__(self, gates: DyVTEGates, threshold: float, num_layers: int):
-        self.gates = gates.eval().requires_grad_(False)
+        self.gates = gates
         self.threshold = threshold
         self.num_layers = num_layers
         self._gated = frozenset(gates.layers)
