@@ -96,6 +96,26 @@ def _load(model: str, attn: str, *, with_processor: bool = True):
         raise typer.Exit(1) from None
 
 
+def _test_questions_and_model(model: str, dataset: str, rows: int, seed: int, threads: int, what: str):
+    """The fixed test questions and the loaded model with its processor, with every check before the slow part."""
+    from vtexit.app.model_sources import EASY_VQA_INSTALL
+    from vtexit.evaluation.datasets.select import fixed_subset, load_dataset
+
+    if dataset == "easy-vqa":
+        _require(("easy_vqa",), EASY_VQA_INSTALL, "the easy-vqa dataset")
+    _require_for(model, easy_vqa=False)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        records = fixed_subset(load_dataset(dataset, "test"), rows, seed)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--dataset") from None
+    source = _load(model, "sdpa")
+    if source.processor is None:
+        raise typer.BadParameter(f"{what} needs a model with a processor (not 'tiny')", param_hint="--model")
+    return records, source
+
+
 @app.command()
 def calibrate(
     model: str = typer.Option("default", help=MODEL_HELP),
@@ -211,8 +231,6 @@ def evaluate(
 
     The configurations are timed interleaved, batch by batch; times are medians of per-batch times.
     """
-    from vtexit.app.model_sources import EASY_VQA_INSTALL
-    from vtexit.evaluation.datasets.select import fixed_subset, load_dataset
     from vtexit.evaluation.evaluate import evaluate_interleaved, save_results
     from vtexit.evaluation.report import results_table
     from vtexit.methods.vtw import check_layer, withdraw
@@ -220,18 +238,7 @@ def evaluate(
     if out.is_dir():
         raise typer.BadParameter(f"{str(out)!r} is a folder; give the path of a .json file", param_hint="--out")
     _writable_folder(out.parent)
-    if dataset == "easy-vqa":
-        _require(("easy_vqa",), EASY_VQA_INSTALL, "the easy-vqa dataset")
-    _require_for(model, easy_vqa=False)
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        records = fixed_subset(load_dataset(dataset, "test"), rows, seed)
-    except ValueError as err:
-        raise typer.BadParameter(str(err), param_hint="--dataset") from None
-    source = _load(model, "sdpa")
-    if source.processor is None:
-        raise typer.BadParameter("evaluation needs a model with a processor (not 'tiny')", param_hint="--model")
+    records, source = _test_questions_and_model(model, dataset, rows, seed, threads, "evaluation")
     try:
         ks = [check_layer(source.model, k) for k in layer]
     except ValueError as err:
@@ -413,24 +420,11 @@ def sweep(
     """
     from rich.table import Table
 
-    from vtexit.app.model_sources import EASY_VQA_INSTALL
-    from vtexit.evaluation.datasets.select import fixed_subset, load_dataset
     from vtexit.evaluation.sweep import COLUMNS, resolve_grid, run_sweep, save_sweep, table_rows
 
     points = _sweep_grid(config, grid)
     _writable_folder(out)
-    if dataset == "easy-vqa":
-        _require(("easy_vqa",), EASY_VQA_INSTALL, "the easy-vqa dataset")
-    _require_for(model, easy_vqa=False)
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        records = fixed_subset(load_dataset(dataset, "test"), rows, seed)
-    except ValueError as err:
-        raise typer.BadParameter(str(err), param_hint="--dataset") from None
-    source = _load(model, "sdpa")
-    if source.processor is None:
-        raise typer.BadParameter("the sweep needs a model with a processor (not 'tiny')", param_hint="--model")
+    records, source = _test_questions_and_model(model, dataset, rows, seed, threads, "the sweep")
     if points is None and model == "default":  # the default model ships DyVTE gates: sweep them too
         from vtexit.evaluation.sweep import default_grid
 
