@@ -128,7 +128,7 @@ class ScheduleEngine:
                 "model is already patched by vtexit; call .remove() on the first handle before patching again"
             )
         refuse_compiled(self.model)
-        self._check_policy()
+        self.check_policy()
         for name, module in self.policy.modules().items():
             if not isinstance(module, nn.Module):
                 raise ValueError(f"policy module {name!r} is a {type(module).__name__}, expected an nn.Module")
@@ -189,7 +189,8 @@ class ScheduleEngine:
         check_supported(attention)
         return attention
 
-    def _check_policy(self) -> None:
+    def check_policy(self) -> None:
+        """Refuse, before anything is attached, a policy this model cannot run (ValueError saying why)."""
         early = sorted(i for i in self._event_layers or () if i < self.min_layer)
         if early:
             raise ValueError(

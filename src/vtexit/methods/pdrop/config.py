@@ -68,7 +68,7 @@ class PDropConfig(MethodConfig):
         if self.renumber:
             engine = ScheduleEngine(model, policy, family)  # not attached: only for the engine's own check
             try:  # run here so that the error names this setting
-                engine._check_policy()
+                engine.check_policy()
             except ValueError as err:
                 raise ValueError(f"renumber=True is not available for this model ({err}); use renumber=False") from None
         return policy
