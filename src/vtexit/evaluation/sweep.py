@@ -26,7 +26,7 @@ from vtexit.evaluation import distributed
 from vtexit.evaluation.datasets import VQARecord
 from vtexit.evaluation.evaluate import EvalResult, Method, evaluate_interleaved
 from vtexit.evaluation.plots import ParetoPoint, plot_pareto
-from vtexit.evaluation.report import speedup_cell
+from vtexit.evaluation.report import RESULT_COLUMNS, result_cells
 from vtexit.methods.base import MethodConfig
 from vtexit.methods.registry import apply, config_from_dict
 from vtexit.methods.vtw.config import valid_layer_range
@@ -178,43 +178,15 @@ def run_sweep(
     ]
 
 
-COLUMNS = (
-    "config",
-    "accuracy",
-    "per type",
-    "prefill GFLOPs",
-    "FLOPs saved",
-    "LM prefill ms",
-    "generate ms/sample",
-    "speedup (LM prefill)",
-    "speedup (generate)",
-)
+COLUMNS = RESULT_COLUMNS
 
 
 def table_rows(points: Sequence[SweepPoint]) -> list[list[str]]:
     """One row of text cells per point (the :data:`COLUMNS`), against the first point (the baseline).
 
-    Speedups beyond the FLOPs bound are flagged as noise (:func:`vtexit.evaluation.report.speedup_cell`)."""
+    Speedups beyond the FLOPs bound are flagged as noise (:func:`vtexit.evaluation.report.result_cells`)."""
     base = points[0].result
-    rows = []
-    for point in points:
-        r = point.result
-        prefill_ratio = base.prefill_flops_per_sample / r.prefill_flops_per_sample
-        decode_ratio = base.decode_flops_per_token / r.decode_flops_per_token
-        rows.append(
-            [
-                point.entry.label,
-                f"{100 * r.accuracy:.1f}%",
-                " ".join(f"{k} {100 * v:.0f}%" for k, v in r.per_type.items()),
-                f"{r.prefill_flops_per_sample / 1e9:.3f}",
-                f"{100 * point.flops_saved:.0f}%",
-                f"{1e3 * r.lm_prefill_s_per_sample:.1f}",
-                f"{1e3 * r.generate_s_per_sample:.1f}",
-                speedup_cell(base.lm_prefill_s_per_sample / r.lm_prefill_s_per_sample, prefill_ratio),
-                speedup_cell(base.generate_s_per_sample / r.generate_s_per_sample, max(prefill_ratio, decode_ratio)),
-            ]
-        )
-    return rows
+    return [result_cells(point.entry.label, point.result, base) for point in points]
 
 
 def markdown_table(points: Sequence[SweepPoint]) -> str:
