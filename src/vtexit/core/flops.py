@@ -9,9 +9,10 @@ wherever a number is.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from vtexit.core.costs import CallCost, RunCost
@@ -104,6 +105,17 @@ def run_flops(shape: DecoderShape, run: RunCost) -> list[FlopsCount]:
     prefill = call_flops(shape, run.prefill)
     decode = call_flops(shape, run.decode[0]) if run.decode else [None] * len(prefill)
     return [FlopsCount(p, d) for p, d in zip(prefill, decode, strict=True)]
+
+
+def flops_per_row(shape: DecoderShape, run: RunCost | None, inputs: Mapping[str, torch.Tensor]) -> list[FlopsCount]:
+    """FLOPs of each row of the call that just ran on ``inputs``: from its cost records (``handle.last_cost``), or,
+    unpatched (``run`` None), every prompt token in every layer."""
+    if run is not None:
+        return run_flops(shape, run)
+    mask = inputs.get("attention_mask")
+    ids = inputs["input_ids"]
+    tokens = mask.sum(1).tolist() if mask is not None else [ids.shape[1]] * ids.shape[0]
+    return [count(shape, [n] * shape.num_layers) for n in tokens]
 
 
 def withdrawal_tokens(num_layers: int, prompt_tokens: int, visual_tokens: int, layer: int) -> list[int]:

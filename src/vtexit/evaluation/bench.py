@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vtexit.core.families import family_for
-from vtexit.core.flops import DecoderShape, FlopsCount, count, run_flops
+from vtexit.core.flops import DecoderShape, FlopsCount, flops_per_row
 from vtexit.evaluation.speed import time_call
 from vtexit.evaluation.timing import CallTimer
 from vtexit.methods.vtw import withdraw
@@ -59,18 +59,6 @@ def _timed(fn, device: torch.device) -> float:
     return time_call(fn, device)
 
 
-def _batch_flops(shape: DecoderShape, handle, inputs: Mapping[str, torch.Tensor]) -> FlopsCount:
-    """FLOPs of the whole batch in the generate call that just ran: from the patch's cost records, or (unpatched)
-    every prompt token in every layer."""
-    if handle is not None:
-        rows = run_flops(shape, handle.last_cost)
-    else:
-        mask = inputs.get("attention_mask")
-        tokens = mask.sum(1).tolist() if mask is not None else [inputs["input_ids"].shape[1]] * len(inputs["input_ids"])
-        rows = [count(shape, [n] * shape.num_layers) for n in tokens]
-    return FlopsCount(sum(r.prefill for r in rows), sum(r.decode_per_token for r in rows))
-
-
 @torch.no_grad()
 def bench_withdrawal(
     model: nn.Module,
@@ -109,7 +97,8 @@ def bench_withdrawal(
             with CallTimer(language_model) as steps:
                 gen = _timed(lambda: model.generate(**inputs, **gen_kwargs), device)
             if config not in flops:
-                flops[config] = _batch_flops(shape, handle, inputs)
+                rows = flops_per_row(shape, handle.last_cost if handle is not None else None, inputs)
+                flops[config] = FlopsCount(sum(r.prefill for r in rows), sum(r.decode_per_token for r in rows))
             if record:
                 samples[config]["prefill"].append(prefill)
                 samples[config]["lm"].append(lm_timer.durations[0])

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vtexit.core.families import family_for
-from vtexit.core.flops import DecoderShape, FlopsCount, count, run_flops
+from vtexit.core.flops import DecoderShape, flops_per_row
 from vtexit.core.handle import PatchHandle
 from vtexit.evaluation import distributed
 from vtexit.evaluation.batches import processor_batch
@@ -86,15 +86,6 @@ def normalise_answer(text: str) -> str:
     return words[0] if words else ""
 
 
-def sample_flops(shape: DecoderShape, handle: PatchHandle | None, inputs: Mapping) -> list[FlopsCount]:
-    """FLOPs of each row of the generate call that just ran: from the patch's cost records (what each layer
-    computed), or, unpatched, every prompt token in every layer."""
-    if handle is not None:
-        return run_flops(shape, handle.last_cost)
-    tokens = inputs["attention_mask"].sum(1).tolist()
-    return [count(shape, [n] * shape.num_layers) for n in tokens]
-
-
 @dataclass
 class _Tally:
     """What one configuration has gathered so far."""
@@ -130,7 +121,7 @@ def _run_batch(model, parts, shape, tokenizer, inputs, chunk, method, max_new_to
                 **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
             )
             elapsed = time.perf_counter() - begin
-        flops = sample_flops(shape, handle, inputs)
+        flops = flops_per_row(shape, handle.last_cost if handle is not None else None, inputs)
     finally:
         if handle is not None:
             handle.remove()

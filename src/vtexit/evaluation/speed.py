@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from vtexit.core.flops import DecoderShape, count, run_flops
+from vtexit.core.flops import DecoderShape, flops_per_row
 from vtexit.methods.vtw import withdraw
 
 NOISE_MARGIN = 1.10  # a speedup above 1.10 x the FLOPs ratio is reported as noise
@@ -53,14 +53,6 @@ class SpeedRow:
         return asdict(self)
 
 
-def _flops(model: nn.Module, inputs: Mapping, handle) -> int:
-    shape = DecoderShape.from_model(model)
-    if handle is not None:
-        return sum(r.prefill for r in run_flops(shape, handle.last_cost))
-    tokens = inputs["attention_mask"].sum(1).tolist()
-    return sum(count(shape, [n] * shape.num_layers).prefill for n in tokens)
-
-
 @torch.no_grad()
 def measure_speed(
     model: nn.Module,
@@ -74,6 +66,7 @@ def measure_speed(
 ) -> list[SpeedRow]:
     """Prefill (and, eager, decode and peak memory) for the model without vtexit and VTW at each K."""
     device = inputs["input_ids"].device
+    shape = DecoderShape.from_model(model)
     configs: list[int | None] = [None, *layers]
     forward = dict(use_cache=False, logits_to_keep=1)
     generate = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
@@ -88,7 +81,8 @@ def measure_speed(
             try:
                 seconds = time_call(lambda: model(**inputs, **forward), device)
                 if config not in flops:
-                    flops[config] = _flops(model, inputs, handle)
+                    run = handle.last_cost if handle is not None else None
+                    flops[config] = sum(r.prefill for r in flops_per_row(shape, run, inputs))
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 short = time_call(lambda: model.generate(**inputs, **first_token), device)
