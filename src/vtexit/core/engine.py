@@ -429,8 +429,11 @@ class ScheduleEngine:
                     call, kwargs["position_ids"], lambda p: gather_sequence(p, index, -1)
                 )
         block_ids = None
-        if call.block_ids is not None:
-            block_ids = torch.where(call.layout.valid, call.block_ids.gather(1, index), -1)
+        if call.block_ids is not None:  # once per stage, like the mask it feeds
+            key = ("block ids", call.stage)
+            if key not in call.memo:
+                call.memo[key] = torch.where(call.layout.valid, call.block_ids.gather(1, index), -1)
+            block_ids = call.memo[key]
         key_padding = call.layout.valid if call.layout.padded else None
         kwargs["attention_mask"] = self._mask(layer_idx, call, hidden, key_padding, call.cache, block_ids)
         return kwargs
