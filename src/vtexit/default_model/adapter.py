@@ -77,7 +77,8 @@ def apply_adapter(model: LlavaForConditionalGeneration, path: Path = ADAPTER_FIL
     tensors = load_file(str(path))
 
     projector = {k[len(PROJECTOR_PREFIX) :]: v.float() for k, v in tensors.items() if k.startswith(PROJECTOR_PREFIX)}
-    model.model.multi_modal_projector.load_state_dict(projector, strict=True)
+    if projector:  # a LoRA-only file (e.g. the withdrawal-tuned adapter) leaves the projector as it is
+        model.model.multi_modal_projector.load_state_dict(projector, strict=True)
 
     lm = model.model.language_model
     modules = dict(lm.named_modules())

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration, LlavaProcessor
 
-from vtexit.default_model.adapter import ADAPTER_FILE, apply_adapter
+from vtexit.default_model.adapter import ADAPTER_FILE, WEIGHTS_DIR, apply_adapter
 from vtexit.default_model.assemble import assemble_llava, make_image_processor
 from vtexit.default_model.cache import CorruptCacheError, cached_folder
 from vtexit.default_model.convert_lm import load_gguf_lm, load_gguf_tokenizer
@@ -16,6 +16,9 @@ from vtexit.default_model.convert_vision import load_onnx_dinov2
 
 MODEL_SUBDIR = "model"
 PROCESSOR_SUBDIR = "processor"
+# LoRA factors tuned on top of the default weights with VTW active (scripts/tune_withdrawal.py, weights/TUNING.md).
+TUNED_ADAPTER_FILE = WEIGHTS_DIR / "withdrawal_tuned_adapter.safetensors"
+VARIANTS = ("default", "withdrawal-tuned")
 
 
 def _build_base(folder: Path) -> None:
@@ -34,6 +37,7 @@ def base_folder(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 def load_default(
+    variant: str = "default",
     *,
     trained: bool = True,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -43,7 +47,13 @@ def load_default(
 
     ``trained=False`` keeps the seeded random projector and the unmodified LM (the "untrained" baseline);
     ``trained=True`` loads the committed projector and merges the committed LoRA weights into the LM.
+    ``variant="withdrawal-tuned"`` also merges the LoRA factors tuned with VTW active (K drawn per step), so the
+    model tolerates an early withdrawal; ``"default"`` is the untuned baseline.
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
+    if variant != "default" and not trained:
+        raise ValueError(f"variant={variant!r} is tuned from the trained weights; it needs trained=True")
     folder = base_folder(cache_dir)
     try:
         model = LlavaForConditionalGeneration.from_pretrained(
@@ -60,5 +70,7 @@ def load_default(
         processor.image_processor = make_image_processor()
     if trained:
         apply_adapter(model, ADAPTER_FILE)
+    if variant == "withdrawal-tuned":
+        apply_adapter(model, TUNED_ADAPTER_FILE)
     model.eval()
     return model, processor
