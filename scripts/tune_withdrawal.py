@@ -16,19 +16,12 @@ import torch
 from vtexit.default_model.loader import TUNED_ADAPTER_FILE
 from vtexit.training import LoraSettings, vtw_sampler
 from vtexit.training.default_model import tune_default_model
-
-
-def layer_list(text: str) -> list[int]:
-    """'3-10' or '4,6,8' -> list of ints."""
-    if "-" in text:
-        low, high = (int(x) for x in text.split("-"))
-        return list(range(low, high + 1))
-    return [int(x) for x in text.split(",")]
+from vtexit.training.sampler import parse_layer_spec
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=layer_list, default=layer_list("3-10"), help="K range 'a-b' or list 'a,b,c'")
+    p.add_argument("--layers", type=parse_layer_spec, default="3-10", help="K range 'a-b' or list 'a,b,c'")
     p.add_argument("--full", type=float, default=0.2, help="share of steps without withdrawal (K = N)")
     p.add_argument("--steps", type=int, default=700)
     p.add_argument("--lr", type=float, default=4e-4)

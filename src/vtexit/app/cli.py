@@ -53,7 +53,7 @@ def _require_for(model: str, *, easy_vqa: bool) -> None:
     """Check, before any work, the packages that ``--model model`` (and easy-vqa data, if used) need."""
     from vtexit.app.model_sources import EASY_VQA_INSTALL
 
-    if model == "default":
+    if model in ("default", "withdrawal-tuned"):
         _require_default_model()
     elif model != "tiny" and easy_vqa:
         _require(("easy_vqa",), EASY_VQA_INSTALL, "easy-vqa data")
@@ -452,6 +452,55 @@ def sweep(
     console.print(table)
     paths = save_sweep(results, out, title=title)
     console.print(f"wrote {paths['json']}, {paths['markdown']} and {paths['plot']}")
+
+
+@app.command()
+def tune(
+    layers: str = typer.Option("3-10", help="VTW: K drawn per step uniformly from 'a-b' or 'a,b,c'"),
+    full: float = typer.Option(0.2, help="share of steps without withdrawal (K = N), so nothing is lost there"),
+    config: list[str] = typer.Option(None, help="instead of --layers: method configs as JSON, drawn uniformly"),
+    steps: int = typer.Option(700, min=1),
+    lr: float = typer.Option(4e-4),
+    seed: int = typer.Option(0),
+    batch_size: int = typer.Option(8, min=1, help="sequences (images) per step"),
+    turns: int = typer.Option(5, min=1, help="max question/answer turns per sequence"),
+    train_images: int = typer.Option(2000, min=1, help="easy-vqa train images used (seeded subset)"),
+    lora_r: int = typer.Option(16, min=1),
+    lora_alpha: float = typer.Option(32.0),
+    fp32: bool = typer.Option(False, help="no bfloat16 autocast"),
+    out: Path = typer.Option(Path("out/tune/adapter.safetensors"), help="LoRA adapter file (float16 safetensors)"),
+    work_dir: Path = typer.Option(Path("out/tune"), help="folder for loss_log.jsonl, summary.json, cached pixels"),
+    threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
+) -> None:
+    """Tune the default model with LoRA while a method is active (VTW with K drawn per step), save the adapter."""
+    import json
+
+    from vtexit.methods.registry import config_from_dict
+    from vtexit.training import ConfigSampler, LoraSettings, vtw_sampler
+    from vtexit.training.default_model import tune_default_model
+    from vtexit.training.sampler import parse_layer_spec
+
+    try:
+        if config:
+            sampler = ConfigSampler(tuple(config_from_dict(json.loads(c)) for c in config))
+        else:
+            sampler = vtw_sampler(parse_layer_spec(layers), full=full)
+        lora = LoraSettings(r=lora_r, alpha=lora_alpha)
+    except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError; a missing setting a TypeError
+        raise typer.BadParameter(str(err)) from None
+    _require_default_model()
+    _writable_folder(work_dir, "--work-dir")
+    _writable_folder(out.parent)
+    if threads:
+        torch.set_num_threads(threads)
+    result = tune_default_model(
+        sampler, steps=steps, out=out, lr=lr, seed=seed, lora=lora, images=train_images, turns=turns,
+        batch=batch_size, bf16=not fp32, work_dir=work_dir,
+    )  # fmt: skip
+    console.print(
+        f"tuned {steps} steps in {result.seconds:.0f}s (loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}); "
+        f"wrote {out} and {work_dir / 'loss_log.jsonl'}"
+    )
 
 
 if __name__ == "__main__":

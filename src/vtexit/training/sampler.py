@@ -57,3 +57,18 @@ def vtw_sampler(layers: Sequence[int], *, full: float = 0.0, weights: Sequence[f
         choices.append(None)
         probabilities.append(full)
     return ConfigSampler(tuple(choices), tuple(probabilities))
+
+
+def parse_layer_spec(text: str) -> list[int]:
+    """``"3-10"`` (inclusive range) or ``"4,6,8"`` -> list of K; ValueError naming ``layers`` otherwise."""
+    try:
+        if "-" in text:
+            low, high = (int(x) for x in text.split("-"))
+            layers = list(range(low, high + 1))
+        else:
+            layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        layers = []
+    if not layers:
+        raise ValueError(f"layers must be a range 'a-b' (a <= b) or comma-separated ints, got {text!r}")
+    return layers
