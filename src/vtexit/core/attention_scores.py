@@ -51,8 +51,10 @@ def query_attention(
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     attention_mask: torch.Tensor | None,
     query_slots: torch.Tensor,
+    mean_heads: bool = True,
 ) -> torch.Tensor:
-    """Mean-over-heads attention probabilities (batch, queries, keys) of the slots ``query_slots`` (batch, queries).
+    """Mean-over-heads attention probabilities (batch, queries, keys) of the slots ``query_slots`` (batch, queries);
+    per head (batch, heads, queries, keys) with ``mean_heads=False``.
 
     ``hidden_states`` is the attention module's input (after the layer's input norm) for a prefill with an empty
     cache, so keys are the same slots as queries. ``attention_mask`` is what the layer passes to its attention:
@@ -86,4 +88,5 @@ def query_attention(
             scores = scores.masked_fill(~rows, float("-inf"))
         else:
             scores = scores + rows.float()
-    return scores.softmax(dim=-1).mean(dim=1)
+    probs = scores.softmax(dim=-1)
+    return probs.mean(dim=1) if mean_heads else probs

@@ -27,6 +27,7 @@ class PrefillRecord:
     """What decode steps need from the prefill that filled a cache."""
 
     prompt_length: int
+    media: torch.Tensor  # (batch, prompt length) bool, True at media tokens
     full_tokens: torch.Tensor  # (batch,) prompt tokens (padding excluded)
     stage_of_layer: list[int]  # per layer: index into `stages` (-1 = full sequence)
     stages: list[Stage]
@@ -54,7 +55,9 @@ class CallState:
     stage_of_layer: list[int] = field(default_factory=list)
     cache: Cache | None = None
     record: PrefillRecord | None = None
-    fractions: dict[int, tuple[float | None, float | None]] = field(default_factory=dict)  # in-layer methods
+    # In-layer methods: layer -> (head fraction, FFN fraction, visual keys), each None where not recorded.
+    fractions: dict[int, tuple] = field(default_factory=dict)
+    grid_inputs: dict = field(default_factory=dict)  # the core kwargs the family's visual grid is computed from
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
     policy_state: dict = field(default_factory=dict)
     memo: dict = field(default_factory=dict)
@@ -79,11 +82,13 @@ def key_padding(record: PrefillRecord, stage: int, padding, past_length: int, qu
 
 
 def with_fractions(layers: list[LayerCost], fractions: dict) -> list[LayerCost]:
-    for layer_idx, (heads, ffn) in fractions.items():
+    for layer_idx, (heads, ffn, visual_keys) in fractions.items():
         if heads is not None:
             layers[layer_idx].head_fraction = heads
         if ffn is not None:
             layers[layer_idx].ffn_fraction = ffn
+        if visual_keys is not None:
+            layers[layer_idx].visual_keys = visual_keys
     return layers
 
 

@@ -19,7 +19,9 @@ class LayerCost:
 
     Queries are split by kind (visual/text); ``keys`` is the number of keys each query row attends to at most (the
     layer's cached keys plus the new ones). ``head_fraction`` and ``ffn_fraction`` are the shares of attention heads
-    and FFN neurons that visual query rows used (1.0 unless an in-layer method pruned them).
+    and FFN neurons that visual query rows used (1.0 unless an in-layer method pruned them). ``visual_keys``, when an
+    in-layer method limited the keys of visual queries (windowed attention), is the total over the row's visual
+    queries of the keys each attended to in one head; None means every visual query attended to ``keys`` keys.
     """
 
     visual_queries: torch.Tensor  # (batch,) long
@@ -27,6 +29,7 @@ class LayerCost:
     keys: torch.Tensor  # (batch,) long
     head_fraction: float = 1.0
     ffn_fraction: float = 1.0
+    visual_keys: torch.Tensor | None = None  # (batch,) long
 
     @property
     def queries(self) -> torch.Tensor:

@@ -20,7 +20,6 @@ import copy
 import functools
 import inspect
 import threading
-import types
 import weakref
 from functools import partial
 from typing import Any
@@ -148,7 +147,8 @@ class ScheduleEngine:
         for i, attention in attention_modules:
             hooks.append(attention.register_forward_pre_hook(partial(self._attention_hook, i), with_kwargs=True))
         for module, forward in replacements.items():
-            module.forward = types.MethodType(forward, module)
+            # A partial (not a bound method) so that copy.deepcopy of the model copies the forward's owner too.
+            module.forward = partial(forward, module)
             self._replaced.append(module)
         self.model._vtexit_engine = self
         forget_compiled_graphs()
@@ -311,6 +311,7 @@ class ScheduleEngine:
             layout=layout,
             full_valid=layout.valid,
             stage_of_layer=[-1] * self.num_layers,
+            grid_inputs={"input_ids": input_ids, **{name: kwargs.get(name) for name in self.family.grid_inputs}},
         )
 
     def _enter_continuation(self, cache: Cache, kwargs: dict, input_ids, padding, past_length: int) -> None:
@@ -353,6 +354,7 @@ class ScheduleEngine:
         if call.cache is not None:
             record = PrefillRecord(
                 prompt_length=call.media.shape[1],
+                media=call.media,
                 full_tokens=call.full_valid.sum(1),
                 stage_of_layer=call.stage_of_layer,
                 stages=call.stages,
@@ -505,13 +507,68 @@ class ScheduleEngine:
             return None
         return call.media.gather(1, call.layout.index) & call.layout.valid
 
-    def record_fraction(self, layer_idx: int, *, heads: float | None = None, ffn: float | None = None) -> None:
-        """Record the share of heads / FFN neurons the visual rows of a layer used (called by in-layer methods)."""
+    def current_layout(self) -> Layout | None:
+        """The slots the running layer holds in this thread's prefill (None outside a prefill)."""
+        call = self._call
+        return call.layout if call is not None and call.mode == "prefill" else None
+
+    def call_mode(self) -> str | None:
+        """"prefill" (media on an empty cache), "decode" (continuing a cache this engine filled) or None (a call the
+        patch does not touch) for the call running in this thread."""
+        call = self._call
+        return None if call is None else call.mode
+
+    def call_memo(self, key: Any, build) -> Any:
+        """``build()`` once per call of this thread (e.g. index tensors every layer of an in-layer method reuses)."""
+        memo = self._call.memo
+        if key not in memo:
+            memo[key] = build()
+        return memo[key]
+
+    def key_media(self, layer_idx: int, num_keys: int) -> torch.Tensor:
+        """(batch, num_keys) bool: which keys of layer ``layer_idx`` are media tokens, in the order of the layer's
+        cache (the prompt slots the layer holds, then every token since). For in-layer methods in prefill and decode."""
+        call = self._call
+        if call.mode == "prefill":
+            media = call.media.gather(1, call.layout.index) & call.layout.valid
+        else:
+            stage = call.record.stage_of_layer[layer_idx]
+            media = call.record.media
+            if stage >= 0:
+                layout = call.record.stages[stage].layout
+                media = media.gather(1, layout.index) & layout.valid
+        if media.shape[1] < num_keys:
+            media = torch.nn.functional.pad(media, (0, num_keys - media.shape[1]), value=False)
+        return media[:, :num_keys]
+
+    def media_grid(self):
+        """Where each prompt position of this thread's prefill sits on its image's patch grid (see
+        :class:`vtexit.core.grids.VisualGrid`), from the family's description; memoised per call."""
+        call = self._call
+        if self.family.visual_grid is None:
+            raise ValueError(f"family {self.family.name!r} does not describe its visual patch grid")
+        return self.call_memo(
+            "media grid",
+            lambda: self.family.visual_grid(self.model.config, call.grid_inputs["input_ids"], call.grid_inputs),
+        )
+
+    def record_fraction(
+        self,
+        layer_idx: int,
+        *,
+        heads: float | None = None,
+        ffn: float | None = None,
+        visual_keys: torch.Tensor | None = None,
+    ) -> None:
+        """Record what the visual query rows of a layer used, for cost records (called by in-layer methods): the
+        share of heads and of FFN neurons, and ``visual_keys`` (batch,), the keys all visual query rows of a row
+        attended to in total when a method limited them (else every key)."""
         call = self._call
         if call is None:
             return
-        old_heads, old_ffn = call.fractions.get(layer_idx, (None, None))
-        call.fractions[layer_idx] = (old_heads if heads is None else heads, old_ffn if ffn is None else ffn)
+        old = call.fractions.get(layer_idx, (None, None, None))
+        new = (heads, ffn, visual_keys)
+        call.fractions[layer_idx] = tuple(o if n is None else n for o, n in zip(old, new, strict=True))
 
     # ----------------------------------------------------------------------------------------- helpers
     def _media_ids_on(self, device: torch.device) -> torch.Tensor:

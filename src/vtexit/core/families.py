@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from vtexit.core.grids import qwen_grid, square_grid
+
 
 def first_layer_of_each_type(text_config: PretrainedConfig) -> int:
     """Smallest K that leaves the first layer of every attention type untouched.
@@ -54,6 +56,10 @@ class FamilySpec:
     attention: str = "self_attn"  # attention module of a decoder layer (for attention scores)
     # Core kwarg with per-token types (1 = media) for families whose media blocks attend both ways (Gemma3).
     media_blocks: str | None = None
+    # Where each visual token sits on its image's patch grid (see vtexit.core.grids), for windowed methods; None
+    # when the family's layout is not described. ``grid_inputs`` names the core kwargs it reads.
+    visual_grid: Callable | None = None
+    grid_inputs: tuple[str, ...] = ()
 
     def media_token_ids(self, config: PretrainedConfig) -> list[int]:
         ids = [getattr(config, attr, None) for attr in self.media_token_attrs]
@@ -98,13 +104,15 @@ def _get_path(root: nn.Module, path: str) -> nn.Module:
     return obj
 
 
+_QWEN_GRID = {"visual_grid": qwen_grid, "grid_inputs": ("image_grid_thw", "video_grid_thw", "position_ids")}
+
 _BUILTIN = (
-    FamilySpec("llava", ("llava",), media_token_attrs=("image_token_id",)),
+    FamilySpec("llava", ("llava",), media_token_attrs=("image_token_id",), visual_grid=square_grid),
     FamilySpec("llava_next", ("llava_next",), media_token_attrs=("image_token_id",)),
     FamilySpec("llava_onevision", ("llava_onevision",)),
-    FamilySpec("qwen2_vl", ("qwen2_vl",)),
-    FamilySpec("qwen2_5_vl", ("qwen2_5_vl",)),
-    FamilySpec("qwen3_vl", ("qwen3_vl",), min_layer=deepstack_min_layer),
+    FamilySpec("qwen2_vl", ("qwen2_vl",), **_QWEN_GRID),
+    FamilySpec("qwen2_5_vl", ("qwen2_5_vl",), **_QWEN_GRID),
+    FamilySpec("qwen3_vl", ("qwen3_vl",), min_layer=deepstack_min_layer, **_QWEN_GRID),
     FamilySpec("internvl", ("internvl",), media_token_attrs=("image_token_id",)),
     FamilySpec(
         "idefics3", ("idefics3", "smolvlm"), language_model="model.text_model", media_token_attrs=("image_token_id",)

@@ -21,8 +21,9 @@ from vtexit.core.families import FamilySpec, family_for
 FORMULA = (
     "per decoder layer, n query tokens attending to c keys: "
     "n*d*(2*h*dh + 2*kv*dh) [q,o and k,v projections] + 2*n*c*h*dh [QK^T and AV] + g*n*d*m [MLP, g=3 if gated "
-    "else 2]; d hidden, h heads, kv key/value heads, dh head dim, m FFN size; one multiply-add = 1 FLOP, as in "
-    "FastV's 4nd^2 + 2n^2d + 2ndm. Prefill: c = n per layer. Decode: n = 1, c = cached keys + 1. "
+    "else 2]; in-layer pruning (YOPO) counts only the heads, keys and FFN neurons visual rows used; d hidden, "
+    "h heads, kv key/value heads, dh head dim, m FFN size; one multiply-add = 1 FLOP, as in FastV's "
+    "4nd^2 + 2n^2d + 2ndm. Prefill: c = n per layer. Decode: n = 1, c = cached keys + 1. "
     "Vision tower, embeddings and LM head excluded."
 )
 
@@ -60,14 +61,22 @@ class DecoderShape:
         return round(self.split_layer(0, n, c))
 
     def split_layer(
-        self, visual: int, text: int, c: int, head_fraction: float = 1.0, ffn_fraction: float = 1.0
+        self,
+        visual: int,
+        text: int,
+        c: int,
+        head_fraction: float = 1.0,
+        ffn_fraction: float = 1.0,
+        visual_keys: float | None = None,
     ) -> float:
         """A layer whose visual query rows used only ``head_fraction`` of the heads (q/o projections and attention)
-        and ``ffn_fraction`` of the FFN neurons; key/value projections are counted for every row."""
+        and ``ffn_fraction`` of the FFN neurons, and attended to ``visual_keys`` keys in total (default: ``c`` each);
+        key/value projections are counted for every row."""
         d, h, kv, dh, m = self.hidden, self.heads, self.kv_heads, self.head_dim, self.ffn
         rows = text + visual * head_fraction
         projections = rows * d * 2 * h * dh + (visual + text) * d * 2 * kv * dh
-        attention = 2 * rows * c * h * dh
+        visual_pairs = visual * c if visual_keys is None else visual_keys
+        attention = 2 * (text * c + visual_pairs * head_fraction) * h * dh
         mlp = (3 if self.gated else 2) * (text + visual * ffn_fraction) * d * m
         return projections + attention + mlp
 
@@ -92,9 +101,10 @@ def call_flops(shape: DecoderShape, call: CallCost) -> list[int]:
     per_row = None
     for layer in call.layers:
         visual, text, keys = layer.visual_queries.tolist(), layer.text_queries.tolist(), layer.keys.tolist()
+        pairs = [None] * len(keys) if layer.visual_keys is None else layer.visual_keys.tolist()
         flops = [
-            shape.split_layer(v, t, c, layer.head_fraction, layer.ffn_fraction)
-            for v, t, c in zip(visual, text, keys, strict=True)
+            shape.split_layer(v, t, c, layer.head_fraction, layer.ffn_fraction, p)
+            for v, t, c, p in zip(visual, text, keys, pairs, strict=True)
         ]
         per_row = flops if per_row is None else [a + b for a, b in zip(per_row, flops, strict=True)]
     return [round(f) for f in per_row or []]

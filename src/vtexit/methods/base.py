@@ -44,6 +44,8 @@ def _convert(name: str, value: Any, hint: Any) -> Any:
     if not isinstance(value, str) or hint is str:
         return value
     options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    if str in options:  # the setting takes text itself (e.g. a file path); the config checks it
+        return value
     for option in options:
         if option is bool and value.lower() in ("true", "false", "1", "0"):
             return value.lower() in ("true", "1")

@@ -1,0 +1,133 @@
+"""Where each visual token sits on its image's patch grid, for methods that look at spatial neighbours.
+
+A family describes its geometry with a function ``(config, input_ids, inputs) -> VisualGrid`` (``inputs`` are the
+multimodal core's kwargs the family names in ``FamilySpec.grid_inputs``). Two layouts cover the built-in families
+that have one: LLaVA-1.5 style (each ``<image>`` expands to a square grid of ``image_seq_length`` tokens, row-major)
+and Qwen2-VL style (``image_grid_thw`` / ``video_grid_thw`` in patches, merged ``spatial_merge_size`` x
+``spatial_merge_size``; a video is ``t`` frames of one grid). Everything is computed on the device, without a sync.
+Every frame's tokens are consecutive in the prompt, row-major: the token ``dr`` rows and ``dc`` columns away sits
+``dr * width + dc`` positions away.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import PretrainedConfig
+
+
+@dataclass(frozen=True)
+class VisualGrid:
+    """Per prompt position (batch, length), long tensors; at non-visual positions ``frame`` is -1, the rest 0.
+
+    ``frame`` identifies the image (or video frame) within the row; ``row``/``col`` the token's place on that
+    frame's grid of ``height`` x ``width`` tokens."""
+
+    frame: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    height: torch.Tensor
+    width: torch.Tensor
+
+
+def square_side(config: PretrainedConfig) -> int:
+    """LLaVA-1.5 style: the side of the square grid of ``image_seq_length`` tokens per image (ValueError if none)."""
+    tokens = getattr(config, "image_seq_length", None)
+    side = math.isqrt(tokens) if isinstance(tokens, int) and tokens > 0 else 0
+    if side * side != tokens:
+        raise ValueError(
+            f"image_seq_length={tokens!r} is not a square number of tokens, so the image's patch grid is unknown "
+            "(e.g. a CLS token is kept: vision_feature_select_strategy='full')"
+        )
+    return side
+
+
+def square_grid(config: PretrainedConfig, input_ids: torch.Tensor, inputs: dict) -> VisualGrid:
+    """LLaVA-1.5: the k-th run of ``image_seq_length`` image tokens in a row is image k, a square grid."""
+    side = square_side(config)
+    media = input_ids == config.image_token_id
+    rank = media.long().cumsum(1) - 1
+    local = rank % (side * side)
+    zero = torch.zeros_like(rank)
+    return VisualGrid(
+        frame=torch.where(media, rank // (side * side), -1),
+        row=torch.where(media, local // side, zero),
+        col=torch.where(media, local % side, zero),
+        height=torch.where(media, side, zero),
+        width=torch.where(media, side, zero),
+    )
+
+
+def qwen_grid(config: PretrainedConfig, input_ids: torch.Tensor, inputs: dict) -> VisualGrid:
+    """Qwen2-VL style. ``generate`` passes the M-RoPE position ids (and no grids) to the multimodal core: read the
+    grid from them when given, else from ``image_grid_thw`` / ``video_grid_thw``."""
+    positions = inputs.get("position_ids")
+    if positions is not None and positions.ndim == 3 and positions.shape[0] >= 3:
+        return mrope_grid(config, input_ids, positions[-3:])
+    return merged_thw_grid(config, input_ids, inputs)
+
+
+def mrope_grid(config: PretrainedConfig, input_ids: torch.Tensor, thw: torch.Tensor) -> VisualGrid:
+    """From M-RoPE (temporal, height, width) position ids (3, batch, length): a frame is a run of visual tokens with
+    one temporal position; a token's row and column are its height and width positions minus the frame's least."""
+    ids = [getattr(config, a, None) for a in ("image_token_id", "video_token_id")]
+    media = torch.isin(input_ids, torch.tensor([i for i in ids if i is not None], device=input_ids.device))
+    t, h, w = thw.to(input_ids.device).expand(-1, *input_ids.shape)
+    before = torch.nn.functional.pad(media[:, :-1], (1, 0), value=False)
+    t_before = torch.nn.functional.pad(t[:, :-1], (1, 0), value=-1)
+    frame = (media & (~before | (t != t_before))).long().cumsum(1) - 1
+    frame = torch.where(media, frame, -1)
+    batch, length = input_ids.shape
+    bucket = torch.where(media, torch.arange(batch, device=media.device).view(-1, 1) * length + frame, batch * length)
+    bucket = bucket.flatten()
+
+    def reduce(values: torch.Tensor, how: str) -> torch.Tensor:
+        start = torch.zeros(batch * length + 1, dtype=values.dtype, device=values.device)
+        per_frame = start.scatter_reduce(0, bucket, values.flatten(), how, include_self=False)
+        return per_frame[bucket].view(batch, length)
+
+    top, left = reduce(h, "amin"), reduce(w, "amin")
+    zero = torch.zeros_like(input_ids)
+    return VisualGrid(
+        frame=frame,
+        row=torch.where(media, h - top, zero),
+        col=torch.where(media, w - left, zero),
+        height=torch.where(media, reduce(h, "amax") - top + 1, zero),
+        width=torch.where(media, reduce(w, "amax") - left + 1, zero),
+    )
+
+
+def merged_thw_grid(config: PretrainedConfig, input_ids: torch.Tensor, inputs: dict) -> VisualGrid:
+    """Qwen2-VL style: images and video frames in the order of ``image_grid_thw`` / ``video_grid_thw`` rows (the
+    order transformers fills the placeholders in: row-major over the batch)."""
+    merge = config.vision_config.spatial_merge_size
+    frame = torch.full_like(input_ids, -1)
+    row, col, height, width = (torch.zeros_like(input_ids) for _ in range(4))
+    for kind, (token_attr, grid_name) in enumerate(
+        (("image_token_id", "image_grid_thw"), ("video_token_id", "video_grid_thw"))
+    ):
+        token = getattr(config, token_attr, None)
+        thw = inputs.get(grid_name)
+        if token is None or thw is None or thw.numel() == 0:
+            continue
+        thw = thw.to(input_ids.device)
+        is_kind = input_ids == token
+        rank = (is_kind.flatten().long().cumsum(0) - 1).view_as(input_ids).clamp(min=0)
+        frame_h, frame_w = thw[:, 1] // merge, thw[:, 2] // merge
+        tokens = thw[:, 0] * frame_h * frame_w
+        ends = tokens.cumsum(0)
+        item = torch.searchsorted(ends, rank, right=True).clamp(max=len(ends) - 1)
+        local = rank - (ends - tokens)[item]
+        per_frame = (frame_h * frame_w)[item]
+        in_frame = local % per_frame
+        w = frame_w[item]
+        # Ids unique within a row: (kind, item, frame within item).
+        frame_id = kind * (1 << 40) + item * (1 << 20) + local // per_frame
+        frame = torch.where(is_kind, frame_id, frame)
+        row = torch.where(is_kind, in_frame // w, row)
+        col = torch.where(is_kind, in_frame % w, col)
+        height = torch.where(is_kind, frame_h[item], height)
+        width = torch.where(is_kind, w, width)
+    return VisualGrid(frame=frame, row=row, col=col, height=height, width=width)
