@@ -24,8 +24,13 @@ from vtexit.methods.vtw import (
     valid_layer_range,
     withdraw,
 )
+from vtexit.methods.yopo import HeadMask, YOPOConfig, calibrate_heads, yopo
 
 __all__ = [
+    "HeadMask",
+    "YOPOConfig",
+    "calibrate_heads",
+    "yopo",
     "DyVTEConfig",
     "DyVTEGates",
     "DyVTEHandle",

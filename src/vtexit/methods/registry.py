@@ -31,6 +31,9 @@ def method_configs() -> dict[str, type[MethodConfig]]:
     from vtexit.methods.dyvte.config import DyVTEConfig
 
     configs[DyVTEConfig.method] = DyVTEConfig
+    from vtexit.methods.yopo.config import YOPOConfig
+
+    configs[YOPOConfig.method] = YOPOConfig
     return configs
 
 

@@ -1,0 +1,249 @@
+"""YOPO's attention forward: visual query rows computed apart from text rows, so pruning is compute not done.
+
+In a prefill with visual tokens, one decoder layer's attention runs as
+  * keys and values of every slot, as the model would (they go to the cache);
+  * text query rows in every head, over the keys the causal mask allows; in a head pruned for visual tokens the
+    visual keys are invisible (``pruned_text="renormalise"``: softmax over the other keys) or, as in the public
+    simulation, weighted 0 after the softmax (``"zero"``: the weights no longer sum to 1);
+  * visual query rows only in the heads active for visual tokens (q/o projections sliced to those heads): over the
+    causal keys, or under ``window`` over the visual keys of their w x w neighbourhood on their image's grid
+    (gathered, never a dense masked matrix) plus every earlier text key.
+Decode steps and continued text are text queries: heads pruned for visual tokens see the cached visual keys the
+same way; the window is a prefill-only rule. Outside a patched call the module's own forward runs.
+Everything but the per-call index tensors is computed without a host read.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vtexit.core.engine import ScheduleEngine
+from vtexit.core.layout import gather_sequence
+from vtexit.methods.yopo.rows import QueryRows, RowBlock, Windows, split_rows, windows
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """The heads of one layer that visual query rows compute, and the key/value head each reads."""
+
+    active: torch.Tensor  # (heads,) bool
+    active_index: torch.Tensor  # (active,) long
+    kv_index: torch.Tensor  # (active,) long
+    pruned: bool  # some head is pruned
+    copies: dict = field(default_factory=dict, compare=False)  # device -> this plan there
+
+    @classmethod
+    def of(cls, active: torch.Tensor, kv_heads: int) -> HeadPlan:
+        heads = active.numel()
+        index = active.nonzero().flatten()
+        return cls(active, index, index // (heads // kv_heads), bool((~active).any()))
+
+    def on(self, device: torch.device) -> HeadPlan:
+        """This plan with its tensors on ``device`` (copied once per device, not per call)."""
+        if self.active.device == device:
+            return self
+        if device not in self.copies:
+            moved = (t.to(device) for t in (self.active, self.active_index, self.kv_index))
+            self.copies[device] = HeadPlan(*moved, self.pruned)
+        return self.copies[device]
+
+
+def check_attention(module: nn.Module, what: str) -> None:
+    """Refuse an attention module this forward cannot stand in for (ValueError naming ``what`` needs it)."""
+    missing = [
+        n
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx")
+        if not hasattr(module, n)
+    ]
+    if missing:
+        raise ValueError(f"{what} needs Llama-style attention; {type(module).__name__} lacks {missing}")
+    if getattr(module, "sliding_window", None) is not None or getattr(module, "attn_logit_softcapping", None):
+        raise ValueError(f"{what} does not support {type(module).__name__} with a sliding window or logit softcapping")
+    if getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None) is None:
+        raise ValueError(f"{what}: {type(module).__name__}'s module has no apply_rotary_pos_emb")
+
+
+class YOPOAttention:
+    """Replacement forwards for the attention modules of one patched model (one instance per patch)."""
+
+    def __init__(
+        self,
+        engine: ScheduleEngine,
+        plans: dict[int, HeadPlan],
+        window: int | None,
+        pruned_text: str,
+    ):
+        self.engine = engine
+        self.plans = plans
+        self.window = window
+        self.pruned_text = pruned_text
+
+    # ------------------------------------------------------------------------------------------- entry
+    def forward(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        **kwargs,
+    ):
+        mode = self.engine.call_mode()
+        plan = self.plans[module.layer_idx].on(hidden_states.device)
+        if mode == "prefill":
+            return self._prefill(module, plan, hidden_states, position_embeddings, past_key_values), None
+        if mode == "decode" and plan.pruned:
+            return self._text_only(
+                module, plan, hidden_states, position_embeddings, attention_mask, past_key_values
+            ), None
+        return type(module).forward(
+            module,
+            hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------------------------------- pieces
+    @staticmethod
+    def _rotate(module: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rotate = sys.modules[type(module).__module__].apply_rotary_pos_emb
+        return rotate(states, states, cos, sin)[0]
+
+    @staticmethod
+    def _heads(module: nn.Module, projected: torch.Tensor, norm_name: str) -> torch.Tensor:
+        batch, length, _ = projected.shape
+        states = projected.view(batch, length, -1, module.head_dim)
+        norm = getattr(module, norm_name, None)
+        if norm is not None:
+            states = norm(states)
+        return states.transpose(1, 2)
+
+    def _keys_values(self, module, hidden, cos, sin, cache):
+        key = self._rotate(module, self._heads(module, module.k_proj(hidden), "k_norm"), cos, sin)
+        value = self._heads(module, module.v_proj(hidden), "")
+        if cache is not None:
+            key, value = cache.update(key, value, module.layer_idx)
+        return key, value
+
+    def _attend(self, query, key, value, allowed, plan: HeadPlan | None, key_media, scale):
+        """Text-query attention; in heads pruned for visual tokens, visual keys are invisible or zero-weighted."""
+        if plan is None or not plan.pruned:
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scale, enable_gqa=True)
+        visible = plan.active.view(1, -1, 1, 1) | ~key_media.view(key_media.shape[0], 1, 1, -1)
+        if self.pruned_text == "renormalise":
+            allowed = allowed & visible
+            allowed = allowed | ~allowed.any(-1, keepdim=True)  # a query with nothing left reads all (dropped later)
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scale, enable_gqa=True)
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+        scores = (query @ key.transpose(-1, -2)).float() * scale
+        probs = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).softmax(-1) * visible
+        return probs.to(value.dtype) @ value
+
+    # ------------------------------------------------------------------------------------------- prefill
+    def _prefill(self, module, plan: HeadPlan, hidden, position_embeddings, cache) -> torch.Tensor:
+        engine = self.engine
+        layout = engine.current_layout()
+        rows: QueryRows = engine.call_memo("yopo rows", lambda: split_rows(engine.current_media(), layout.valid))
+        cos, sin = position_embeddings
+        key, value = self._keys_values(module, hidden, cos, sin, cache)
+        key, value = key[:, :, -hidden.shape[1] :], value[:, :, -hidden.shape[1] :]
+        key_slots = torch.arange(rows.length, device=hidden.device)
+        media = engine.current_media()
+        scale = module.scaling
+        batch, length, _ = hidden.shape
+        out = hidden.new_zeros(batch, length + 1, module.o_proj.out_features)
+
+        # Text rows: every head.
+        text = rows.text
+        query = self._query_rows(module, hidden, text, cos, sin, module.q_proj.weight, module.q_proj.bias)
+        allowed = (key_slots.view(1, 1, -1) <= text.slots.unsqueeze(-1)) & layout.valid.unsqueeze(1)
+        allowed = (allowed | ~text.valid.unsqueeze(-1)).unsqueeze(1)
+        attended = self._attend(query, key, value, allowed, plan, media, scale)
+        out = text.scatter(out, module.o_proj(_merge_heads(attended)))
+
+        # Visual rows: only the heads active for visual tokens.
+        visual = rows.visual
+        heads = len(plan.active_index)
+        if heads and visual.slots.shape[1]:
+            rows_q = (
+                plan.active_index.view(-1, 1) * module.head_dim + torch.arange(module.head_dim, device=hidden.device)
+            ).flatten()
+            weight = module.q_proj.weight.index_select(0, rows_q)
+            bias = None if module.q_proj.bias is None else module.q_proj.bias.index_select(0, rows_q)
+            query = self._query_rows(module, hidden, visual, cos, sin, weight, bias)
+            key_a, value_a = key.index_select(1, plan.kv_index), value.index_select(1, plan.kv_index)
+            if self.window is None:
+                allowed = (key_slots.view(1, 1, -1) <= visual.slots.unsqueeze(-1)) & layout.valid.unsqueeze(1)
+                allowed = (allowed | ~visual.valid.unsqueeze(-1)).unsqueeze(1)
+                attended = F.scaled_dot_product_attention(query, key_a, value_a, attn_mask=allowed, scale=scale)
+            else:
+                win: Windows = engine.call_memo(
+                    "yopo windows", lambda: windows(rows, engine.media_grid(), layout.index, self.window)
+                )
+                attended = _windowed(query, key_a, value_a, win, text, scale)
+            projected = F.linear(
+                _merge_heads(attended), module.o_proj.weight.index_select(1, rows_q), module.o_proj.bias
+            )
+            out = visual.scatter(out, projected)
+        win_keys = None
+        if self.window is not None and visual.slots.shape[1]:
+            win_keys = engine.call_memo(
+                "yopo windows", lambda: windows(rows, engine.media_grid(), layout.index, self.window)
+            ).keys_per_row
+        engine.record_fraction(module.layer_idx, heads=heads / plan.active.numel(), visual_keys=win_keys)
+        return out[:, :length]
+
+    def _query_rows(self, module, hidden, block: RowBlock, cos, sin, weight, bias) -> torch.Tensor:
+        index = block.gather_index
+        query = self._heads(module, F.linear(block.gather(hidden), weight, bias), "q_norm")
+        return self._rotate(module, query, gather_sequence(cos, index, -2), gather_sequence(sin, index, -2))
+
+    # ------------------------------------------------------------------------------------------- decode
+    def _text_only(self, module, plan: HeadPlan, hidden, position_embeddings, attention_mask, cache):
+        cos, sin = position_embeddings
+        query = self._rotate(module, self._heads(module, module.q_proj(hidden), "q_norm"), cos, sin)
+        key, value = self._keys_values(module, hidden, cos, sin, cache)
+        keys, queries = key.shape[2], hidden.shape[1]
+        if attention_mask is None:
+            slots = torch.arange(keys, device=hidden.device)
+            allowed = slots.view(1, -1) <= (keys - queries + torch.arange(queries, device=hidden.device)).view(-1, 1)
+            allowed = allowed.view(1, 1, queries, keys)
+        elif attention_mask.dtype == torch.bool:
+            allowed = attention_mask[..., :keys]
+        else:
+            allowed = attention_mask[..., :keys] > torch.finfo(attention_mask.dtype).min / 2
+        key_media = self.engine.key_media(module.layer_idx, keys)
+        attended = self._attend(query, key, value, allowed, plan, key_media, module.scaling)
+        return module.o_proj(_merge_heads(attended))
+
+
+def _merge_heads(states: torch.Tensor) -> torch.Tensor:
+    batch, heads, length, dim = states.shape
+    return states.transpose(1, 2).reshape(batch, length, heads * dim)
+
+
+def _windowed(query, key, value, win: Windows, text: RowBlock, scale: float) -> torch.Tensor:
+    """Visual queries (batch, heads, visual, dim) over their gathered neighbours and the earlier text keys."""
+    batch, heads, visual, dim = query.shape
+    size = win.neighbours.shape[-1]
+    flat = win.neighbours.view(batch, 1, visual * size, 1).expand(-1, heads, -1, dim)
+    near_k = key.gather(2, flat).view(batch, heads, visual, size, dim)
+    near_v = value.gather(2, flat).view(batch, heads, visual, size, dim)
+    text_index = text.gather_index.view(batch, 1, -1, 1).expand(-1, heads, -1, dim)
+    text_k, text_v = key.gather(2, text_index), value.gather(2, text_index)
+    scores = (
+        torch.cat([torch.einsum("bhvd,bhvsd->bhvs", query, near_k), query @ text_k.transpose(-1, -2)], dim=-1).float()
+        * scale
+    )
+    allowed = torch.cat([win.neighbour_ok, win.earlier_text], dim=-1).unsqueeze(1)
+    probs = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).softmax(-1).to(value.dtype)
+    near_p, text_p = probs[..., :size], probs[..., size:]
+    return torch.einsum("bhvs,bhvsd->bhvd", near_p, near_v) + text_p @ text_v

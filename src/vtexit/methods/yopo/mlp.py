@@ -1,0 +1,53 @@
+"""YOPO's sparse visual FFN: in a prefill, visual rows use only the first m/r intermediate neurons.
+
+Visual and text rows are gathered apart; the visual block runs sliced matrix products (gate/up rows and down
+columns ``[:neurons]``), the text block the full MLP. Decode steps (text only) and untouched calls run the module's
+own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vtexit.core.engine import ScheduleEngine
+from vtexit.methods.yopo.rows import QueryRows, split_rows
+
+
+def check_mlp(module: nn.Module) -> None:
+    missing = [n for n in ("gate_proj", "up_proj", "down_proj", "act_fn") if not hasattr(module, n)]
+    if missing:
+        raise ValueError(
+            f"ffn_ratio needs a gated MLP (gate/up/down projections); {type(module).__name__} lacks {missing}"
+        )
+
+
+class YOPOMLP:
+    """Replacement MLP forwards of one patched model."""
+
+    def __init__(self, engine: ScheduleEngine, neurons: int):
+        self.engine = engine
+        self.neurons = neurons
+
+    def forward(self, layer_idx: int, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        engine = self.engine
+        if engine.call_mode() != "prefill":
+            return type(module).forward(module, hidden)
+        layout = engine.current_layout()
+        rows: QueryRows = engine.call_memo("yopo rows", lambda: split_rows(engine.current_media(), layout.valid))
+        batch, length, _ = hidden.shape
+        out = hidden.new_zeros(batch, length + 1, module.down_proj.out_features)
+        out = rows.text.scatter(out, type(module).forward(module, rows.text.gather(hidden)))
+        visual = rows.visual.gather(hidden)
+        n = self.neurons
+        gate = F.linear(visual, module.gate_proj.weight[:n], _head(module.gate_proj.bias, n))
+        up = F.linear(visual, module.up_proj.weight[:n], _head(module.up_proj.bias, n))
+        down = F.linear(module.act_fn(gate) * up, module.down_proj.weight[:, :n], module.down_proj.bias)
+        out = rows.visual.scatter(out, down)
+        engine.record_fraction(layer_idx, ffn=n / module.down_proj.in_features)
+        return out[:, :length]
+
+
+def _head(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    return None if bias is None else bias[:n]

@@ -1,0 +1,230 @@
+"""YOPO against an independent masked simulation (tests/yopo_reference.py): dense eager attention with hand-built
+per-head masks and zeroed neurons, on a padded batch whose rows hold 1, 0 and 2 images; logits of the prefill and
+cached greedy generation against a no-cache recomputation of the simulation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import family_batch
+from reference import greedy_no_cache
+from yopo_reference import hand_grid, simulate
+
+import vtexit
+from vtexit.core.flops import DecoderShape, run_flops
+from vtexit.testing.tiny_models import build_tiny
+
+NEW_TOKENS = 4
+LAYERS = 4
+
+
+def _active(case, seed: int = 0) -> torch.Tensor:
+    """A head mask with a different pruned set per layer (layers 0-1 keep every head, as calibrated masks do)."""
+    heads = case.model.config.get_text_config().num_attention_heads
+    gen = torch.Generator().manual_seed(seed)
+    active = torch.rand(LAYERS, heads, generator=gen) < 0.5
+    active[:2] = True
+    active[3, :] = False  # a layer where visual rows compute no attention at all
+    return active
+
+
+def _strategies(case) -> dict[str, dict]:
+    active = _active(case)
+    ffn = case.model.config.get_text_config().intermediate_size
+    return {
+        "window": dict(window=3),
+        "heads": dict(heads=active),
+        "heads-zero": dict(heads=active, pruned_text="zero"),
+        "ffn": dict(ffn_ratio=2, _neurons=ffn // 2),
+        "drop": dict(layer_drop=2),
+        "all": dict(window=3, heads=active, layer_drop=3, ffn_ratio=3, _neurons=round(ffn / 3)),
+    }
+
+
+def _sim(case, settings):
+    return simulate(
+        case.model,
+        window=settings.get("window"),
+        active=settings.get("heads"),
+        layer_drop=settings.get("layer_drop"),
+        neurons=settings.get("_neurons"),
+        pruned_text=settings.get("pruned_text", "renormalise"),
+    )
+
+
+def _config(settings) -> vtexit.YOPOConfig:
+    return vtexit.YOPOConfig(**{k: v for k, v in settings.items() if not k.startswith("_")})
+
+
+_CASES: dict[tuple[str, str], object] = {}
+
+
+def _case(family: str, attn: str):
+    if (family, attn) not in _CASES:
+        case = build_tiny(family, attn_implementation=attn, num_layers=LAYERS)
+        case.model.generation_config.eos_token_id = None
+        _CASES[family, attn] = case
+    return _CASES[family, attn]
+
+
+# Every strategy on the two grid layouts under SDPA; the combination and the public semantics under eager too.
+MATRIX = [
+    (f, "sdpa", s) for f in ("llava", "qwen2_vl") for s in ("window", "heads", "heads-zero", "ffn", "drop", "all")
+]
+MATRIX += [(f, "eager", s) for f in ("llava", "qwen2_vl") for s in ("heads-zero", "all")]
+MATRIX += [("qwen2_5_vl", "sdpa", s) for s in ("window", "all")]
+
+
+def _check(case, settings, name):
+    inputs = family_batch(case)
+    media_ids = sorted(set(inputs["input_ids"][case.media_mask(inputs)].tolist()))
+    sim = _sim(case, settings)
+    with torch.no_grad():
+        expected = sim(**inputs, use_cache=False).logits
+        with vtexit.yopo(case.model, _config(settings)) as handle:
+            logits = case.model(**inputs).logits
+            layout = handle.last_layout
+            generated = case.model.generate(
+                **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, suppress_tokens=media_ids
+            )
+        reference = greedy_no_cache(sim, inputs, NEW_TOKENS, suppress=media_ids)
+    valid = inputs["attention_mask"].bool()
+    if layout is None:
+        got, want = logits[valid], expected[valid]
+    else:
+        got = logits[layout.valid]
+        want = expected.gather(1, layout.index.unsqueeze(-1).expand(-1, -1, expected.shape[-1]))[layout.valid]
+    torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-4, msg=name)
+    assert torch.equal(generated, reference), name
+
+
+@pytest.mark.parametrize(("family", "attn", "name"), MATRIX, ids=["-".join(m) for m in MATRIX])
+def test_yopo_matches_masked_simulation(family, attn, name):
+    case = _case(family, attn)
+    _check(case, _strategies(case)[name], name)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "internvl", "idefics3", "qwen3_vl"])
+def test_heads_ffn_and_drop_on_other_families(family):
+    case = build_tiny(family, num_layers=LAYERS)
+    case.model.generation_config.eos_token_id = None
+    settings = dict(_strategies(case)["all"])
+    if family != "qwen3_vl":
+        del settings["window"]
+    _check(case, settings, family)
+
+
+def test_remove_restores_the_model_bit_for_bit():
+    case = build_tiny("qwen2_vl", num_layers=LAYERS)
+    inputs = family_batch(case)
+    state = {k: v.clone() for k, v in case.model.state_dict().items()}
+    with torch.no_grad():
+        before = case.model(**inputs).logits
+        handle = vtexit.yopo(case.model, _config(_strategies(case)["all"]))
+        patched = case.model(**inputs).logits
+        handle.remove()
+        after = case.model(**inputs).logits
+    assert not torch.equal(patched[:, -1], before[:, -1])
+    assert torch.equal(after, before)
+    assert all(torch.equal(v, state[k]) for k, v in case.model.state_dict().items())
+    assert not any("forward" in m.__dict__ for m in case.model.modules())
+
+
+def test_cost_records_count_what_ran():
+    case = build_tiny("llava", num_layers=LAYERS)
+    inputs = family_batch(case)
+    settings = _strategies(case)["all"]
+    text = case.model.config.get_text_config()
+    with torch.no_grad(), vtexit.yopo(case.model, _config(settings)) as handle:
+        case.model(**inputs)
+        layers = handle.last_cost.prefill.layers
+        flops = run_flops(DecoderShape.from_model(case.model), handle.last_cost)
+    media, frame, row, col = hand_grid(case.model, inputs["input_ids"], inputs)
+    valid = inputs["attention_mask"].bool()
+    # Keys of each visual query by brute force: neighbours on its grid (3 x 3) plus earlier text tokens.
+    expected_keys = torch.zeros(len(media), dtype=torch.long)
+    for b in range(len(media)):
+        for q in media[b].nonzero().flatten().tolist():
+            near = (
+                media[b]
+                & (frame[b] == frame[b, q])
+                & ((row[b] - row[b, q]).abs() <= 1)
+                & ((col[b] - col[b, q]).abs() <= 1)
+            )
+            earlier = ~media[b] & valid[b] & (torch.arange(media.shape[1]) < q)
+            expected_keys[b] += int(near.sum() + earlier.sum())
+    active = settings["heads"]
+    for i, layer in enumerate(layers):
+        if i < settings["layer_drop"]:
+            assert torch.equal(layer.visual_keys.cpu(), expected_keys), i
+            assert layer.head_fraction == pytest.approx(float(active[i].float().mean())), i
+            assert layer.ffn_fraction == pytest.approx(round(text.intermediate_size / 3) / text.intermediate_size)
+            assert torch.equal(layer.visual_queries.cpu(), (media & valid).sum(1))
+        else:
+            assert int(layer.visual_queries.sum()) == 0
+    with torch.no_grad(), vtexit.withdraw(case.model, layer=settings["layer_drop"]) as vtw:
+        case.model(**inputs)
+        vtw_flops = run_flops(DecoderShape.from_model(case.model), vtw.last_cost)
+    assert len(flops) == len(vtw_flops) == 3
+    for ours, withdrawal, has_image in zip(flops, vtw_flops, media.any(1).tolist(), strict=True):
+        assert (ours.prefill < withdrawal.prefill) if has_image else (ours.prefill == withdrawal.prefill)
+
+
+def test_deepcopy_of_a_yopo_patched_model_has_its_own_patch():
+    case = build_tiny("llava", num_layers=LAYERS)
+    inputs = family_batch(case)
+    with torch.no_grad():
+        handle = vtexit.yopo(case.model, _config(_strategies(case)["all"]))
+        patched = case.model(**inputs).logits
+        twin = copy.deepcopy(case.model)
+        handle.remove()
+        assert torch.equal(twin(**inputs).logits, patched)
+        vtexit.patch_of(twin).remove()
+        assert torch.equal(twin(**inputs).logits, case.model(**inputs).logits)
+
+
+def test_config_round_trips_and_refuses_bad_settings(tmp_path):
+    case = build_tiny("llava", num_layers=LAYERS)
+    active = _active(case)
+    config = vtexit.YOPOConfig(window=5, heads=vtexit.HeadMask(active), layer_drop=3, ffn_ratio=2)
+    assert vtexit.config_from_dict(config.to_dict()) == config
+    for suffix in (".json", ".safetensors"):
+        path = tmp_path / f"heads{suffix}"
+        vtexit.HeadMask(active).save(path)
+        assert torch.equal(vtexit.HeadMask.load(path).active, active)
+        assert vtexit.config_from_dict({"method": "yopo", "heads": str(path), "window": "5"}).heads == config.heads
+    bad = [
+        (dict(window=4), "window"),
+        (dict(window=True), "window"),
+        (dict(ffn_ratio=0.5), "ffn_ratio"),
+        (dict(ffn_ratio=float("nan")), "ffn_ratio"),
+        (dict(pruned_text="drop"), "pruned_text"),
+        (dict(heads=[[1, 2]]), "heads"),
+    ]
+    for settings, name in bad:
+        with pytest.raises(ValueError, match=name):
+            vtexit.YOPOConfig(**settings)
+    model_bad = [
+        (dict(heads=active[:, :1]), "heads"),
+        (dict(layer_drop=0), "layer"),
+        (dict(layer_drop=LAYERS + 1), "layer"),
+    ]
+    for settings, name in model_bad:
+        with pytest.raises(ValueError, match=name):
+            vtexit.yopo(case.model, vtexit.YOPOConfig(**settings))
+        assert vtexit.patch_of(case.model) is None
+    with pytest.raises(ValueError, match="window needs the visual patch grid"):
+        vtexit.yopo(build_tiny("llava_next", num_layers=LAYERS).model, vtexit.YOPOConfig(window=3))
+    gemma = build_tiny("gemma3", num_layers=LAYERS).model
+    with pytest.raises(ValueError, match="gemma3|sliding"):
+        vtexit.yopo(
+            gemma,
+            vtexit.YOPOConfig(
+                heads=torch.ones(
+                    LAYERS, gemma.config.get_text_config().num_attention_heads, dtype=torch.bool
+                ).index_fill_(1, torch.tensor([0]), False)
+            ),
+        )
+    assert vtexit.patch_of(gemma) is None
