@@ -35,6 +35,7 @@ def _strategies(case) -> dict[str, dict]:
     ffn = case.model.config.get_text_config().intermediate_size
     return {
         "window": dict(window=3),
+        "window5": dict(window=5),
         "heads": dict(heads=active),
         "heads-zero": dict(heads=active, pruned_text="zero"),
         "ffn": dict(ffn_ratio=2, _neurons=ffn // 2),
@@ -63,7 +64,16 @@ _CASES: dict[tuple[str, str], object] = {}
 
 def _case(family: str, attn: str):
     if (family, attn) not in _CASES:
-        case = build_tiny(family, attn_implementation=attn, num_layers=LAYERS)
+        if family == "llava-11x11":  # images larger than one 8 x 8 tile of the windowed attention, partial tiles
+            case = build_tiny(
+                "llava",
+                attn_implementation=attn,
+                num_layers=LAYERS,
+                image_seq_length=121,
+                vision_config={"image_size": 44, "patch_size": 4},
+            )
+        else:
+            case = build_tiny(family, attn_implementation=attn, num_layers=LAYERS)
         case.model.generation_config.eos_token_id = None
         _CASES[family, attn] = case
     return _CASES[family, attn]
@@ -75,6 +85,7 @@ MATRIX = [
 ]
 MATRIX += [(f, "eager", s) for f in ("llava", "qwen2_vl") for s in ("heads-zero", "all")]
 MATRIX += [("qwen2_5_vl", "sdpa", s) for s in ("window", "all")]
+MATRIX += [("llava-11x11", "sdpa", s) for s in ("window5", "all")]
 
 
 def _check(case, settings, name):
@@ -155,10 +166,15 @@ def test_cost_records_count_what_ran():
             )
             earlier = ~media[b] & valid[b] & (torch.arange(media.shape[1]) < q)
             expected_keys[b] += int(near.sum() + earlier.sum())
+    # What ran: the 4 x 4 images here are one tile each, whose halo is the whole image, plus the batch's widest text
+    # block, masked to the window: 16 queries x (16 + text) keys per image.
+    text_width = int((valid & ~media).sum(1).max())
+    computed = (media & valid).sum(1) * (16 + text_width)
+    assert bool((expected_keys <= computed).all())
     active = settings["heads"]
     for i, layer in enumerate(layers):
         if i < settings["layer_drop"]:
-            assert torch.equal(layer.visual_keys.cpu(), expected_keys), i
+            assert torch.equal(layer.visual_keys.cpu(), computed), i
             assert layer.head_fraction == pytest.approx(float(active[i].float().mean())), i
             assert layer.ffn_fraction == pytest.approx(round(text.intermediate_size / 3) / text.intermediate_size)
             assert torch.equal(layer.visual_queries.cpu(), (media & valid).sum(1))
@@ -228,3 +244,40 @@ def test_config_round_trips_and_refuses_bad_settings(tmp_path):
             ),
         )
     assert vtexit.patch_of(gemma) is None
+
+
+@torch.no_grad()
+def test_head_scores_and_mask_match_eager_attentions():
+    case = build_tiny("llava", attn_implementation="eager", num_layers=LAYERS)
+    inputs = family_batch(case)
+    attentions = case.model(**inputs, output_attentions=True).attentions  # brute force: (batch, heads, q, k)
+    media = case.media_mask(inputs)
+    valid = inputs["attention_mask"].bool()
+    expected = torch.zeros(len(media), LAYERS, attentions[0].shape[1])
+    for b in range(len(media)):
+        queries = valid[b]
+        for i, layer in enumerate(attentions):
+            on = layer[b][:, queries]
+            to_visual = on[..., media[b] & valid[b]].sum((-1, -2))
+            to_text = on[..., ~media[b] & valid[b]].sum((-1, -2))
+            expected[b, i] = to_visual / to_text
+    from vtexit.methods.yopo.heads import head_scores
+
+    scores = head_scores(case.model, inputs)
+    with_image = media.any(1)
+    torch.testing.assert_close(scores[with_image], expected[with_image], atol=1e-4, rtol=1e-4)
+    assert scores[~with_image].isnan().all()
+    # The mask: a head stays active when it passes the keep-quantile threshold on more than `vote` of the rows.
+    deep = expected[with_image][:, 2:]
+    threshold = deep.flatten().quantile(0.5)
+    wanted = (expected[with_image] > threshold).float().mean(0) > 0.4
+    wanted[:2] = True
+    mask = vtexit.calibrate_heads(case.model, inputs, keep=0.5, progress=False)
+    assert torch.equal(mask.active, wanted)
+    absolute = vtexit.calibrate_heads(case.model, [inputs, inputs], threshold=0.0, vote=0.0, progress=False)
+    assert absolute.active.all()
+    with pytest.raises(ValueError, match="keep"):
+        vtexit.calibrate_heads(case.model, inputs, keep=0.0)
+    with pytest.raises(ValueError, match="visual tokens"):
+        text_only = case.inputs(images_per_row=[0, 0], text_len=[4, 6])
+        vtexit.calibrate_heads(case.model, text_only, progress=False)

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from vtexit.core.flops import DecoderShape, flops_per_row
+from vtexit.methods.base import MethodConfig
+from vtexit.methods.registry import apply
 from vtexit.methods.vtw import withdraw
 
 NOISE_MARGIN = 1.10  # a speedup above 1.10 x the FLOPs ratio is reported as noise
@@ -135,3 +137,52 @@ def speed_ratios(rows: Sequence[SpeedRow]) -> list[dict]:
                         beyond_flops_bound=efficiency > NOISE_MARGIN))
     return out
 
+
+
+@dataclass(frozen=True)
+class MethodSpeed:
+    """Median prefill time of one named configuration (``config`` None: the model without vtexit)."""
+
+    name: str
+    prefill_s: float
+    prefill_flops: int
+    speedup: float  # over the model without vtexit, measured in the same run
+    flops_ratio: float
+
+    @property
+    def efficiency(self) -> float:
+        """Speedup as a share of what the FLOPs allow (1.0: every FLOP saved became time saved)."""
+        return self.speedup / self.flops_ratio
+
+
+@torch.no_grad()
+def measure_methods(
+    model: nn.Module, inputs: Mapping[str, torch.Tensor], configs: Mapping[str, MethodConfig], *, repeats: int = 5
+) -> list[MethodSpeed]:
+    """Prefill time (no cache, last-token logits) of the model without vtexit and under each method config,
+    interleaved within each repeat after one warm-up round; medians, with FLOPs from the cost records."""
+    device = inputs["input_ids"].device
+    shape = DecoderShape.from_model(model)
+    names = [None, *configs]
+    times: dict[str | None, list[float]] = {n: [] for n in names}
+    flops: dict[str | None, int] = {}
+    for r in range(repeats + 1):
+        for name in names:
+            handle = apply(model, configs[name]) if name is not None else None
+            try:
+                seconds = time_call(lambda: model(**inputs, use_cache=False, logits_to_keep=1), device)
+                run = handle.last_cost if handle is not None else None
+                flops[name] = sum(row.prefill for row in flops_per_row(shape, run, inputs))
+            finally:
+                if handle is not None:
+                    handle.remove()
+            if r > 0:
+                times[name].append(seconds)
+    base_s, base_flops = statistics.median(times[None]), flops[None]
+    out = []
+    for name in names:
+        median = statistics.median(times[name])
+        out.append(
+            MethodSpeed(name or "none", median, flops[name], base_s / median, base_flops / flops[name])
+        )
+    return out

@@ -24,7 +24,8 @@ from torch.nn import functional as F
 
 from vtexit.core.engine import ScheduleEngine
 from vtexit.core.layout import gather_sequence
-from vtexit.methods.yopo.rows import QueryRows, RowBlock, Windows, split_rows, windows
+from vtexit.methods.yopo.rows import QueryRows, RowBlock, split_rows
+from vtexit.methods.yopo.window import Tiles, tiled_attention, tiles
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,6 @@ class YOPOAttention:
         cos, sin = position_embeddings
         key, value = self._keys_values(module, hidden, cos, sin, cache)
         key, value = key[:, :, -hidden.shape[1] :], value[:, :, -hidden.shape[1] :]
-        key_slots = torch.arange(rows.length, device=hidden.device)
         media = engine.current_media()
         scale = module.scaling
         batch, length, _ = hidden.shape
@@ -164,8 +164,7 @@ class YOPOAttention:
         # Text rows: every head.
         text = rows.text
         query = self._query_rows(module, hidden, text, cos, sin, module.q_proj.weight, module.q_proj.bias)
-        allowed = (key_slots.view(1, 1, -1) <= text.slots.unsqueeze(-1)) & layout.valid.unsqueeze(1)
-        allowed = (allowed | ~text.valid.unsqueeze(-1)).unsqueeze(1)
+        allowed = engine.call_memo("yopo text mask", lambda: _causal_rows(text, layout.valid))
         attended = self._attend(query, key, value, allowed, plan, media, scale)
         out = text.scatter(out, module.o_proj(_merge_heads(attended)))
 
@@ -181,25 +180,23 @@ class YOPOAttention:
             query = self._query_rows(module, hidden, visual, cos, sin, weight, bias)
             key_a, value_a = key.index_select(1, plan.kv_index), value.index_select(1, plan.kv_index)
             if self.window is None:
-                allowed = (key_slots.view(1, 1, -1) <= visual.slots.unsqueeze(-1)) & layout.valid.unsqueeze(1)
-                allowed = (allowed | ~visual.valid.unsqueeze(-1)).unsqueeze(1)
+                allowed = engine.call_memo("yopo visual mask", lambda: _causal_rows(visual, layout.valid))
                 attended = F.scaled_dot_product_attention(query, key_a, value_a, attn_mask=allowed, scale=scale)
             else:
-                win: Windows = engine.call_memo(
-                    "yopo windows", lambda: windows(rows, engine.media_grid(), layout.index, self.window)
-                )
-                attended = _windowed(query, key_a, value_a, win, text, scale)
+                attended = tiled_attention(query, key_a, value_a, self._tiles(rows, layout), scale)
             projected = F.linear(
                 _merge_heads(attended), module.o_proj.weight.index_select(1, rows_q), module.o_proj.bias
             )
             out = visual.scatter(out, projected)
-        win_keys = None
+        computed = None
         if self.window is not None and visual.slots.shape[1]:
-            win_keys = engine.call_memo(
-                "yopo windows", lambda: windows(rows, engine.media_grid(), layout.index, self.window)
-            ).keys_per_row
-        engine.record_fraction(module.layer_idx, heads=heads / plan.active.numel(), visual_keys=win_keys)
+            computed = self._tiles(rows, layout).computed_keys
+        engine.record_fraction(module.layer_idx, heads=heads / plan.active.numel(), visual_keys=computed)
         return out[:, :length]
+
+    def _tiles(self, rows: QueryRows, layout) -> Tiles:
+        engine = self.engine
+        return engine.call_memo("yopo tiles", lambda: tiles(rows, engine.media_grid(), layout.index, self.window))
 
     def _query_rows(self, module, hidden, block: RowBlock, cos, sin, weight, bias) -> torch.Tensor:
         index = block.gather_index
@@ -230,20 +227,8 @@ def _merge_heads(states: torch.Tensor) -> torch.Tensor:
     return states.transpose(1, 2).reshape(batch, length, heads * dim)
 
 
-def _windowed(query, key, value, win: Windows, text: RowBlock, scale: float) -> torch.Tensor:
-    """Visual queries (batch, heads, visual, dim) over their gathered neighbours and the earlier text keys."""
-    batch, heads, visual, dim = query.shape
-    size = win.neighbours.shape[-1]
-    flat = win.neighbours.view(batch, 1, visual * size, 1).expand(-1, heads, -1, dim)
-    near_k = key.gather(2, flat).view(batch, heads, visual, size, dim)
-    near_v = value.gather(2, flat).view(batch, heads, visual, size, dim)
-    text_index = text.gather_index.view(batch, 1, -1, 1).expand(-1, heads, -1, dim)
-    text_k, text_v = key.gather(2, text_index), value.gather(2, text_index)
-    scores = (
-        torch.cat([torch.einsum("bhvd,bhvsd->bhvs", query, near_k), query @ text_k.transpose(-1, -2)], dim=-1).float()
-        * scale
-    )
-    allowed = torch.cat([win.neighbour_ok, win.earlier_text], dim=-1).unsqueeze(1)
-    probs = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).softmax(-1).to(value.dtype)
-    near_p, text_p = probs[..., :size], probs[..., size:]
-    return torch.einsum("bhvs,bhvsd->bhvd", near_p, near_v) + text_p @ text_v
+def _causal_rows(block: RowBlock, valid: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, n, length) causal mask of a block's query rows over the valid keys; pad rows read every key."""
+    slots = torch.arange(valid.shape[1], device=valid.device)
+    allowed = (slots.view(1, 1, -1) <= block.slots.unsqueeze(-1)) & valid.unsqueeze(1)
+    return (allowed | ~block.valid.unsqueeze(-1)).unsqueeze(1)

@@ -1,4 +1,4 @@
-"""Which slots of a prefill are visual and text query rows, and each visual query's window, as index tensors.
+"""Which slots of a prefill are visual and text query rows, as index tensors.
 
 YOPO computes visual and text rows separately (that is where its savings come from), so each layer gathers the
 rows of one kind into a (batch, n) block: rows differ in how many visual tokens they hold, so blocks are padded and
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from vtexit.core.grids import VisualGrid
 from vtexit.core.layout import gather_sequence
 
 
@@ -59,37 +58,3 @@ def _block(selected: torch.Tensor, width: int, length: int) -> RowBlock:
     order = torch.sort((~selected).to(torch.int8), dim=1, stable=True).indices[:, :width]
     valid = torch.arange(width, device=selected.device).unsqueeze(0) < selected.sum(1, keepdim=True)
     return RowBlock(slots=order.masked_fill(~valid, length), valid=valid)
-
-
-@dataclass(frozen=True)
-class Windows:
-    """Keys of each visual query under neighbour-aware attention."""
-
-    neighbours: torch.Tensor  # (batch, visual, w*w) long: slots of the w x w neighbours (0 where none)
-    neighbour_ok: torch.Tensor  # (batch, visual, w*w) bool: the neighbour exists on the grid
-    earlier_text: torch.Tensor  # (batch, visual, text) bool: text key before the visual query
-    keys_per_row: torch.Tensor  # (batch,) keys all visual queries of a row attend to (for cost records)
-
-
-def windows(rows: QueryRows, grid: VisualGrid, index: torch.Tensor, size: int) -> Windows:
-    """Neighbourhoods of ``size`` x ``size`` tokens on each visual query's own grid (before or after it), plus every
-    earlier text key. ``grid`` is per original position; ``index`` maps the current slots to those positions."""
-    visual, text = rows.visual, rows.text
-    slot = visual.gather_index
-    position = index.gather(1, slot)
-
-    def at(values: torch.Tensor) -> torch.Tensor:
-        return values.gather(1, position).unsqueeze(-1)
-
-    radius = (size - 1) // 2
-    offsets = torch.arange(-radius, radius + 1, device=slot.device)
-    d_row = offsets.repeat_interleave(size).view(1, 1, -1)
-    d_col = offsets.repeat(size).view(1, 1, -1)
-    row, col = at(grid.row) + d_row, at(grid.col) + d_col
-    on_grid = (row >= 0) & (row < at(grid.height)) & (col >= 0) & (col < at(grid.width))
-    neighbour_ok = on_grid & visual.valid.unsqueeze(-1)
-    # A frame's tokens are consecutive and row-major, so the neighbour (dr, dc) is dr * width + dc slots away.
-    neighbours = (slot.unsqueeze(-1) + d_row * at(grid.width) + d_col).masked_fill(~neighbour_ok, 0)
-    earlier = (text.slots.unsqueeze(1) < slot.unsqueeze(-1)) & text.valid.unsqueeze(1) & visual.valid.unsqueeze(-1)
-    keys = neighbour_ok.sum((1, 2)) + earlier.sum((1, 2))
-    return Windows(neighbours, neighbour_ok, earlier, keys)

@@ -1,0 +1,106 @@
+"""Neighbour-aware visual attention as block-sparse attention over tiles of each image's grid.
+
+A visual query attends to the visual keys of its w x w neighbourhood on its own image's grid (before or after it)
+and to every earlier text key. Gathering w*w keys per query duplicates every key w*w times and runs as tiny matrix
+products; instead each frame's grid is cut into tiles of up to ``TILE`` x ``TILE`` queries, and a tile attends to
+its halo (the tile grown by (w-1)/2 on each side, clipped to the frame) plus the row's text keys, with the exact
+window as a mask: one dense SDPA call over all tiles. Each query computes at most (TILE + w - 1)^2 + text keys
+instead of every key of the prompt (for a small image, its whole grid); the cost records count the computed keys,
+padding included.
+
+The tiling is built once per prefill on the host from the grid (one device-to-host copy of the grid).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from vtexit.core.grids import VisualGrid
+from vtexit.methods.yopo.rows import QueryRows
+
+TILE = 8
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Tiles of visual queries with their keys, indices into flattened (batch * n) tensors."""
+
+    queries: torch.Tensor  # (tiles, TILE^2) long: index into the flattened visual block; pad entries -> batch * V
+    keys: torch.Tensor  # (tiles, halo + text) long: index into the flattened (batch * length) keys
+    allowed: torch.Tensor  # (tiles, 1, TILE^2, halo + text) bool
+    computed_keys: torch.Tensor  # (batch,) query-key pairs computed per row (per head), for cost records
+
+
+def tiles(rows: QueryRows, grid: VisualGrid, index: torch.Tensor, size: int) -> Tiles:
+    """Tile every frame of every row; ``grid`` is per original position, ``index`` maps slots to positions."""
+    device = index.device
+    visual, text = rows.visual, rows.text
+    batch, width_v = visual.slots.shape
+    length = rows.length
+    radius = (size - 1) // 2
+    slot = visual.gather_index
+    position = index.gather(1, slot)
+    heights, widths = (getattr(grid, name).gather(1, position).cpu() for name in ("height", "width"))
+    slots_h, counts = slot.cpu(), visual.valid.sum(1).cpu().tolist()
+    text_slots, text_valid = text.gather_index.cpu(), text.valid.cpu()
+    frames = []  # (row, first block entry, first slot, height, width)
+    for b in range(batch):
+        j = 0
+        while j < counts[b]:  # a frame is a run of h * w consecutive entries of the visual block
+            h, w = int(heights[b, j]), int(widths[b, j])
+            frames.append((b, j, int(slots_h[b, j]), h, w))
+            j += h * w
+    # One tile shape per call (no larger than the largest frame, so small images are one tile).
+    tile_h = min(TILE, max(f[3] for f in frames))
+    tile_w = min(TILE, max(f[4] for f in frames))
+    q_row, q_col = torch.arange(tile_h).repeat_interleave(tile_w), torch.arange(tile_w).repeat(tile_h)
+    pieces = []
+    for b, j, first, h, w in frames:
+        for r0 in range(0, h, tile_h):
+            for c0 in range(0, w, tile_w):
+                qr, qc = r0 + q_row, c0 + q_col
+                q_ok = (qr < h) & (qc < w)
+                # The halo: the tile grown by the window radius, clipped to the frame.
+                rows_k = torch.arange(max(0, r0 - radius), min(h, r0 + tile_h + radius))
+                cols_k = torch.arange(max(0, c0 - radius), min(w, c0 + tile_w + radius))
+                kr, kc = rows_k.repeat_interleave(len(cols_k)), cols_k.repeat(len(rows_k))
+                near = ((qr.view(-1, 1) - kr.view(1, -1)).abs() <= radius) & (
+                    (qc.view(-1, 1) - kc.view(1, -1)).abs() <= radius
+                )
+                earlier = text_valid[b].view(1, -1) & (text_slots[b].view(1, -1) < (first + qr * w + qc).view(-1, 1))
+                queries = torch.where(q_ok, b * width_v + j + qr * w + qc, batch * width_v)
+                pieces.append((b, queries, b * length + first + kr * w + kc, near, earlier, q_ok))
+    halo = max(len(p[2]) for p in pieces)
+    q_list, k_list, a_list = [], [], []
+    computed = torch.zeros(batch, dtype=torch.long)
+    for b, queries, keys, near, earlier, q_ok in pieces:
+        missing = halo - len(keys)
+        q_list.append(queries)
+        k_list.append(torch.cat([F.pad(keys, (0, missing), value=0), b * length + text_slots[b]]))
+        allowed = torch.cat([F.pad(near, (0, missing), value=False), earlier], dim=1)
+        a_list.append(allowed | ~q_ok.view(-1, 1))  # pad queries read everything; their results are dropped
+        computed[b] += len(queries) * (halo + text_slots.shape[1])
+    return Tiles(
+        queries=torch.stack(q_list).to(device),
+        keys=torch.stack(k_list).to(device),
+        allowed=torch.stack(a_list).unsqueeze(1).to(device),
+        computed_keys=computed.to(device),
+    )
+
+
+def tiled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, t: Tiles, scale: float):
+    """Visual queries (batch, heads, V, dim) over their tiles' keys (keys/values: (batch, heads, length, dim))."""
+    batch, heads, width_v, dim = query.shape
+    flat_q = query.transpose(1, 2).reshape(batch * width_v, heads, dim)
+    flat_q = torch.cat([flat_q, flat_q.new_zeros(1, heads, dim)])  # the pad entry
+    flat_k = key.transpose(1, 2).reshape(-1, heads, dim)
+    flat_v = value.transpose(1, 2).reshape(-1, heads, dim)
+    q = flat_q[t.queries].transpose(1, 2)  # (tiles, heads, TILE^2, dim)
+    k, v = flat_k[t.keys].transpose(1, 2), flat_v[t.keys].transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=t.allowed, scale=scale)
+    placed = flat_q.new_zeros(batch * width_v + 1, heads, dim)
+    placed = placed.index_copy(0, t.queries.flatten(), out.transpose(1, 2).reshape(-1, heads, dim))
+    return placed[:-1].view(batch, width_v, heads, dim).transpose(1, 2)
