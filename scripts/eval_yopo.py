@@ -2,10 +2,11 @@
 
     python scripts/eval_yopo.py [--rows 200] [--out out/yopo]
 
-Heads are calibrated with ``vtexit.calibrate_heads`` on 32 easy-vqa *train* questions (``fixed_subset(EasyVQA(
-"train"), 32, seed=0)``, the same calibration questions as the demo's K). Every point then runs on the same fixed
-easy-vqa *test* questions (``fixed_subset(EasyVQA("test"), rows, seed=0)``) through ``run_sweep`` (interleaved,
-greedy, 4 new tokens, batch 8). Writes heads_keep*.json, sweep.json, sweep.md and pareto.png to OUT.
+Heads are calibrated (``vtexit.calibrate_heads``'s scores, one mask per keep) on 32 easy-vqa *train* questions
+(``fixed_subset(EasyVQA("train"), 32, seed=0)``, the same calibration questions as the demo's K). Every point then
+runs on the same fixed easy-vqa *test* questions (``fixed_subset(EasyVQA("test"), rows, seed=0)``) through
+``run_sweep`` (interleaved, greedy, 4 new tokens, batch 8). Writes heads_keep*.json, sweep.json, sweep.md and
+pareto.png to OUT.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-import vtexit
 from vtexit.default_model import build_prompt, load_default
 from vtexit.evaluation.batches import processor_batches
 from vtexit.evaluation.datasets import EasyVQA
 from vtexit.evaluation.datasets.select import fixed_subset
 from vtexit.evaluation.sweep import run_sweep, save_sweep
+from vtexit.methods.yopo.heads import heads_from_scores, score_heads
 
 CALIBRATED_K = 24  # VTW's K from KL calibration on this model (README)
 KEEPS = (0.75, 0.5, 0.25)
@@ -65,9 +66,10 @@ def main() -> None:
     model, processor = load_default()
     calibration = fixed_subset(EasyVQA("train"), args.calibration_rows, seed=0)
     samples = processor_batches(processor, calibration, build_prompt, batch_size=8)
+    scores = score_heads(model, samples)  # one pass; a mask per keep from the same scores
     heads = {}
     for keep in KEEPS:
-        mask = vtexit.calibrate_heads(model, samples, keep=keep)
+        mask = heads_from_scores(scores, keep=keep)
         heads[keep] = args.out / f"heads_keep{keep}.json"
         mask.save(heads[keep])
         print(f"keep={keep}: {100 * mask.fraction:.0f}% of heads active for visual tokens")

@@ -10,7 +10,7 @@ from vtexit.core.families import FamilySpec
 from vtexit.core.handle import PatchHandle
 from vtexit.methods.registry import apply
 from vtexit.methods.yopo.config import YOPOConfig
-from vtexit.methods.yopo.heads import HeadMask, calibrate_heads
+from vtexit.methods.yopo.heads import HeadMask, calibrate_heads, heads_from_scores, score_heads
 from vtexit.methods.yopo.policy import YOPOPolicy
 
 
@@ -22,4 +22,12 @@ def yopo(model: nn.Module, config: YOPOConfig, *, family: FamilySpec | None = No
     return apply(model, config, family=family)
 
 
-__all__ = ["HeadMask", "YOPOConfig", "YOPOPolicy", "calibrate_heads", "yopo"]
+__all__ = [
+    "HeadMask",
+    "YOPOConfig",
+    "YOPOPolicy",
+    "calibrate_heads",
+    "heads_from_scores",
+    "score_heads",
+    "yopo",
+]

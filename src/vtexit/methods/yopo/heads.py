@@ -107,6 +107,50 @@ def head_scores(model: nn.Module, batch: Mapping, family: FamilySpec | None = No
     return stacked.masked_fill(~has_visual.view(-1, 1, 1), float("nan")).cpu()
 
 
+def score_heads(
+    model: nn.Module,
+    samples: Mapping | Iterable[Mapping],
+    *,
+    family: FamilySpec | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """(rows with visual tokens, layers, heads) scores over processor outputs ``samples`` (one forward per batch);
+    turn them into masks with :func:`heads_from_scores`, as often as needed."""
+    if getattr(model, "_vtexit_engine", None) is not None:
+        raise ValueError("calibrate_heads needs the unpatched model; remove the vtexit patch first")
+    batches = [samples] if isinstance(samples, Mapping) else list(samples)
+    rows = []
+    for batch in tqdm(batches, desc="scoring heads", unit="batch", disable=not progress):
+        if "input_ids" not in batch:
+            raise ValueError("each calibration sample needs input_ids (a processor output)")
+        rows.append(head_scores(model, batch, family))
+    scores = torch.cat(rows)
+    scores = scores[~scores[:, 0, 0].isnan()]
+    if len(scores) == 0:
+        raise ValueError("samples have no visual tokens: head scores measure attention to them")
+    return scores
+
+
+def heads_from_scores(
+    scores: torch.Tensor, *, keep: float | None = 0.5, threshold: float | None = None, vote: float = 0.4
+) -> HeadMask:
+    """The mask from :func:`score_heads`' scores: ``keep`` (about this share of heads stays active; the threshold is
+    its quantile over all rows and heads of layers >= 2) or the public code's absolute ``threshold``; a head stays
+    active when its score passes on more than ``vote`` of the rows."""
+    if threshold is None and (keep is None or isinstance(keep, bool) or not 0.0 < float(keep) <= 1.0):
+        raise ValueError(f"keep must be a number in (0, 1] (or give threshold=), got {keep!r}")
+    if threshold is not None and not float(threshold) >= 0.0:
+        raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
+    if not 0.0 <= float(vote) < 1.0:
+        raise ValueError(f"vote must be in [0, 1), got {vote!r}")
+    deep = scores[:, ALWAYS_ACTIVE_LAYERS:]
+    if threshold is None:
+        threshold = float(deep.flatten().float().quantile(1.0 - float(keep))) if deep.numel() else 0.0
+    active = (scores > threshold).float().mean(0) > vote
+    active[:ALWAYS_ACTIVE_LAYERS] = True
+    return HeadMask(active)
+
+
 def calibrate_heads(
     model: nn.Module,
     samples: Mapping | Iterable[Mapping],
@@ -123,28 +167,6 @@ def calibrate_heads(
     heads of layers >= 2) or ``threshold`` (the public code's absolute threshold). A head stays active when its
     score passes on more than ``vote`` of the rows with visual tokens.
     """
-    if threshold is None and (keep is None or isinstance(keep, bool) or not 0.0 < float(keep) <= 1.0):
-        raise ValueError(f"keep must be a number in (0, 1] (or give threshold=), got {keep!r}")
-    if threshold is not None and not float(threshold) >= 0.0:
-        raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
-    if not 0.0 <= float(vote) < 1.0:
-        raise ValueError(f"vote must be in [0, 1), got {vote!r}")
-    if getattr(model, "_vtexit_engine", None) is not None:
-        raise ValueError("calibrate_heads needs the unpatched model; remove the vtexit patch first")
-    batches = [samples] if isinstance(samples, Mapping) else list(samples)
-    rows = []
-    for batch in tqdm(batches, desc="scoring heads", unit="batch", disable=not progress):
-        if "input_ids" not in batch:
-            raise ValueError("each calibration sample needs input_ids (a processor output)")
-        rows.append(head_scores(model, batch, family))
-    scores = torch.cat(rows)
-    scores = scores[~scores[:, 0, 0].isnan()]
-    if len(scores) == 0:
-        raise ValueError("samples have no visual tokens: head scores measure attention to them")
-    deep = scores[:, ALWAYS_ACTIVE_LAYERS:]
-    if threshold is None:
-        threshold = float(deep.flatten().float().quantile(1.0 - float(keep))) if deep.numel() else 0.0
-    passes = (scores > threshold).float().mean(0)
-    active = passes > vote
-    active[:ALWAYS_ACTIVE_LAYERS] = True
-    return HeadMask(active)
+    heads_from_scores(torch.zeros(1, ALWAYS_ACTIVE_LAYERS + 1, 1), keep=keep, threshold=threshold, vote=vote)
+    scores = score_heads(model, samples, family=family, progress=progress)
+    return heads_from_scores(scores, keep=keep, threshold=threshold, vote=vote)
