@@ -88,8 +88,8 @@ MATRIX += [("qwen2_5_vl", "sdpa", s) for s in ("window", "all")]
 MATRIX += [("llava-11x11", "sdpa", s) for s in ("window5", "all")]
 
 
-def _check(case, settings, name):
-    inputs = family_batch(case)
+def _check(case, settings, name, inputs=None):
+    inputs = family_batch(case) if inputs is None else inputs
     media_ids = sorted(set(inputs["input_ids"][case.media_mask(inputs)].tolist()))
     sim = _sim(case, settings)
     with torch.no_grad():
@@ -115,6 +115,13 @@ def _check(case, settings, name):
 def test_yopo_matches_masked_simulation(family, attn, name):
     case = _case(family, attn)
     _check(case, _strategies(case)[name], name)
+
+
+def test_window_on_video_frames():
+    """Qwen2-VL video: each frame is a grid of its own (a row holds a video, another an image and a video)."""
+    case = _case("qwen2_vl", "sdpa")
+    inputs = case.inputs(images_per_row=[0, 1, 0], videos_per_row=[1, 1, 0], text_len=[5, 4, 6])
+    _check(case, dict(window=3), "video", inputs)
 
 
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "internvl", "idefics3", "qwen3_vl"])

@@ -44,21 +44,26 @@ def hand_grid(model: nn.Module, input_ids: torch.Tensor, inputs: dict) -> tuple[
                     seen += 1
         return media, frame, row, col
     merge = config.vision_config.spatial_merge_size
-    grids = [tuple(int(x) for x in g) for g in inputs.get("image_grid_thw", torch.zeros(0, 3)).tolist()]
-    item, used = 0, 0
-    for b in range(batch):
-        count = 0
-        for p in range(length):
-            if int(input_ids[b, p]) != config.image_token_id:
-                continue
-            t, h, w = grids[item]
-            fh, fw = h // merge, w // merge
-            media[b, p] = True
-            frame[b, p] = count + 1000 * (used // (fh * fw))  # unique per image and frame within the row
-            row[b, p], col[b, p] = divmod(used % (fh * fw), fw)
-            used += 1
-            if used == t * fh * fw:
-                item, used, count = item + 1, 0, count + 1
+    media = torch.zeros(batch, length, dtype=torch.bool)
+    for kind, (token, grid_name) in enumerate(
+        ((config.image_token_id, "image_grid_thw"), (config.video_token_id, "video_grid_thw"))
+    ):
+        grids = [tuple(int(x) for x in g) for g in inputs.get(grid_name, torch.zeros(0, 3)).tolist()]
+        item, used = 0, 0
+        for b in range(batch):
+            count = 0
+            for p in range(length):
+                if int(input_ids[b, p]) != token:
+                    continue
+                t, h, w = grids[item]
+                fh, fw = h // merge, w // merge
+                media[b, p] = True
+                # unique per kind, item and frame within the row
+                frame[b, p] = 100000 * kind + 1000 * count + used // (fh * fw)
+                row[b, p], col[b, p] = divmod(used % (fh * fw), fw)
+                used += 1
+                if used == t * fh * fw:
+                    item, used, count = item + 1, 0, count + 1
     return media, frame, row, col
 
 
