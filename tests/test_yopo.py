@@ -288,3 +288,14 @@ def test_head_scores_and_mask_match_eager_attentions():
     with pytest.raises(ValueError, match="visual tokens"):
         text_only = case.inputs(images_per_row=[0, 0], text_len=[4, 6])
         vtexit.calibrate_heads(case.model, text_only, progress=False)
+
+
+@torch.no_grad()
+def test_torch_compile_runs_the_replaced_forwards_exactly():
+    case = build_tiny("llava", num_layers=LAYERS)
+    inputs = family_batch(case)
+    with vtexit.yopo(case.model, _config(_strategies(case)["all"])):
+        eager = case.model(**inputs).logits
+        compiled = torch.compile(case.model, backend="eager")
+        torch.testing.assert_close(compiled(**inputs).logits, eager, atol=1e-6, rtol=1e-6)
+    torch._dynamo.reset()

@@ -10,6 +10,8 @@ exactly what they did; they only pay one recompilation.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -19,3 +21,19 @@ def forget_compiled_graphs() -> None:
 
     if convert_frame.input_codes.seen or convert_frame.output_codes.seen:
         torch._dynamo.reset()
+
+
+def eager_under_compile(function):
+    """Run ``function`` eagerly under ``torch.compile``: vtexit's hooks and replaced forwards keep per-call Python
+    state, which a compiled graph must not bake in. Dynamo breaks the graph around them; the rest still compiles.
+    Outside compilation the function is called directly (the disabled wrapper costs a few microseconds per call).
+    Works on plain functions and on methods (decorate them in the class body)."""
+    disabled = torch.compiler.disable(function, recursive=True)
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return disabled(*args, **kwargs)
+        return function(*args, **kwargs)
+
+    return run

@@ -17,7 +17,6 @@ prefill. Nothing is global, so differently patched models work side by side.
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 import threading
 import weakref
@@ -37,6 +36,7 @@ from vtexit.core.call_state import (
     Stage,
     decode_key_padding,
 )
+from vtexit.core.compiled import eager_under_compile as _eager
 from vtexit.core.compiled import forget_compiled_graphs
 from vtexit.core.costs import CallCost, RunCost, counts
 from vtexit.core.families import FamilySpec, ResolvedFamily, family_for
@@ -45,21 +45,6 @@ from vtexit.core.layout import Layout, gather_sequence
 from vtexit.core.loss import kept_positions_loss
 from vtexit.core.masks import layer_types, media_block_ids, rebuild_mask
 from vtexit.core.policy import Policy, PrefillView
-
-
-def _eager(hook):
-    """Hooks run eagerly under ``torch.compile``: they keep per-call Python state, which a compiled graph must not
-    bake in. Dynamo breaks the graph around them; the layers themselves still compile. Outside compilation the
-    hook is called directly (the disabled wrapper costs a few microseconds per call)."""
-    disabled = torch.compiler.disable(hook, recursive=True)
-
-    @functools.wraps(hook)
-    def run(*args, **kwargs):
-        if torch.compiler.is_compiling():
-            return disabled(*args, **kwargs)
-        return hook(*args, **kwargs)
-
-    return run
 
 
 class ScheduleEngine:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vtexit.core.compiled import eager_under_compile
 from vtexit.core.engine import ScheduleEngine
 from vtexit.core.layout import gather_sequence
 from vtexit.methods.yopo.rows import QueryRows, RowBlock, split_rows
@@ -85,6 +86,7 @@ class YOPOAttention:
         self.pruned_text = pruned_text
 
     # ------------------------------------------------------------------------------------------- entry
+    @eager_under_compile
     def forward(
         self,
         module: nn.Module,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vtexit.core.compiled import eager_under_compile
 from vtexit.core.engine import ScheduleEngine
 from vtexit.methods.yopo.rows import QueryRows, split_rows
 
@@ -30,6 +31,7 @@ class YOPOMLP:
         self.engine = engine
         self.neurons = neurons
 
+    @eager_under_compile
     def forward(self, layer_idx: int, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         engine = self.engine
         if engine.call_mode() != "prefill":
