@@ -27,6 +27,7 @@ class DemoSettings:
     sweep_step: int = 4
     attention_rows: int = 8
     dyvte: bool = True  # also evaluate DyVTE with the shipped gates (one more pass over the test questions)
+    tuned: bool = True  # also the withdrawal-tuned variant: calibrated, unpatched and at its K (two more passes)
     batch_size: int = 8
     seed: int = 0
     out: Path = Path("out/demo")
@@ -107,6 +108,13 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> tuple[Ca
             model, processor, records, build_prompt, baseline, vtw, k, sweep, len(sweep_records), out, console,
             batch_size=settings.batch_size,
         )
+    if settings.tuned:
+        from vtexit.app.demo_tuned import run_tuned_demo
+
+        run_tuned_demo(
+            calibration, baseline, vtw, settings.calibration_rows, records, out, console,
+            batch_size=settings.batch_size, seed=settings.seed,
+        )  # fmt: skip
     console.print(
         f"wrote {out}/: kl.json, results.json, attention_groups.json, "
         "kl_curve.png, accuracy_vs_k.png, attention_groups.png"
