@@ -299,3 +299,35 @@ def test_torch_compile_runs_the_replaced_forwards_exactly():
         compiled = torch.compile(case.model, backend="eager")
         torch.testing.assert_close(compiled(**inputs).logits, eager, atol=1e-6, rtol=1e-6)
     torch._dynamo.reset()
+
+
+def test_a_tuning_step_with_yopo_active_matches_the_simulation_and_trains_only_lora():
+    """Under peft LoRA the sliced products keep the LoRA path (a LoRA wrapper computes its full product, then is
+    sliced): the loss equals the masked simulation's cross-entropy on the answer tokens; only LoRA gets gradients."""
+    from torch.nn import functional as F
+
+    from vtexit.training import ConfigSampler, LoraSettings, tune
+    from vtexit.training.tune import step_loss, trainable_lora
+
+    case = build_tiny("llava", num_layers=LAYERS)
+    trainable_lora(case.model, LoraSettings(r=4, alpha=8))  # LoRA added; everything else frozen, as tune() does
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in trainable_lora(case.model, None):  # peft starts B at zero: random factors make LoRA count
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    inputs = family_batch(case)
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, -2:] = inputs["input_ids"][:, -2:]
+    settings = dict(_strategies(case)["all"], layer_drop=None)  # every position kept: the loss covers all rows
+    config = _config(settings)
+    sim = _sim(case, settings)
+    logits = sim(**inputs, use_cache=False).logits
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+    loss = step_loss(case.model, {**inputs, "labels": labels}, config)
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    loss.backward()
+    with_grad = {n for n, p in case.model.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora_" in n for n in with_grad)
+    result = tune(case.model, iter([{**inputs, "labels": labels}] * 2), ConfigSampler((config,)), steps=2, lr=1e-3,
+                  seed=0, progress=False, lora=None)  # fmt: skip
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))

@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from vtexit.core.compiled import eager_under_compile
 from vtexit.core.engine import ScheduleEngine
 from vtexit.core.layout import gather_sequence
+from vtexit.methods.yopo import sliced
 from vtexit.methods.yopo.rows import QueryRows, RowBlock, split_rows
 from vtexit.methods.yopo.window import Tiles, tiled_attention, tiles
 
@@ -165,7 +166,7 @@ class YOPOAttention:
 
         # Text rows: every head.
         text = rows.text
-        query = self._query_rows(module, hidden, text, cos, sin, module.q_proj.weight, module.q_proj.bias)
+        query = self._query_rows(module, hidden, text, cos, sin)
         allowed = engine.call_memo("yopo text mask", lambda: _causal_rows(text, layout.valid))
         attended = self._attend(query, key, value, allowed, plan, media, scale)
         out = text.scatter(out, module.o_proj(_merge_heads(attended)))
@@ -177,18 +178,15 @@ class YOPOAttention:
             rows_q = (
                 plan.active_index.view(-1, 1) * module.head_dim + torch.arange(module.head_dim, device=hidden.device)
             ).flatten()
-            weight = module.q_proj.weight.index_select(0, rows_q)
-            bias = None if module.q_proj.bias is None else module.q_proj.bias.index_select(0, rows_q)
-            query = self._query_rows(module, hidden, visual, cos, sin, weight, bias)
+            query = self._query_rows(module, hidden, visual, cos, sin, rows_q)
             key_a, value_a = key.index_select(1, plan.kv_index), value.index_select(1, plan.kv_index)
             if self.window is None:
                 allowed = engine.call_memo("yopo visual mask", lambda: _causal_rows(visual, layout.valid))
                 attended = F.scaled_dot_product_attention(query, key_a, value_a, attn_mask=allowed, scale=scale)
             else:
                 attended = tiled_attention(query, key_a, value_a, self._tiles(rows, layout), scale)
-            projected = F.linear(
-                _merge_heads(attended), module.o_proj.weight.index_select(1, rows_q), module.o_proj.bias
-            )
+            in_features = module.o_proj.in_features
+            projected = sliced.inputs(module.o_proj, _merge_heads(attended), rows_q, in_features)
             out = visual.scatter(out, projected)
         computed = None
         if self.window is not None and visual.slots.shape[1]:
@@ -200,9 +198,12 @@ class YOPOAttention:
         engine = self.engine
         return engine.call_memo("yopo tiles", lambda: tiles(rows, engine.media_grid(), layout.index, self.window))
 
-    def _query_rows(self, module, hidden, block: RowBlock, cos, sin, weight, bias) -> torch.Tensor:
+    def _query_rows(self, module, hidden, block: RowBlock, cos, sin, rows_q=None) -> torch.Tensor:
+        """Queries of a block's rows (only the q_proj outputs ``rows_q`` when given: the active heads)."""
         index = block.gather_index
-        query = self._heads(module, F.linear(block.gather(hidden), weight, bias), "q_norm")
+        picked = block.gather(hidden)
+        projected = module.q_proj(picked) if rows_q is None else sliced.outputs(module.q_proj, picked, rows_q)
+        query = self._heads(module, projected, "q_norm")
         return self._rotate(module, query, gather_sequence(cos, index, -2), gather_sequence(sin, index, -2))
 
     # ------------------------------------------------------------------------------------------- decode

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from vtexit.core.compiled import eager_under_compile
 from vtexit.core.engine import ScheduleEngine
+from vtexit.methods.yopo import sliced
 from vtexit.methods.yopo.rows import QueryRows, split_rows
 
 
@@ -43,13 +43,9 @@ class YOPOMLP:
         out = rows.text.scatter(out, type(module).forward(module, rows.text.gather(hidden)))
         visual = rows.visual.gather(hidden)
         n = self.neurons
-        gate = F.linear(visual, module.gate_proj.weight[:n], _head(module.gate_proj.bias, n))
-        up = F.linear(visual, module.up_proj.weight[:n], _head(module.up_proj.bias, n))
-        down = F.linear(module.act_fn(gate) * up, module.down_proj.weight[:, :n], module.down_proj.bias)
+        first = slice(0, n)
+        gate, up = sliced.outputs(module.gate_proj, visual, first), sliced.outputs(module.up_proj, visual, first)
+        down = sliced.inputs(module.down_proj, module.act_fn(gate) * up, first, module.down_proj.in_features)
         out = rows.visual.scatter(out, down)
         engine.record_fraction(layer_idx, ffn=n / module.down_proj.in_features)
         return out[:, :length]
-
-
-def _head(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    return None if bias is None else bias[:n]
