@@ -331,3 +331,34 @@ def test_a_tuning_step_with_yopo_active_matches_the_simulation_and_trains_only_l
     result = tune(case.model, iter([{**inputs, "labels": labels}] * 2), ConfigSampler((config,)), steps=2, lr=1e-3,
                   seed=0, progress=False, lora=None)  # fmt: skip
     assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+@torch.no_grad()
+def test_host_syncs_do_not_grow_with_layers():
+    """YOPO's index tensors are built once per prefill (the row blocks' widths: one read; the window tiles: one copy of
+    the grid), so syncs do not grow with the number of layers, and decode steps add none. (The profiler counts scalar
+    reads; the two copies are on top of them.)"""
+    from torch.profiler import ProfilerActivity, profile
+
+    def syncs(fn) -> int:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
+
+    counts = {}
+    inputs = family_batch(_case("llava", "sdpa"))  # the same vocabulary and vision tower at any depth
+    for layers in (4, 8):
+        model = build_tiny("llava", num_layers=layers).model
+        active = torch.ones(layers, model.config.text_config.num_attention_heads, dtype=torch.bool)
+        active[2:, 0] = False
+        config = vtexit.YOPOConfig(window=3, heads=active, ffn_ratio=2)
+        unpatched = syncs(lambda m=model: m(**inputs))
+        with vtexit.yopo(model, config):
+            counts[layers] = syncs(lambda m=model: m(**inputs)) - unpatched
+
+            def generate(steps, m=model):
+                return lambda: m.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+
+            patched_steps = syncs(generate(4)) - syncs(generate(2))
+        assert patched_steps == syncs(generate(4)) - syncs(generate(2))  # unpatched: the same per decode step
+    assert counts[4] == counts[8] <= 2

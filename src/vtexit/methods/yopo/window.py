@@ -43,15 +43,28 @@ def tiles(rows: QueryRows, grid: VisualGrid, index: torch.Tensor, size: int) -> 
     radius = (size - 1) // 2
     slot = visual.gather_index
     position = index.gather(1, slot)
-    heights, widths = (getattr(grid, name).gather(1, position).cpu() for name in ("height", "width"))
-    slots_h, counts = slot.cpu(), visual.valid.sum(1).cpu().tolist()
-    text_slots, text_valid = text.gather_index.cpu(), text.valid.cpu()
+    # The one device-to-host copy of the call: grid sizes and slots of the visual entries, and the text slots.
+    host = torch.cat(
+        [
+            grid.height.gather(1, position),
+            grid.width.gather(1, position),
+            slot,
+            visual.valid.sum(1, keepdim=True),
+            text.gather_index,
+            text.valid.long(),
+        ],
+        dim=1,
+    ).cpu()
+    heights, widths, slots_h = (host[:, k * width_v : (k + 1) * width_v].tolist() for k in range(3))
+    counts = host[:, 3 * width_v].tolist()
+    text_slots = host[:, 3 * width_v + 1 : 3 * width_v + 1 + text.slots.shape[1]]
+    text_valid = host[:, 3 * width_v + 1 + text.slots.shape[1] :].bool()
     frames = []  # (row, first block entry, first slot, height, width)
     for b in range(batch):
         j = 0
         while j < counts[b]:  # a frame is a run of h * w consecutive entries of the visual block
-            h, w = int(heights[b, j]), int(widths[b, j])
-            frames.append((b, j, int(slots_h[b, j]), h, w))
+            h, w = heights[b][j], widths[b][j]
+            frames.append((b, j, slots_h[b][j], h, w))
             j += h * w
     # One tile shape per call (no larger than the largest frame, so small images are one tile).
     tile_h = min(TILE, max(f[3] for f in frames))
