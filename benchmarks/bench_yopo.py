@@ -6,6 +6,9 @@ Each strategy alone and all together are timed interleaved with the model withou
 round, medians). Heads are calibrated on the prompt itself with ``vtexit.calibrate_heads(keep=0.5)``.
 
     python benchmarks/bench_yopo.py [--repeats 3] [--threads 1] [--high-res-tokens 2304]
+    python benchmarks/bench_yopo.py --device cuda [--batch 1]   # LLaVA-1.5-7B's LM shape in bf16, built on the GPU
+
+Timing synchronises the device (CUDA events on a GPU).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from vtexit.core.flops import FORMULA
 from vtexit.evaluation.speed import NOISE_MARGIN, MethodSpeed, measure_methods
 from vtexit.testing.tiny_models import build_llava_shaped
 
+# LLaVA-1.5-7B's language model (as in bench_speed.py), for GPU runs.
+SEVEN_B = dict(hidden_size=4096, num_layers=32, num_heads=32, intermediate_size=11008, vocab_size=32000)
 TARGET = 0.80  # the issue's target: wall-clock speedup >= 0.8 x the FLOPs ratio
 
 
@@ -60,20 +65,32 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--text-tokens", type=int, default=64)
     parser.add_argument("--high-res-tokens", type=int, default=2304, help="0 skips the high-resolution prompt")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    shape = SEVEN_B if cuda else {}  # on the CPU: hidden 1024, 16 layers (build_llava_shaped's defaults)
+    dtype = torch.bfloat16 if cuda else torch.float32
     console = Console(width=160)
     runs = [(576, ["window", "heads", "layer_drop", "ffn_ratio", "all"])]
     if args.high_res_tokens:
         runs.append((args.high_res_tokens, ["window", "all"]))
     for tokens, which in runs:
-        case = build_llava_shaped(image_tokens=tokens)
-        inputs = case.inputs([1], text_len=args.text_tokens)
-        configs = _configs(case.model, inputs, which)
-        rows = measure_methods(case.model, inputs, configs, repeats=args.repeats)
+        with torch.device(device):
+            case = build_llava_shaped(image_tokens=tokens, **shape)
+        model = case.model.to(dtype).eval()
+        inputs = {k: v.to(device) for k, v in case.inputs([1] * args.batch, text_len=args.text_tokens).items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        configs = _configs(model, inputs, which)
+        rows = measure_methods(model, inputs, configs, repeats=args.repeats)
+        text = model.config.text_config
+        where = torch.cuda.get_device_name(device) if cuda else f"{args.threads} thread(s)"
         title = (
-            f"{tokens} visual + {inputs['input_ids'].shape[1] - tokens} text tokens, LLaVA-shaped "
-            f"(hidden 1024, 16 layers), {args.threads} thread(s), {args.repeats} interleaved repeats"
+            f"{tokens} visual + {inputs['input_ids'].shape[1] - tokens} text tokens, batch {args.batch}, LLaVA-shaped "
+            f"(hidden {text.hidden_size}, {text.num_hidden_layers} layers, {dtype}), {where}, "
+            f"{args.repeats} interleaved repeats"
         )
         console.print(_table(title, rows))
         worst = min(rows[1:], key=lambda r: r.efficiency)

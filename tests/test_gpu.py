@@ -52,3 +52,29 @@ def test_withdrawn_logits_and_generate_on_cuda_match_the_cpu(case):
                 assert all(layer.keys.device.type == "cuda" for layer in handle.last_cost.prefill.layers)
     finally:
         case.model.to("cpu")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_yopo_on_cuda_matches_the_cpu(family):
+    from vtexit.testing.tiny_models import build_tiny
+
+    case = build_tiny(family, num_layers=4)
+    inputs = family_batch(case)
+    heads = case.model.config.get_text_config().num_attention_heads
+    active = torch.ones(4, heads, dtype=torch.bool)
+    active[2:, ::2] = False
+    config = vtexit.YOPOConfig(window=3, heads=active, layer_drop=3, ffn_ratio=2)
+    media_ids = sorted(set(inputs["input_ids"][case.media_mask(inputs)].tolist()))
+    generate = dict(max_new_tokens=4, do_sample=False, suppress_tokens=media_ids)
+    with vtexit.yopo(case.model, config):
+        logits, tokens = case.model(**inputs).logits, case.model.generate(**inputs, **generate)
+    model = case.model.to("cuda")
+    try:
+        cuda_inputs = _on(inputs, "cuda")
+        with vtexit.yopo(model, config) as handle:
+            torch.testing.assert_close(model(**cuda_inputs).logits.cpu(), logits, atol=1e-4, rtol=1e-4)
+            assert torch.equal(model.generate(**cuda_inputs, **generate).cpu(), tokens)
+            assert handle.last_cost.prefill.layers[0].visual_keys.device.type == "cuda"
+    finally:
+        case.model.to("cpu")
