@@ -16,6 +16,7 @@ from reference import greedy_no_cache, record_layer_inputs, withdrawn_logits
 from torch.nn import functional as F
 
 import vtexit
+from vtexit.testing.tiny_models import build_tiny
 
 
 # ------------------------------------------------------------------------------------------- threads
@@ -217,6 +218,36 @@ def test_torch_compile_before_and_after_patching(llava4):
         torch.testing.assert_close(later(**inputs).logits, patched)
     torch.testing.assert_close(later(**inputs).logits, base)
     torch._dynamo.reset()
+
+
+@torch.no_grad()
+def test_regional_compilation_of_the_decoder_layers_is_exact():
+    """``layer.compile()`` on every decoder layer (regional compilation, aot_eager here to stay fast): VTW and YOPO
+    give the eager logits and greedy tokens; the hooks and replaced forwards run eagerly between compiled regions."""
+    case = build_tiny("llava", num_layers=4)
+    case.model.generation_config.eos_token_id = None
+    model, layers = case.model, case.model.model.language_model.layers
+    inputs = case.inputs([1, 0, 2], text_len=[5, 9, 3])
+    media_ids = sorted(set(inputs["input_ids"][case.media_mask(inputs)].tolist()))
+    generate = dict(max_new_tokens=4, do_sample=False, suppress_tokens=media_ids)
+    active = torch.ones(4, model.config.text_config.num_attention_heads, dtype=torch.bool)
+    active[2:, ::2] = False
+    configs = [vtexit.VTWConfig(layer=2), vtexit.YOPOConfig(window=3, heads=active, layer_drop=3, ffn_ratio=2)]
+    expected = []
+    for config in configs:
+        with vtexit.apply(model, config):
+            expected.append((model(**inputs).logits, model.generate(**inputs, **generate)))
+    for layer in layers:
+        layer.compile(backend="aot_eager")
+    try:
+        for config, (logits, tokens) in zip(configs, expected, strict=True):
+            with vtexit.apply(model, config):
+                torch.testing.assert_close(model(**inputs).logits, logits, atol=1e-6, rtol=1e-6)
+                assert torch.equal(model.generate(**inputs, **generate), tokens)
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None
+        torch._dynamo.reset()
 
 
 # ------------------------------------------------------------------------------------------- labels
