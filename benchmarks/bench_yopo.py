@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from bench_speed import SHAPES  # LLaVA-1.5-7B's language model, as the VTW GPU benchmark uses
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -25,8 +26,6 @@ from vtexit.core.flops import FORMULA
 from vtexit.evaluation.speed import NOISE_MARGIN, MethodSpeed, measure_methods
 from vtexit.testing.tiny_models import build_llava_shaped
 
-# LLaVA-1.5-7B's language model (as in bench_speed.py), for GPU runs.
-SEVEN_B = dict(hidden_size=4096, num_layers=32, num_heads=32, intermediate_size=11008, vocab_size=32000)
 TARGET = 0.80  # the target: wall-clock speedup >= 0.8 x the FLOPs ratio
 
 
@@ -59,6 +58,7 @@ def _configs(model, inputs, which: list[str]) -> dict[str, vtexit.YOPOConfig]:
     }
     return dict(every[key] for key in which)
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -71,7 +71,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    shape = SEVEN_B if cuda else {}  # on the CPU: hidden 1024, 16 layers (build_llava_shaped's defaults)
+    shape = SHAPES["7b"] if cuda else {}  # on the CPU: hidden 1024, 16 layers (build_llava_shaped's defaults)
     dtype = torch.bfloat16 if cuda else torch.float32
     console = Console(width=160)
     runs = [(576, ["window", "heads", "layer_drop", "ffn_ratio", "all"])]

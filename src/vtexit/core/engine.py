@@ -515,7 +515,7 @@ class ScheduleEngine:
         cache (the prompt slots the layer holds, then every token since). For in-layer methods in prefill and decode."""
         call = self._call
         if call.mode == "prefill":
-            media = call.media.gather(1, call.layout.index) & call.layout.valid
+            media = self.current_media()
         else:
             stage = call.record.stage_of_layer[layer_idx]
             media = call.record.media
@@ -534,7 +534,7 @@ class ScheduleEngine:
             raise ValueError(f"family {self.family.name!r} does not describe its visual patch grid")
         return self.call_memo(
             "media grid",
-            lambda: self.family.visual_grid(self.model.config, call.grid_inputs["input_ids"], call.grid_inputs),
+            lambda: self.family.visual_grid(self.model.config, call.media, call.grid_inputs),
         )
 
     def record_fraction(

@@ -1,7 +1,8 @@
 """Where each visual token sits on its image's patch grid, for methods that look at spatial neighbours.
 
-A family describes its geometry with a function ``(config, input_ids, inputs) -> VisualGrid`` (``inputs`` are the
-multimodal core's kwargs the family names in ``FamilySpec.grid_inputs``). Two layouts cover the built-in families
+A family describes its geometry with a function ``(config, media, inputs) -> VisualGrid``: ``media`` flags the
+visual tokens of the prompt, ``inputs`` holds its ``input_ids`` and the multimodal core's kwargs the family names in
+``FamilySpec.grid_inputs``. Two layouts cover the built-in families
 that have one: LLaVA-1.5 style (each ``<image>`` expands to a square grid of ``image_seq_length`` tokens, row-major)
 and Qwen2-VL style (``image_grid_thw`` / ``video_grid_thw`` in patches, merged ``spatial_merge_size`` x
 ``spatial_merge_size``; a video is ``t`` frames of one grid). Everything is computed on the device, without a sync.
@@ -44,10 +45,9 @@ def square_side(config: PretrainedConfig) -> int:
     return side
 
 
-def square_grid(config: PretrainedConfig, input_ids: torch.Tensor, inputs: dict) -> VisualGrid:
+def square_grid(config: PretrainedConfig, media: torch.Tensor, inputs: dict) -> VisualGrid:
     """LLaVA-1.5: the k-th run of ``image_seq_length`` image tokens in a row is image k, a square grid."""
     side = square_side(config)
-    media = input_ids == config.image_token_id
     rank = media.long().cumsum(1) - 1
     local = rank % (side * side)
     zero = torch.zeros_like(rank)
@@ -60,26 +60,24 @@ def square_grid(config: PretrainedConfig, input_ids: torch.Tensor, inputs: dict)
     )
 
 
-def qwen_grid(config: PretrainedConfig, input_ids: torch.Tensor, inputs: dict) -> VisualGrid:
+def qwen_grid(config: PretrainedConfig, media: torch.Tensor, inputs: dict) -> VisualGrid:
     """Qwen2-VL style. ``generate`` passes the M-RoPE position ids (and no grids) to the multimodal core: read the
     grid from them when given, else from ``image_grid_thw`` / ``video_grid_thw``."""
     positions = inputs.get("position_ids")
     if positions is not None and positions.ndim == 3 and positions.shape[0] >= 3:
-        return mrope_grid(config, input_ids, positions[-3:])
-    return merged_thw_grid(config, input_ids, inputs)
+        return mrope_grid(media, positions[-3:])
+    return merged_thw_grid(config, inputs["input_ids"], inputs)
 
 
-def mrope_grid(config: PretrainedConfig, input_ids: torch.Tensor, thw: torch.Tensor) -> VisualGrid:
+def mrope_grid(media: torch.Tensor, thw: torch.Tensor) -> VisualGrid:
     """From M-RoPE (temporal, height, width) position ids (3, batch, length): a frame is a run of visual tokens with
     one temporal position; a token's row and column are its height and width positions minus the frame's least."""
-    ids = [getattr(config, a, None) for a in ("image_token_id", "video_token_id")]
-    media = torch.isin(input_ids, torch.tensor([i for i in ids if i is not None], device=input_ids.device))
-    t, h, w = thw.to(input_ids.device).expand(-1, *input_ids.shape)
+    t, h, w = thw.to(media.device).expand(-1, *media.shape)
     before = torch.nn.functional.pad(media[:, :-1], (1, 0), value=False)
     t_before = torch.nn.functional.pad(t[:, :-1], (1, 0), value=-1)
     frame = (media & (~before | (t != t_before))).long().cumsum(1) - 1
     frame = torch.where(media, frame, -1)
-    batch, length = input_ids.shape
+    batch, length = media.shape
     bucket = torch.where(media, torch.arange(batch, device=media.device).view(-1, 1) * length + frame, batch * length)
     bucket = bucket.flatten()
 
@@ -89,7 +87,7 @@ def mrope_grid(config: PretrainedConfig, input_ids: torch.Tensor, thw: torch.Ten
         return per_frame[bucket].view(batch, length)
 
     top, left = reduce(h, "amin"), reduce(w, "amin")
-    zero = torch.zeros_like(input_ids)
+    zero = torch.zeros_like(media, dtype=torch.long)
     return VisualGrid(
         frame=frame,
         row=torch.where(media, h - top, zero),

@@ -26,7 +26,7 @@ from vtexit.core.compiled import eager_under_compile
 from vtexit.core.engine import ScheduleEngine
 from vtexit.core.layout import gather_sequence
 from vtexit.methods.yopo import sliced
-from vtexit.methods.yopo.rows import QueryRows, RowBlock, split_rows
+from vtexit.methods.yopo.rows import QueryRows, RowBlock, call_rows
 from vtexit.methods.yopo.window import Tiles, tiled_attention, tiles
 
 
@@ -121,24 +121,24 @@ class YOPOAttention:
         return rotate(states, states, cos, sin)[0]
 
     @staticmethod
-    def _heads(module: nn.Module, projected: torch.Tensor, norm_name: str) -> torch.Tensor:
+    def _heads(module: nn.Module, projected: torch.Tensor, norm_name: str | None = None) -> torch.Tensor:
         batch, length, _ = projected.shape
         states = projected.view(batch, length, -1, module.head_dim)
-        norm = getattr(module, norm_name, None)
+        norm = None if norm_name is None else getattr(module, norm_name, None)
         if norm is not None:
             states = norm(states)
         return states.transpose(1, 2)
 
     def _keys_values(self, module, hidden, cos, sin, cache):
         key = self._rotate(module, self._heads(module, module.k_proj(hidden), "k_norm"), cos, sin)
-        value = self._heads(module, module.v_proj(hidden), "")
+        value = self._heads(module, module.v_proj(hidden))
         if cache is not None:
             key, value = cache.update(key, value, module.layer_idx)
         return key, value
 
-    def _attend(self, query, key, value, allowed, plan: HeadPlan | None, key_media, scale):
+    def _attend(self, query, key, value, allowed, plan: HeadPlan, key_media, scale):
         """Text-query attention; in heads pruned for visual tokens, visual keys are invisible or zero-weighted."""
-        if plan is None or not plan.pruned:
+        if not plan.pruned:
             return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scale, enable_gqa=True)
         visible = plan.active.view(1, -1, 1, 1) | ~key_media.view(key_media.shape[0], 1, 1, -1)
         if self.pruned_text == "renormalise":
@@ -155,11 +155,10 @@ class YOPOAttention:
     def _prefill(self, module, plan: HeadPlan, hidden, position_embeddings, cache) -> torch.Tensor:
         engine = self.engine
         layout = engine.current_layout()
-        rows: QueryRows = engine.call_memo("yopo rows", lambda: split_rows(engine.current_media(), layout.valid))
+        rows = call_rows(engine)
         cos, sin = position_embeddings
         key, value = self._keys_values(module, hidden, cos, sin, cache)
         key, value = key[:, :, -hidden.shape[1] :], value[:, :, -hidden.shape[1] :]
-        media = engine.current_media()
         scale = module.scaling
         batch, length, _ = hidden.shape
         out = hidden.new_zeros(batch, length + 1, module.o_proj.out_features)
@@ -168,7 +167,7 @@ class YOPOAttention:
         text = rows.text
         query = self._query_rows(module, hidden, text, cos, sin)
         allowed = engine.call_memo("yopo text mask", lambda: _causal_rows(text, layout.valid))
-        attended = self._attend(query, key, value, allowed, plan, media, scale)
+        attended = self._attend(query, key, value, allowed, plan, rows.media, scale)
         out = text.scatter(out, module.o_proj(_merge_heads(attended)))
 
         # Visual rows: only the heads active for visual tokens.

@@ -99,5 +99,7 @@ class YOPOConfig(MethodConfig):
                 "(described: LLaVA-1.5 style square grids, Qwen2-VL / Qwen2.5-VL / Qwen3-VL grids)"
             )
         if self.window is not None:
-            family.visual_grid(model.config, torch.zeros(1, 1, dtype=torch.long), {})  # refuses unknown layouts
+            # The grid function refuses layouts it cannot describe (e.g. LLaVA keeping a CLS token).
+            empty = {"input_ids": torch.zeros(1, 1, dtype=torch.long)}
+            family.visual_grid(model.config, torch.zeros(1, 1, dtype=torch.bool), empty)
         return YOPOPolicy(self, parts.layers, family, max(1, family.min_layer(model.config)), layer_drop)

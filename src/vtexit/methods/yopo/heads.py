@@ -137,18 +137,22 @@ def heads_from_scores(
     """The mask from :func:`score_heads`' scores: ``keep`` (about this share of heads stays active; the threshold is
     its quantile over all rows and heads of layers >= 2) or the public code's absolute ``threshold``; a head stays
     active when its score passes on more than ``vote`` of the rows."""
-    if threshold is None and (keep is None or isinstance(keep, bool) or not 0.0 < float(keep) <= 1.0):
-        raise ValueError(f"keep must be a number in (0, 1] (or give threshold=), got {keep!r}")
-    if threshold is not None and not float(threshold) >= 0.0:
-        raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
-    if not 0.0 <= float(vote) < 1.0:
-        raise ValueError(f"vote must be in [0, 1), got {vote!r}")
+    _check_settings(keep, threshold, vote)
     deep = scores[:, ALWAYS_ACTIVE_LAYERS:]
     if threshold is None:
         threshold = float(deep.flatten().float().quantile(1.0 - float(keep))) if deep.numel() else 0.0
     active = (scores > threshold).float().mean(0) > vote
     active[:ALWAYS_ACTIVE_LAYERS] = True
     return HeadMask(active)
+
+
+def _check_settings(keep: float | None, threshold: float | None, vote: float) -> None:
+    if threshold is None and (keep is None or isinstance(keep, bool) or not 0.0 < float(keep) <= 1.0):
+        raise ValueError(f"keep must be a number in (0, 1] (or give threshold=), got {keep!r}")
+    if threshold is not None and not float(threshold) >= 0.0:
+        raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
+    if not 0.0 <= float(vote) < 1.0:
+        raise ValueError(f"vote must be in [0, 1), got {vote!r}")
 
 
 def calibrate_heads(
@@ -167,6 +171,6 @@ def calibrate_heads(
     heads of layers >= 2) or ``threshold`` (the public code's absolute threshold). A head stays active when its
     score passes on more than ``vote`` of the rows with visual tokens.
     """
-    heads_from_scores(torch.zeros(1, ALWAYS_ACTIVE_LAYERS + 1, 1), keep=keep, threshold=threshold, vote=vote)
+    _check_settings(keep, threshold, vote)  # before the slow scoring
     scores = score_heads(model, samples, family=family, progress=progress)
     return heads_from_scores(scores, keep=keep, threshold=threshold, vote=vote)

@@ -13,7 +13,7 @@ from torch import nn
 from vtexit.core.compiled import eager_under_compile
 from vtexit.core.engine import ScheduleEngine
 from vtexit.methods.yopo import sliced
-from vtexit.methods.yopo.rows import QueryRows, split_rows
+from vtexit.methods.yopo.rows import call_rows
 
 
 def check_mlp(module: nn.Module) -> None:
@@ -36,8 +36,7 @@ class YOPOMLP:
         engine = self.engine
         if engine.call_mode() != "prefill":
             return type(module).forward(module, hidden)
-        layout = engine.current_layout()
-        rows: QueryRows = engine.call_memo("yopo rows", lambda: split_rows(engine.current_media(), layout.valid))
+        rows = call_rows(engine)
         batch, length, _ = hidden.shape
         out = hidden.new_zeros(batch, length + 1, module.down_proj.out_features)
         out = rows.text.scatter(out, type(module).forward(module, rows.text.gather(hidden)))

@@ -34,20 +34,18 @@ class YOPOPolicy(Policy):
         self.family = family
         # Without a drop, one hooked layer still lets the engine see the cache (decode needs the prompt's media).
         self.event_layers = frozenset({layer_drop if layer_drop is not None else min(min_layer, len(layers) - 1)})
-        self.pruned_layers = list(range(len(layers) if layer_drop is None else layer_drop))
         self.attention_modules: dict[int, nn.Module] = {}
         self.mlp_modules: dict[int, nn.Module] = {}
         heads = config.head_mask()
         self.head_plans: dict[int, HeadPlan] = {}
-        for i in self.pruned_layers:
+        # Only the layers before the drop hold visual tokens to prune.
+        for i in range(len(layers) if layer_drop is None else layer_drop):
             attention = getattr(layers[i], family.attention)
             if config.window is not None or heads is not None:
                 check_attention(attention, "window / heads")
-                kv_heads = attention.k_proj.out_features // attention.head_dim
-                active = heads.active[i] if heads is not None else None
-                if active is None:
-                    active = torch.ones(attention.q_proj.out_features // attention.head_dim, dtype=torch.bool)
-                plan = HeadPlan.of(active, kv_heads)
+                num_heads = attention.q_proj.out_features // attention.head_dim
+                active = heads.active[i] if heads is not None else torch.ones(num_heads, dtype=torch.bool)
+                plan = HeadPlan.of(active, attention.k_proj.out_features // attention.head_dim)
                 if config.window is not None or plan.pruned:
                     self.attention_modules[i] = attention
                     self.head_plans[i] = plan

@@ -43,6 +43,12 @@ class QueryRows:
     visual: RowBlock
     text: RowBlock
     length: int
+    media: torch.Tensor  # (batch, length) bool: the slots' media flags the blocks were split by
+
+
+def call_rows(engine) -> QueryRows:
+    """The row blocks of the prefill running in this thread, split once per call (every layer reuses them)."""
+    return engine.call_memo("yopo rows", lambda: split_rows(engine.current_media(), engine.current_layout().valid))
 
 
 def split_rows(media: torch.Tensor, valid: torch.Tensor) -> QueryRows:
@@ -50,7 +56,7 @@ def split_rows(media: torch.Tensor, valid: torch.Tensor) -> QueryRows:
     text = valid & ~media
     width_visual, width_text = (int(n) for n in torch.stack([media.sum(1).max(), text.sum(1).max()]).tolist())
     length = media.shape[1]
-    return QueryRows(_block(media, width_visual, length), _block(text, width_text, length), length)
+    return QueryRows(_block(media, width_visual, length), _block(text, width_text, length), length, media)
 
 
 def _block(selected: torch.Tensor, width: int, length: int) -> RowBlock:
