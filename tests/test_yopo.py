@@ -231,8 +231,8 @@ def test_config_round_trips_and_refuses_bad_settings(tmp_path):
             vtexit.YOPOConfig(**settings)
     model_bad = [
         (dict(heads=active[:, :1]), "heads"),
-        (dict(layer_drop=0), "layer"),
-        (dict(layer_drop=LAYERS + 1), "layer"),
+        (dict(layer_drop=0), "layer_drop"),
+        (dict(layer_drop=LAYERS + 1), "layer_drop"),
     ]
     for settings, name in model_bad:
         with pytest.raises(ValueError, match=name):

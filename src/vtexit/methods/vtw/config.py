@@ -20,11 +20,11 @@ def valid_layer_range(model: nn.Module, family: FamilySpec | None = None) -> tup
     return max(1, family.min_layer(model.config)), num_layers
 
 
-def check_layer(model: nn.Module, layer: object, family: FamilySpec | None = None) -> int:
-    """Validate a withdrawal layer before anything touches the model."""
+def check_layer(model: nn.Module, layer: object, family: FamilySpec | None = None, name: str = "layer") -> int:
+    """Validate a withdrawal layer before anything touches the model (``name``: the setting, for the error)."""
     low, high = valid_layer_range(model, family)
     if isinstance(layer, bool) or not isinstance(layer, int):
-        raise ValueError(f"layer must be an int in [{low}, {high}], got {layer!r}")
+        raise ValueError(f"{name} must be an int in [{low}, {high}], got {layer!r}")
     if not low <= layer <= high:
         why = (
             " (layer 0 and the first layer of each attention type, and Qwen3-VL's deepstack layers, must keep the "
@@ -32,7 +32,7 @@ def check_layer(model: nn.Module, layer: object, family: FamilySpec | None = Non
             if layer < low
             else f" ({high} = number of decoder layers = no withdrawal)"
         )
-        raise ValueError(f"layer must be in [{low}, {high}] for this model, got {layer}{why}")
+        raise ValueError(f"{name} must be in [{low}, {high}] for this model, got {layer}{why}")
     return layer
 
 

@@ -85,7 +85,7 @@ class YOPOConfig(MethodConfig):
         parts = family.resolve(model)
         text = model.config.get_text_config()
         num_layers = len(parts.layers)
-        layer_drop = None if self.layer_drop is None else check_layer(model, self.layer_drop, family)
+        layer_drop = None if self.layer_drop is None else check_layer(model, self.layer_drop, family, name="layer_drop")
         if self.heads is not None:
             shape = (len(self.heads), len(self.heads[0]) if self.heads else 0)
             if shape != (num_layers, text.num_attention_heads):
