@@ -99,9 +99,13 @@ def test_call_time_errors_are_clear(llava):
         cache = llava.model(**inputs, use_cache=True).past_key_values
         with pytest.raises(ValueError, match="non-empty cache"):
             llava.model(**inputs, past_key_values=cache)
+        prepared = inputs["attention_mask"][:, None, None, :].bool()  # a 4D mask without a static cache
+        with pytest.raises(ValueError, match="2D attention_mask"):
+            llava.model(**dict(inputs, attention_mask=prepared))
         static = StaticCache(config=llava.model.config, max_cache_len=64)
-        with pytest.raises(ValueError, match="StaticCache|DynamicCache"):
-            llava.model.generate(**inputs, past_key_values=static, max_new_tokens=2)
+        llava.model(**inputs, past_key_values=static)
+        with pytest.raises(ValueError, match="non-empty static cache"):
+            llava.model(**inputs, past_key_values=static)
     assert _untouched(llava.model, hooks_before)
 
 

@@ -43,3 +43,22 @@ def test_syncs_per_prefill_event_and_decode_step(llava4):
     with vtexit.withdraw(model, layer=2):
         per_steps_patched = _syncs(generate(6)) - _syncs(generate(3))
     assert per_steps_patched == per_steps_unpatched  # three more decode steps cost no extra sync
+
+
+@torch.no_grad()
+def test_static_cache_syncs_per_prefill_and_decode_step(llava4):
+    """On a static cache: the prefill adds at most its one read (the cache's emptiness is read with the layout
+    flags), and decode steps add none (the plan kept on the cache replaces the per-step length read)."""
+    model = llava4.model
+    inputs = llava4.inputs([1, 2], text_len=[5, 3])
+
+    def generate(steps: int):
+        gen = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, cache_implementation="static")
+        return lambda: model.generate(**inputs, **gen)
+
+    first_unpatched = _syncs(generate(1))
+    per_steps_unpatched = _syncs(generate(6)) - _syncs(generate(3))
+    with vtexit.withdraw(model, layer=2):
+        assert _syncs(generate(1)) <= first_unpatched + 2  # the prefill's read and its compaction event
+        per_steps_patched = _syncs(generate(6)) - _syncs(generate(3))
+    assert per_steps_patched == per_steps_unpatched

@@ -82,7 +82,7 @@ def query_attention(
         allowed = (keys.view(1, 1, -1) <= query_slots.unsqueeze(-1)).unsqueeze(1)
         scores = scores.masked_fill(~allowed, float("-inf"))
     else:
-        rows = attention_mask[..., -length:].expand(batch, -1, -1, -1)
+        rows = attention_mask[..., :length].expand(batch, -1, -1, -1)  # an empty cache: keys are the first slots
         rows = rows.gather(2, query_slots.view(batch, 1, -1, 1).expand(-1, rows.shape[1], -1, length))
         if rows.dtype == torch.bool:
             scores = scores.masked_fill(~rows, float("-inf"))

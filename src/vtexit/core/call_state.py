@@ -4,6 +4,7 @@ cost records built from them when read."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache
@@ -55,6 +56,7 @@ class CallState:
     stage_of_layer: list[int] = field(default_factory=list)
     cache: Cache | None = None
     record: PrefillRecord | None = None
+    static: Any = None  # the StaticPlan of a decode call on a static cache
     # In-layer methods: layer -> (head fraction, FFN fraction, visual keys), each None where not recorded.
     fractions: dict[int, tuple] = field(default_factory=dict)
     grid_inputs: dict = field(default_factory=dict)  # the core kwargs the family's visual grid is computed from
@@ -120,11 +122,16 @@ class DecodeCostInputs:
     past_length: int
     query_length: int
     fractions: dict
+    static_keys: int | None = None  # a static cache: every layer computes all its slots (masked)
 
     def layers(self) -> list[LayerCost]:
         """Per layer: the new (text) tokens, and the keys each layer attended to."""
         queries = torch.full_like(self.record.full_tokens, self.query_length)
         no_visual = torch.zeros_like(queries)
+        if self.static_keys is not None:
+            keys = torch.full_like(queries, self.static_keys)
+            layers = [LayerCost(no_visual, queries, keys) for _ in self.record.stage_of_layer]
+            return with_fractions(layers, self.fractions)
         if self.padding is not None:
             full_keys = self.padding.sum(1).to(queries.device)
         else:

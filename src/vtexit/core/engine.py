@@ -45,6 +45,16 @@ from vtexit.core.layout import Layout, gather_sequence
 from vtexit.core.loss import kept_positions_loss
 from vtexit.core.masks import layer_types, media_block_ids, rebuild_mask
 from vtexit.core.policy import Policy, PrefillView
+from vtexit.core.static_cache import (
+    StaticPlan,
+    attach_plan,
+    build_plan,
+    check_static_cache,
+    drop_plan,
+    is_static,
+    padding_from_prepared,
+    plan_of,
+)
 
 
 class ScheduleEngine:
@@ -76,6 +86,7 @@ class ScheduleEngine:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._records: weakref.WeakKeyDictionary[Cache, PrefillRecord] = weakref.WeakKeyDictionary()
+        self._labels_under_compile = False
 
     @property
     def num_layers(self) -> int:
@@ -126,7 +137,9 @@ class ScheduleEngine:
         hooks.append(self.model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True))
         hooks.append(self.model.register_forward_hook(self._top_post_hook, always_call=True))
         hooks.append(self.parts.core.register_forward_pre_hook(self._core_pre_hook, with_kwargs=True))
-        hooks.append(self.parts.core.register_forward_hook(self._core_post_hook, always_call=True))
+        hooks.append(
+            self.parts.core.register_forward_hook(self._core_post_hook, with_kwargs=True, always_call=True)
+        )
         for i, layer in enumerate(self.parts.layers[self._first_hooked_layer() :], start=self._first_hooked_layer()):
             hooks.append(layer.register_forward_pre_hook(partial(self._layer_pre_hook, i), with_kwargs=True))
         for i, attention in attention_modules:
@@ -149,6 +162,7 @@ class ScheduleEngine:
             caches = [cache for cache, record in self._records.items() if record.compacted]
             self._records.clear()
         for cache in caches:
+            drop_plan(cache)
             poison(cache)
         self._local = threading.local()
         if getattr(self.model, "_vtexit_engine", None) is self:
@@ -216,43 +230,103 @@ class ScheduleEngine:
         )
 
     # ----------------------------------------------------------------------------------------- hooks
-    @_eager
+    # Each hook runs its eager body outside compilation. Under torch.compile, a decode step on a static cache this
+    # patch filled takes a traceable path instead (no Python state, no graph break), so that transformers' compiled
+    # decode stays one graph; every other call breaks the graph around the eager body.
     def _top_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        if torch.compiler.is_compiling() and kwargs.get("labels") is None:
+            return None
+        return self._top_pre_hook_eager(module, args, kwargs)
+
+    def _top_post_hook(self, module: nn.Module, args: tuple, output: Any):
+        if torch.compiler.is_compiling() and not self._labels_under_compile:
+            return None
+        return self._top_post_hook_eager(module, args, output)
+
+    @_eager
+    def _top_pre_hook_eager(self, module: nn.Module, args: tuple, kwargs: dict):
         self._local.labels = None
         if kwargs.get("labels") is None:
             return None
+        if torch.compiler.is_compiling():
+            self._labels_under_compile = True  # compiled post hooks call their eager body from now on
         kwargs = dict(kwargs)
         self._local.labels = kwargs.pop("labels")
         return args, kwargs
 
     @_eager
-    def _top_post_hook(self, module: nn.Module, args: tuple, output: Any):
+    def _top_post_hook_eager(self, module: nn.Module, args: tuple, output: Any):
         labels, self._local.labels = getattr(self._local, "labels", None), None
         if labels is None or getattr(output, "logits", None) is None:
             return None
         output.loss = kept_positions_loss(output.logits, labels, getattr(self._local, "last_call_layout", None))
         return output
 
-    @_eager
+    def _static_decode_plan(self, kwargs: dict) -> StaticPlan | None:
+        """The plan of a static cache this patch filled, when this call continues it (no media inputs)."""
+        cache = kwargs.get("past_key_values")
+        if not is_static(cache):
+            return None
+        plan = plan_of(cache)
+        if plan is None or plan.owner is not self or has_media_inputs(kwargs):
+            return None
+        return plan
+
+    def _traced_decode_plan(self, kwargs: dict) -> StaticPlan | None:
+        """Under compilation: the plan of a decode step that traces without Python state. Methods that replace layer
+        forwards (YOPO's in-layer strategies) read per-call state in decode, so their steps take the eager hooks
+        (graph breaks: exact, slower)."""
+        plan = self._static_decode_plan(kwargs)
+        if plan is None or (self._replaced and plan.record is not None):
+            return None
+        return plan
+
     def _core_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.compiler.is_compiling() and self._traced_decode_plan(kwargs) is not None:
+            return None
+        return self._core_pre_hook_eager(module, args, kwargs)
+
+    def _core_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if torch.compiler.is_compiling() and self._traced_decode_plan(kwargs) is not None:
+            return None
+        return self._core_post_hook_eager(module, args, kwargs, output)
+
+    def _layer_pre_hook(self, layer_idx: int, module: nn.Module, args: tuple, kwargs: dict):
+        if torch.compiler.is_compiling():
+            plan = self._traced_decode_plan(kwargs)
+            if plan is not None:
+                return self._static_decode_layer(plan, layer_idx, args, kwargs, memo=None)
+        return self._layer_pre_hook_eager(layer_idx, module, args, kwargs)
+
+    @_eager
+    def _core_pre_hook_eager(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._call = None
         self._local.last_call_layout = None
         cache = kwargs.get("past_key_values")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         padding = kwargs.get("attention_mask")
-        if isinstance(padding, dict) or (isinstance(padding, torch.Tensor) and padding.ndim != 2):
+        prepared = isinstance(padding, dict) or (isinstance(padding, torch.Tensor) and padding.ndim != 2)
+        static = is_static(cache)
+        if static:
+            check_static_cache(cache)
+            plan = self._static_decode_plan(kwargs)
+            if plan is not None:
+                self._enter_static_decode(plan, input_ids, kwargs)
+                return
+            if not has_media_inputs(kwargs) and int(cache.get_seq_length()) > 0:
+                # A static cache filled without this patch: continued untouched (the plan spares later syncs).
+                attach_plan(cache, build_plan(self, None, cache.get_max_length(), self.num_layers))
+                self._local.last_layout = None
+                return
+            if prepared:
+                padding = padding_from_prepared(padding, _sequence_length(input_ids, kwargs.get("inputs_embeds")))
+        elif prepared:
             raise ValueError(
-                "vtexit needs a 2D attention_mask (got a prepared 4D mask or mask mapping). StaticCache and "
-                "compiled generation pre-build masks and are not supported: use the default DynamicCache."
+                "vtexit needs a 2D attention_mask (got a prepared 4D mask or mask mapping); prepared masks are read "
+                "only with a static cache (generate(..., cache_implementation='static'))"
             )
-        if isinstance(cache, Cache) and getattr(cache, "is_compileable", False):
-            raise ValueError(
-                f"past_key_values is a {type(cache).__name__}; vtexit caches fewer positions in withdrawn layers and "
-                "supports only DynamicCache (the default of generate)"
-            )
-        past_length = cache.get_seq_length() if isinstance(cache, Cache) else 0
-        if past_length > 0:
-            self._enter_continuation(cache, kwargs, input_ids, padding, past_length)
+        elif isinstance(cache, Cache) and cache.get_seq_length() > 0:
+            self._enter_continuation(cache, kwargs, input_ids, padding, cache.get_seq_length())
             return
         if input_ids is None:
             if kwargs.get("inputs_embeds") is not None:
@@ -260,7 +334,7 @@ class ScheduleEngine:
                     "vtexit finds visual tokens from input_ids, but this call passed only inputs_embeds; "
                     "pass input_ids (with pixel inputs) instead"
                 )
-            self._local.last_layout = None
+            self._untouched_prefill(cache if static else None)
             return
         media = torch.isin(input_ids, self._media_ids_on(input_ids.device))
         if padding is None:
@@ -271,10 +345,17 @@ class ScheduleEngine:
         flags = media.any().int() * 4 + last_is_media.any().int() * 2
         if padding is not None:
             flags = flags + (~padding.bool()).any().int()
+        if static:  # a static cache must be empty here: read with the same sync (0 before its first use)
+            filled = cache.get_seq_length()
+            flags = flags + (filled > 0).int() * 8 if isinstance(filled, torch.Tensor) else flags + 8 * (filled > 0)
         flags = int(flags)
         any_media, ends_in_media, caller_padded = bool(flags & 4), bool(flags & 2), bool(flags & 1)
+        if flags & 8:
+            raise ValueError(
+                "media inputs arrived with a non-empty static cache: reset it (cache.reset()) before a new prompt"
+            )
         if not any_media:
-            self._local.last_layout = None
+            self._untouched_prefill(cache if static else None)
             return
         if ends_in_media:
             raise ValueError(
@@ -321,13 +402,39 @@ class ScheduleEngine:
             record=record,
         )
 
+    def _enter_static_decode(self, plan: StaticPlan, input_ids, kwargs: dict) -> None:
+        """A call continuing a static cache this patch filled (no host read: the plan says what each layer holds)."""
+        if plan.record is None:
+            self._local.last_layout = None
+            return
+        self._call = CallState(
+            mode="decode",
+            padding=None,
+            query_length=_sequence_length(input_ids, kwargs.get("inputs_embeds")),
+            record=plan.record,
+            static=plan,
+        )
+
+    def _untouched_prefill(self, static_cache: Cache | None) -> None:
+        """A prefill the patch leaves alone; on a static cache, its decode steps are marked untouched too."""
+        self._local.last_layout = None
+        if static_cache is not None:
+            attach_plan(static_cache, build_plan(self, None, static_cache.get_max_length(), self.num_layers))
+
     @_eager
-    def _core_post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def _core_post_hook_eager(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         call, self._call = self._call, None
         if call is None:
             return
         if call.mode == "decode":
-            decode = DecodeCostInputs(call.record, call.padding, call.past_length, call.query_length, call.fractions)
+            decode = DecodeCostInputs(
+                call.record,
+                call.padding,
+                call.past_length,
+                call.query_length,
+                call.fractions,
+                static_keys=None if call.static is None else call.static.max_cache_len,
+            )
             call.record.cost.decode.append(CallCost("decode", build=decode.layers))
             return
         self._local.last_layout = call.layout
@@ -347,9 +454,11 @@ class ScheduleEngine:
             )
             with self._lock:
                 self._records[call.cache] = record
+            if is_static(call.cache):
+                attach_plan(call.cache, build_plan(self, record, call.cache.get_max_length(), self.num_layers))
 
     @_eager
-    def _layer_pre_hook(self, layer_idx: int, module: nn.Module, args: tuple, kwargs: dict):
+    def _layer_pre_hook_eager(self, layer_idx: int, module: nn.Module, args: tuple, kwargs: dict):
         call = self._call
         if call is None:
             return None
@@ -357,8 +466,13 @@ class ScheduleEngine:
             return self._prefill_layer(layer_idx, call, args, kwargs)
         return self._decode_layer(layer_idx, call, args, kwargs)
 
-    @_eager
     def _attention_hook(self, layer_idx: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.compiler.is_compiling() and self._traced_decode_plan(kwargs) is not None:
+            return None  # scores are read in prefills only
+        return self._attention_hook_eager(layer_idx, module, args, kwargs)
+
+    @_eager
+    def _attention_hook_eager(self, layer_idx: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
         call = self._call
         if call is None or call.mode != "prefill":
             return
@@ -465,6 +579,8 @@ class ScheduleEngine:
 
     # ----------------------------------------------------------------------------------------- decode
     def _decode_layer(self, layer_idx: int, call: CallState, args: tuple, kwargs: dict):
+        if call.static is not None:
+            return self._static_decode_layer(call.static, layer_idx, args, kwargs, memo=call.memo)
         record = call.record
         stage = record.stage_of_layer[layer_idx]
         call.stage = stage
@@ -481,6 +597,28 @@ class ScheduleEngine:
                 positions = kwargs["position_ids"] - shift
                 call.memo[key] = (positions, self.parts.language_model.rotary_emb(hidden, positions))
             kwargs["position_ids"], kwargs["position_embeddings"] = call.memo[key]
+        return args, kwargs
+
+    def _static_decode_layer(self, plan: StaticPlan, layer_idx: int, args: tuple, kwargs: dict, memo: dict | None):
+        """A decode layer on a static cache: its mask (and renumbered positions) from the plan's fixed tensors.
+        Traceable: under compilation ``memo`` is None and each layer derives its mask (a few fused element ops)."""
+        stage = plan.stage_of_layer[layer_idx]
+        if stage < 0:
+            return None
+        memo = {} if memo is None else memo
+        kwargs = dict(kwargs)
+        key = ("static mask", stage)
+        if key not in memo:
+            memo[key] = plan.layer_mask(layer_idx, kwargs.get("attention_mask"))
+        kwargs["attention_mask"] = memo[key]
+        shift = plan.stages[stage].position_shift
+        if shift is not None:
+            key = ("decode positions", stage)
+            if key not in memo:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                positions = kwargs["position_ids"] - shift
+                memo[key] = (positions, self.parts.language_model.rotary_emb(hidden, positions))
+            kwargs["position_ids"], kwargs["position_embeddings"] = memo[key]
         return args, kwargs
 
     # ----------------------------------------------------------------------------------------- for methods

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import weakref
 from collections.abc import Mapping
+from functools import partial
 
 import torch
 from torch import nn
@@ -49,6 +50,15 @@ def poison(cache: Cache) -> None:
 
     cache.get_seq_length = refuse
     cache.update = refuse
+    cache.reset = partial(_reset_unpoisoned, weakref.ref(cache))
+
+
+def _reset_unpoisoned(cache_ref) -> None:
+    """``reset`` empties the cache, which makes it valid for any model again (generate may reuse static caches)."""
+    cache = cache_ref()
+    for name in ("get_seq_length", "update", "reset"):
+        cache.__dict__.pop(name, None)
+    cache.reset()
 
 
 def copy_removable_handle(handle, memo: dict):

@@ -158,7 +158,8 @@ class YOPOAttention:
         rows = call_rows(engine)
         cos, sin = position_embeddings
         key, value = self._keys_values(module, hidden, cos, sin, cache)
-        key, value = key[:, :, -hidden.shape[1] :], value[:, :, -hidden.shape[1] :]
+        # A prefill fills an empty cache from its first slot (a static cache returns its whole buffer).
+        key, value = key[:, :, : hidden.shape[1]], value[:, :, : hidden.shape[1]]
         scale = module.scaling
         batch, length, _ = hidden.shape
         out = hidden.new_zeros(batch, length + 1, module.o_proj.out_features)

@@ -1,0 +1,157 @@
+"""Withdrawal on transformers' StaticCache, eager and under generate's own compiled decode.
+
+References: greedy decoding recomputed without a cache (every family), the dynamic-cache result of the same patch
+(every method), and the unpatched model. Compiled decode runs with the ``eager`` Dynamo backend and
+``fullgraph=True`` (any graph break fails), forced on CPU with ``_compile_all_devices``; a second generate must not
+recompile.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import family_batch
+from reference import greedy_no_cache
+from transformers import CompileConfig, StaticCache
+
+import vtexit
+from vtexit.testing.tiny_models import build_tiny
+
+NEW_TOKENS = 4
+
+
+def _compiled_decode(fullgraph: bool = True) -> CompileConfig:
+    config = CompileConfig(backend="eager", mode=None, fullgraph=fullgraph)
+    config._compile_all_devices = True  # transformers compiles decode only on accelerators unless told
+    return config
+
+
+def _generate(model, inputs, **kwargs):
+    return model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, **kwargs)
+
+
+def _generate_compiled_without_recompiling(model, inputs, **kwargs):
+    """Two compiled static generates: the second may reuse the graphs only (a recompile raises)."""
+    torch._dynamo.reset()
+    first = _generate(model, inputs, cache_implementation="static", compile_config=_compiled_decode(), **kwargs)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        second = _generate(model, inputs, cache_implementation="static", compile_config=_compiled_decode(), **kwargs)
+    assert hasattr(model, "_compiled_call")  # generate did use its compiled forward
+    assert torch.equal(first, second)
+    return first
+
+
+@torch.no_grad()
+def test_static_and_compiled_decode_equal_no_cache_recomputation(case):
+    inputs = family_batch(case)
+    n = case.model.config.get_text_config().num_hidden_layers
+    media_ids = sorted(set(inputs["input_ids"][case.media_mask(inputs)].tolist()))
+    with vtexit.withdraw(case.model, layer=max(2, n // 2)):
+        if case.name == "gemma3":  # sliding-window layers: their static buffers are ring buffers
+            with pytest.raises(ValueError, match="StaticLayer"):
+                _generate(case.model, inputs, cache_implementation="static")
+            return
+        expected = greedy_no_cache(case.model, inputs, NEW_TOKENS, suppress=media_ids)
+        static = _generate(case.model, inputs, cache_implementation="static", suppress_tokens=media_ids)
+        compiled = _generate_compiled_without_recompiling(case.model, inputs, suppress_tokens=media_ids)
+    assert torch.equal(static, expected)
+    assert torch.equal(compiled, expected)
+
+
+METHODS = [
+    vtexit.VTWConfig(layer=2),
+    vtexit.FastVConfig(layer=2, keep=0.5),
+    vtexit.PDropConfig(layers=(1, 3), keep=0.25, renumber=True),
+    vtexit.RandomDropConfig(layer=2, keep=0.5, seed=3),
+    vtexit.YOPOConfig(layer_drop=2),
+]
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def llava(request):
+    case = build_tiny("llava", num_layers=4, attn_implementation=request.param)
+    case.model.generation_config.eos_token_id = None
+    case.model.generation_config.pad_token_id = 0
+    return case
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("config", METHODS, ids=lambda c: c.method)
+def test_every_fixed_schedule_method_decodes_on_a_static_cache(llava, config):
+    inputs = llava.inputs([1, 0, 2], text_len=[5, 9, 3])
+    unpatched = llava.model(**inputs).logits[:, -1]
+    with vtexit.apply(llava.model, config):
+        patched = llava.model(**inputs).logits[:, -1]
+        dynamic = _generate(llava.model, inputs)
+        static = _generate(llava.model, inputs, cache_implementation="static")
+        compiled = _generate_compiled_without_recompiling(llava.model, inputs)
+    assert not torch.allclose(patched, unpatched)  # the method changed the model, so equality below means something
+    assert torch.equal(static, dynamic)
+    assert torch.equal(compiled, dynamic)
+
+
+@torch.no_grad()
+def test_dyvte_per_row_exits_decode_on_a_static_cache(llava):
+    inputs = llava.inputs([1, 0, 2], text_len=[5, 9, 3])
+    gates = vtexit.DyVTEGates.for_model(llava.model)
+    with torch.no_grad():
+        gates.gates["2"].fc2.bias[1] = 5.0  # rows exit at layer 2 or later, as their features say
+    with vtexit.dyvte(llava.model, gates, threshold=0.5):
+        dynamic = _generate(llava.model, inputs)
+        static = _generate(llava.model, inputs, cache_implementation="static")
+        compiled = _generate_compiled_without_recompiling(llava.model, inputs)
+    assert torch.equal(static, dynamic)
+    assert torch.equal(compiled, dynamic)
+
+
+@torch.no_grad()
+def test_yopo_in_layer_strategies_on_a_static_cache(llava):
+    """Window, heads and sparse FFN replace layer forwards that read per-call state in decode: exact on a static
+    cache, eagerly and under transformers' compiled decode (which then breaks its graph around them)."""
+    inputs = llava.inputs([1, 0, 2], text_len=[5, 9, 3])
+    heads = torch.ones(4, llava.model.config.get_text_config().num_attention_heads, dtype=torch.bool)
+    heads[1:, ::2] = False
+    config = vtexit.YOPOConfig(window=3, heads=vtexit.HeadMask(heads), ffn_ratio=2)
+    with vtexit.apply(llava.model, config):
+        dynamic = _generate(llava.model, inputs)
+        static = _generate(llava.model, inputs, cache_implementation="static")
+        torch._dynamo.reset()
+        compiled = _compiled_decode(fullgraph=False)  # transformers' default
+        compiled = _generate(llava.model, inputs, cache_implementation="static", compile_config=compiled)
+    assert torch.equal(static, dynamic)
+    assert torch.equal(compiled, dynamic)
+
+
+@torch.no_grad()
+def test_a_compacted_static_cache_outlives_its_patch_only_after_reset(llava):
+    model = llava.model
+    inputs = llava.inputs([1, 2], text_len=[4, 6])
+    expected = _generate(model, inputs, cache_implementation="static")
+    cache = StaticCache(config=model.config, max_cache_len=inputs["input_ids"].shape[1] + NEW_TOKENS)
+    with vtexit.withdraw(model, layer=2):
+        _generate(model, inputs, past_key_values=cache)
+        with pytest.raises(ValueError, match="non-empty static cache"):
+            _generate(model, inputs, past_key_values=cache)  # a new prompt on a filled cache
+    with pytest.raises(ValueError, match="patch has been removed"):
+        model(**inputs, past_key_values=cache)
+    cache.reset()  # empty again: any model may fill it
+    assert torch.equal(_generate(model, inputs, past_key_values=cache), expected)
+
+
+@torch.no_grad()
+def test_static_decode_masks_hide_the_withdrawn_slots(llava):
+    """By hand: after a prefill withdrawn at layer 2, layers 2.. hold only the text slots at the front of their
+    static buffers; layer 0 holds the whole prompt."""
+    model = llava.model
+    inputs = llava.inputs([1, 2], text_len=[4, 6])
+    length = inputs["input_ids"].shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=length + 3)
+    media = llava.media_mask(inputs)
+    text_slots = int((inputs["attention_mask"].bool() & ~media).sum(1).max())
+    with vtexit.withdraw(model, layer=2):
+        model(**inputs, past_key_values=cache, use_cache=True)
+        lengths = [int(layer.cumulative_length) for layer in cache.layers]
+    assert lengths[:2] == [length, length]
+    assert lengths[2:] == [text_slots] * (len(lengths) - 2)
+    for layer in cache.layers[2:]:
+        assert not layer.keys[:, :, text_slots:].any()  # nothing was written past the kept slots
