@@ -3,8 +3,8 @@
 On CUDA: LLaVA-1.5-7B's language-model shape (hidden 4096, 32 layers, gated MLP 11008, vocab 32000) in bf16, built
 on the GPU, with 576 and 2304 visual tokens + 64 text tokens at batch 1 and 16. On the CPU: a small shape. It prints
 per configuration the prefill time, the speedup over the same mode's baseline against the FLOPs ratio (from cost
-records), decode ms/token and peak memory, plus transformers' own static-cache + compiled decode for reference, and
-writes everything to --out as JSON.
+records), decode ms/token and peak memory; then decode ms/token with a static cache and transformers' own compiled
+decode, without vtexit and under VTW (--static-layers), side by side. Writes everything to --out as JSON.
 
     python benchmarks/bench_speed.py [--device cuda] [--out out/speed.json] [--no-compile]
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+from dataclasses import asdict
 from datetime import date
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from vtexit.evaluation.speed import measure_speed, speed_ratios, time_call
+from vtexit.evaluation.speed import measure_speed, measure_static_decode, speed_ratios
 from vtexit.testing.tiny_models import build_llava_shaped
 
 SHAPES = {
@@ -30,19 +31,19 @@ SHAPES = {
 }
 
 
-def _static_decode_ms(model, inputs, new_tokens: int, device) -> float | None:
-    """transformers' own static cache + compiled decode, without vtexit (the configuration users pick for speed)."""
-    gen = dict(do_sample=False, cache_implementation="static", min_new_tokens=new_tokens, max_new_tokens=new_tokens)
-    one = dict(gen, min_new_tokens=1, max_new_tokens=1)
-    try:
-        for _ in range(2):
-            model.generate(**inputs, **gen)
-        full = time_call(lambda: model.generate(**inputs, **gen), device)
-        short = time_call(lambda: model.generate(**inputs, **one), device)
-    except Exception as err:  # noqa: BLE001 - reported, the rest of the benchmark goes on
-        print(f"static-cache baseline failed: {type(err).__name__}: {err}")
-        return None
-    return 1e3 * (full - short) / (new_tokens - 1)
+def _static_table(rows, title: str) -> Table:
+    table = Table(title=title)
+    for name in ("config", "decode ms/token", "vs no vtexit", "peak GiB"):
+        table.add_column(name, justify="right")
+    base = next(row for row in rows if row.layer is None)
+    for row in rows:
+        table.add_row(
+            "no vtexit" if row.layer is None else f"VTW K={row.layer}",
+            f"{1e3 * row.decode_token_s:.2f}",
+            f"{row.decode_token_s / base.decode_token_s:.3f}x",
+            "-" if row.peak_bytes is None else f"{row.peak_bytes / 2**30:.2f}",
+        )
+    return table
 
 
 def main() -> None:
@@ -55,7 +56,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--no-static", action="store_true", help="skip transformers' static+compiled decode")
+    parser.add_argument("--no-static", action="store_true", help="skip the static-cache + compiled decode runs")
+    parser.add_argument("--static-layers", default=None, help="K for the static+compiled decode runs (default 8; 4)")
+    parser.add_argument("--static-only", action="store_true", help="only the static-cache + compiled decode runs")
     parser.add_argument("--out", type=Path, default=Path("out/speed.json"))
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -64,6 +67,7 @@ def main() -> None:
     visual = [int(v) for v in (args.visual or ("576,2304" if cuda else "64")).split(",")]
     batches = [int(b) for b in (args.batch or ("1,16" if cuda else "1,4")).split(",")]
     layers = [int(k) for k in (args.layers or ("2,8,16,24" if shape == "7b" else "2,4,6")).split(",")]
+    static_layers = [int(k) for k in (args.static_layers or ("8" if shape == "7b" else "4")).split(",")]
     dtype = torch.bfloat16 if cuda else torch.float32
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -78,12 +82,15 @@ def main() -> None:
         for batch in batches:
             inputs = {k: v.to(device) for k, v in case.inputs([1] * batch, text_len=64).items()}
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-            rows = speed_ratios(
+            rows = [] if args.static_only else speed_ratios(
                 measure_speed(model, inputs, layers, repeats=args.repeats, new_tokens=args.new_tokens,
                               compiled=not args.no_compile)
             )
-            static_ms = None if args.no_static else _static_decode_ms(model, inputs, args.new_tokens, device)
-            results["runs"].append(dict(visual=tokens, batch=batch, rows=rows, static_compiled_decode_ms=static_ms))
+            static = [] if args.no_static else measure_static_decode(
+                model, inputs, static_layers, repeats=args.repeats, new_tokens=args.new_tokens
+            )
+            results["runs"].append(dict(visual=tokens, batch=batch, rows=rows,
+                                        static_compiled_decode=[asdict(row) for row in static]))
             table = Table(title=f"{shape}, {tokens} visual + 64 text tokens, batch {batch}, {device} ({dtype})")
             for name in ("mode", "config", "prefill ms", "speedup", "FLOPs ratio", "speedup / FLOPs",
                          "decode ms/token", "peak GiB"):
@@ -99,9 +106,11 @@ def main() -> None:
                     "-" if row["decode_token_s"] is None else f"{1e3 * row['decode_token_s']:.2f}",
                     "-" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**30:.2f}",
                 )
-            console.print(table)
-            if static_ms is not None:
-                console.print(f"transformers static cache + compiled decode (no vtexit): {static_ms:.2f} ms/token")
+            if rows:
+                console.print(table)
+            if static:
+                title = f"static cache + compiled decode, {tokens} visual, batch {batch} (target <= 1.05x)"
+                console.print(_static_table(static, title))
         del model, case
         if cuda:
             torch.cuda.empty_cache()

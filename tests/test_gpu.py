@@ -78,3 +78,34 @@ def test_yopo_on_cuda_matches_the_cpu(family):
             assert handle.last_cost.prefill.layers[0].visual_keys.device.type == "cuda"
     finally:
         case.model.to("cpu")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_static_cache_and_compiled_decode_on_cuda_match_the_cpu(family):
+    """transformers' own static cache + compiled decode on CUDA (inductor, CUDA graphs) under VTW: the CPU's
+    dynamic-cache tokens, and no recompilation on a second generate."""
+    from vtexit.testing.tiny_models import build_tiny
+
+    case = build_tiny(family, num_layers=4)
+    case.model.generation_config.eos_token_id = None
+    case.model.generation_config.pad_token_id = 0
+    inputs = family_batch(case)
+    media_ids = sorted(set(inputs["input_ids"][case.media_mask(inputs)].tolist()))
+    generate = dict(max_new_tokens=6, do_sample=False, suppress_tokens=media_ids)
+    with vtexit.withdraw(case.model, layer=2):
+        expected = case.model.generate(**inputs, **generate)
+    model = case.model.to("cuda")
+    try:
+        cuda_inputs = _on(inputs, "cuda")
+        torch._dynamo.reset()
+        with vtexit.withdraw(model, layer=2):
+            first = model.generate(**cuda_inputs, cache_implementation="static", **generate)
+            assert hasattr(model, "_compiled_call")  # generate compiled its decode step on CUDA
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                second = model.generate(**cuda_inputs, cache_implementation="static", **generate)
+        assert torch.equal(first.cpu(), expected)
+        assert torch.equal(second.cpu(), expected)
+    finally:
+        case.model.to("cpu")
+        torch._dynamo.reset()

@@ -4,7 +4,7 @@ measured, FLOPs come from the cost records, and impossible speedups are flagged.
 from __future__ import annotations
 
 from vtexit.core.flops import DecoderShape, count
-from vtexit.evaluation.speed import NOISE_MARGIN, SpeedRow, measure_speed, speed_ratios
+from vtexit.evaluation.speed import NOISE_MARGIN, SpeedRow, measure_speed, measure_static_decode, speed_ratios
 
 
 def test_measure_speed_on_cpu(llava4):
@@ -27,3 +27,12 @@ def test_speedups_beyond_the_flops_bound_are_flagged():
     rows = speed_ratios([row(None, 1.0, 300), row(2, 0.5, 150), row(4, 0.2, 150)])
     assert [r["beyond_flops_bound"] for r in rows] == [False, False, True]
     assert rows[2]["efficiency"] > NOISE_MARGIN and abs(rows[1]["efficiency"] - 1.0) < 1e-9
+
+
+def test_measure_static_decode_uses_transformers_compiled_decode(llava4):
+    inputs = llava4.inputs([1, 1], text_len=[5, 5])
+    rows = measure_static_decode(llava4.model, inputs, [2], repeats=1, new_tokens=3)
+    assert [r.layer for r in rows] == [None, 2]
+    assert all(r.decode_token_s > 0 and r.peak_bytes is None for r in rows)
+    assert hasattr(llava4.model, "_compiled_call")  # generate compiled its decode step
+    assert getattr(llava4.model, "_vtexit_engine", None) is None  # the caller's model was never patched

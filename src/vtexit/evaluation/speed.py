@@ -8,9 +8,11 @@ in a block of its own after a warm-up, because patching and removing make a comp
 
 from __future__ import annotations
 
+import copy
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -121,6 +123,67 @@ def _compiled_rows(model, inputs, configs, repeats, forward, flops, backend) -> 
                 handle.remove()
         rows.append(SpeedRow("compiled", config, statistics.median(times), None, None, flops[config]))
     return rows
+
+
+@dataclass(frozen=True)
+class StaticDecodeRow:
+    """transformers' static cache + compiled decode, without vtexit (``layer`` None) or under VTW at ``layer``."""
+
+    layer: int | None
+    decode_token_s: float  # median seconds per generated token
+    peak_bytes: int | None  # peak device memory of a generate call (CUDA only)
+
+
+@torch.no_grad()
+def measure_static_decode(
+    model: nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    layers: Sequence[int],
+    *,
+    repeats: int = 5,
+    new_tokens: int = 16,
+) -> list[StaticDecodeRow]:
+    """Decode ms/token with ``cache_implementation="static"`` and transformers' own compiled decode (forced on the
+    CPU too), for the model without vtexit and VTW at each K, interleaved within each repeat.
+
+    Patching or removing a patch makes every compiled graph trace again, so each K runs on a copy of the model
+    patched once before anything compiles (one more copy of the weights per K); after two warm-up generates per
+    configuration nothing retraces. Per-token time is the difference between a ``new_tokens`` and a one-token
+    generate (the prefill cancels out)."""
+    from transformers import CompileConfig
+
+    device = inputs["input_ids"].device
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True  # the same compiled decode on the CPU as on accelerators
+    generate = dict(do_sample=False, cache_implementation="static", compile_config=compile_config)
+    full = dict(generate, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+    one = dict(generate, min_new_tokens=1, max_new_tokens=1)
+    models: dict[int | None, nn.Module] = {None: model}
+    handles = []
+    try:
+        for layer in layers:
+            models[layer] = copy.deepcopy(model)
+            handles.append(withdraw(models[layer], layer=layer))
+        for candidate in models.values():
+            for _ in range(2):
+                candidate.generate(**inputs, **full)
+        per_token: dict[int | None, list[float]] = {c: [] for c in models}
+        peak: dict[int | None, int | None] = {c: None for c in models}
+        for r in range(repeats):
+            order = list(models) if r % 2 == 0 else list(reversed(models))
+            for config in order:
+                candidate = models[config]
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                long = time_call(partial(candidate.generate, **inputs, **full), device)
+                short = time_call(partial(candidate.generate, **inputs, **one), device)
+                per_token[config].append((long - short) / (new_tokens - 1))
+                if device.type == "cuda":
+                    peak[config] = torch.cuda.max_memory_allocated(device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [StaticDecodeRow(c, statistics.median(per_token[c]), peak[c]) for c in models]
 
 
 def speed_ratios(rows: Sequence[SpeedRow]) -> list[dict]:
