@@ -223,7 +223,8 @@ def test_torch_compile_before_and_after_patching(llava4):
 @torch.no_grad()
 def test_regional_compilation_of_the_decoder_layers_is_exact():
     """``layer.compile()`` on every decoder layer (regional compilation, aot_eager here to stay fast): VTW and YOPO
-    give the eager logits and greedy tokens; the hooks and replaced forwards run eagerly between compiled regions."""
+    give the eager logits and greedy tokens, with the dynamic and the static cache; the hooks and replaced forwards
+    run eagerly between compiled regions (static decode steps trace the hooks' mask path into the regions)."""
     case = build_tiny("llava", num_layers=4)
     case.model.generation_config.eos_token_id = None
     model, layers = case.model, case.model.model.language_model.layers
@@ -244,6 +245,7 @@ def test_regional_compilation_of_the_decoder_layers_is_exact():
             with vtexit.apply(model, config):
                 torch.testing.assert_close(model(**inputs).logits, logits, atol=1e-6, rtol=1e-6)
                 assert torch.equal(model.generate(**inputs, **generate), tokens)
+                assert torch.equal(model.generate(**inputs, cache_implementation="static", **generate), tokens)
     finally:
         for layer in layers:
             layer._compiled_call_impl = None
