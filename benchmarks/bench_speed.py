@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--compile-mode", choices=["whole", "regional"], default="whole",
+                        help="torch.compile(model), or each decoder layer's forward (hooks stay outside the graphs)")
     parser.add_argument("--no-static", action="store_true", help="skip the static-cache + compiled decode runs")
     parser.add_argument("--static-layers", default=None, help="K for the static+compiled decode runs (default 8; 4)")
     parser.add_argument("--static-only", action="store_true", help="only the static-cache + compiled decode runs")
@@ -84,7 +86,7 @@ def main() -> None:
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
             rows = [] if args.static_only else speed_ratios(
                 measure_speed(model, inputs, layers, repeats=args.repeats, new_tokens=args.new_tokens,
-                              compiled=not args.no_compile)
+                              compiled=not args.no_compile, compile_mode=args.compile_mode)
             )
             static = [] if args.no_static else measure_static_decode(
                 model, inputs, static_layers, repeats=args.repeats, new_tokens=args.new_tokens

@@ -36,3 +36,16 @@ def test_measure_static_decode_uses_transformers_compiled_decode(llava4):
     assert all(r.decode_token_s > 0 and r.peak_bytes is None for r in rows)
     assert hasattr(llava4.model, "_compiled_call")  # generate compiled its decode step
     assert getattr(llava4.model, "_vtexit_engine", None) is None  # the caller's model was never patched
+
+
+def test_measure_speed_compiled_whole_and_regional(llava4):
+    inputs = llava4.inputs([1, 1], text_len=[5, 5])
+    layers = llava4.model.model.language_model.layers
+    for mode, name in (("whole", "compiled"), ("regional", "regional")):
+        rows = measure_speed(
+            llava4.model, inputs, [2], repeats=1, new_tokens=2, compiled=True, compile_backend="eager",
+            compile_mode=mode,
+        )
+        assert [(r.mode, r.layer) for r in rows] == [("eager", None), ("eager", 2), (name, None), (name, 2)]
+        assert rows[3].prefill_flops == rows[1].prefill_flops < rows[2].prefill_flops
+    assert all("forward" not in layer.__dict__ for layer in layers)  # the regional compile was undone

@@ -17,6 +17,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from vtexit.core.families import family_for
 from vtexit.core.flops import DecoderShape, flops_per_row
 from vtexit.methods.base import MethodConfig
 from vtexit.methods.registry import apply
@@ -67,8 +68,14 @@ def measure_speed(
     new_tokens: int = 16,
     compiled: bool = False,
     compile_backend: str = "inductor",
+    compile_mode: str = "whole",
 ) -> list[SpeedRow]:
-    """Prefill (and, eager, decode and peak memory) for the model without vtexit and VTW at each K."""
+    """Prefill (and, eager, decode and peak memory) for the model without vtexit and VTW at each K.
+
+    ``compile_mode``: "whole" times ``torch.compile(model)``; "regional" compiles each decoder layer's forward
+    (vtexit's hooks then run eagerly between compiled layers, with no graph break inside a compiled region)."""
+    if compile_mode not in ("whole", "regional"):
+        raise ValueError(f"compile_mode must be 'whole' or 'regional', got {compile_mode!r}")
     device = inputs["input_ids"].device
     shape = DecoderShape.from_model(model)
     configs: list[int | None] = [None, *layers]
@@ -104,24 +111,32 @@ def measure_speed(
         for c in configs
     ]
     if compiled:
-        rows += _compiled_rows(model, inputs, configs, repeats, forward, flops, compile_backend)
+        rows += _compiled_rows(model, inputs, configs, repeats, forward, flops, compile_backend, compile_mode)
     return rows
 
 
-def _compiled_rows(model, inputs, configs, repeats, forward, flops, backend) -> list[SpeedRow]:
+def _compiled_rows(model, inputs, configs, repeats, forward, flops, backend, mode) -> list[SpeedRow]:
     device = inputs["input_ids"].device
     rows = []
-    compiled = torch.compile(model, backend=backend)
-    for config in configs:
-        handle = withdraw(model, layer=config) if config is not None else None
-        try:
-            for _ in range(2):  # trace and warm up
-                compiled(**inputs, **forward)
-            times = [time_call(lambda: compiled(**inputs, **forward), device) for _ in range(repeats)]
-        finally:
-            if handle is not None:
-                handle.remove()
-        rows.append(SpeedRow("compiled", config, statistics.median(times), None, None, flops[config]))
+    layers = list(family_for(model).resolve(model).layers) if mode == "regional" else []
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward, backend=backend)
+    compiled = model if mode == "regional" else torch.compile(model, backend=backend)
+    try:
+        for config in configs:
+            handle = withdraw(model, layer=config) if config is not None else None
+            try:
+                for _ in range(2):  # trace and warm up
+                    compiled(**inputs, **forward)
+                times = [time_call(lambda: compiled(**inputs, **forward), device) for _ in range(repeats)]
+            finally:
+                if handle is not None:
+                    handle.remove()
+            name = "compiled" if mode == "whole" else "regional"
+            rows.append(SpeedRow(name, config, statistics.median(times), None, None, flops[config]))
+    finally:
+        for layer in layers:
+            del layer.forward
     return rows
 
 
