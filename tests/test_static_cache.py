@@ -8,6 +8,8 @@ recompile.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import family_batch
@@ -134,6 +136,13 @@ def test_a_compacted_static_cache_outlives_its_patch_only_after_reset(llava):
             _generate(model, inputs, past_key_values=cache)  # a new prompt on a filled cache
     with pytest.raises(ValueError, match="patch has been removed"):
         model(**inputs, past_key_values=cache)
+    other = copy.deepcopy(model)
+    cache.reset()
+    with vtexit.withdraw(model, layer=2), vtexit.withdraw(other, layer=3):
+        model(**inputs, past_key_values=cache)
+        step = dict(input_ids=inputs["input_ids"][:, -1:], past_key_values=cache)
+        with pytest.raises(ValueError, match="another vtexit patch"):
+            other(**step)
     cache.reset()  # empty again: any model may fill it
     assert torch.equal(_generate(model, inputs, past_key_values=cache), expected)
 

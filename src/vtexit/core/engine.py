@@ -313,6 +313,12 @@ class ScheduleEngine:
             if plan is not None:
                 self._enter_static_decode(plan, input_ids, kwargs)
                 return
+            other = plan_of(cache)
+            if other is not None and other.owner is not self and other.record is not None and other.record.compacted:
+                raise ValueError(
+                    "this static cache was filled while another vtexit patch withdrew tokens; only that patch can "
+                    "continue it (reset() it to start again)"
+                )
             if not has_media_inputs(kwargs) and int(cache.get_seq_length()) > 0:
                 # A static cache filled without this patch: continued untouched (the plan spares later syncs).
                 attach_plan(cache, build_plan(self, None, cache.get_max_length(), self.num_layers))
