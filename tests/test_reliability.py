@@ -75,6 +75,28 @@ def test_prompt_ending_in_visual_tokens_is_refused(llava4):
                 llava4.model.generate(**inputs, max_new_tokens=2)
 
 
+def _right_padded(llava4, short: dict, long: dict) -> dict:
+    """Two one-row batches stacked, the shorter padded on the right."""
+    pad = long["input_ids"].shape[1] - short["input_ids"].shape[1]
+    return dict(
+        input_ids=torch.cat([F.pad(short["input_ids"], (0, pad)), long["input_ids"]]),
+        attention_mask=torch.cat([F.pad(short["attention_mask"], (0, pad)), long["attention_mask"]]),
+        pixel_values=torch.cat([short["pixel_values"], long["pixel_values"]]),
+    )
+
+
+@torch.no_grad()
+def test_right_padded_rows_are_checked_at_their_last_real_token(llava4):
+    """The last column is padding for a right-padded row, so its last real token is found by position."""
+    long = llava4.inputs([1], text_len=[6])
+    ends_in_image = _right_padded(llava4, _cut_after_last_visual_token(llava4, llava4.inputs([1], text_len=[1])), long)
+    ends_in_text = _right_padded(llava4, llava4.inputs([1], text_len=[2]), long)
+    with vtexit.withdraw(llava4.model, layer=2):
+        with pytest.raises(ValueError, match="ends in a visual token"):
+            llava4.model(**ends_in_image)
+        llava4.model(**ends_in_text)
+
+
 class _DropAllButLast(vtexit.Policy):
     """Asks to drop every slot before layer 2; the engine must still keep each row's last prompt token."""
 

@@ -70,7 +70,8 @@ class ScheduleEngine:
         self.text_config = model.config.get_text_config()
         self.layer_types = layer_types(self.text_config)
         self.min_layer = max(1, self.family.min_layer(model.config))
-        if not self.family.media_token_ids(model.config):
+        self._media_token_ids = list(self.family.media_token_ids(model.config))
+        if not self._media_token_ids:
             raise ValueError(
                 f"model config has none of the media token id attributes {list(self.family.media_token_attrs)}; "
                 "vtexit needs them to find the visual tokens"
@@ -342,21 +343,22 @@ class ScheduleEngine:
                 )
             self._untouched_prefill(cache if static else None)
             return
-        media = torch.isin(input_ids, self._media_ids_on(input_ids.device))
-        if padding is None:
-            last_is_media = media[:, -1]
-        else:  # the last real token of each row: where the running count of real tokens first peaks
-            last_is_media = media.gather(1, padding.cumsum(1).argmax(1, keepdim=True))
-        # The one host read of a prefill: is there media at all, does a row end in it, is there padding.
-        flags = media.any().int() * 4 + last_is_media.any().int() * 2
+        media = self._media_mask(input_ids)
+        # The one host read of a prefill, stacked into one copy with few kernels (host time counts at batch 1): is
+        # there media; a media token in the last column; is every token real; is the last column real (then it
+        # holds each row's last token, as with generate's left padding); on a static cache, is it filled.
+        checks = [media.any(), media[:, -1].any()]
         if padding is not None:
-            flags = flags + (~padding.bool()).any().int()
-        if static:  # a static cache must be empty here: read with the same sync (0 before its first use)
-            filled = cache.get_seq_length()
-            flags = flags + (filled > 0).int() * 8 if isinstance(filled, torch.Tensor) else flags + 8 * (filled > 0)
-        flags = int(flags)
-        any_media, ends_in_media, caller_padded = bool(flags & 4), bool(flags & 2), bool(flags & 1)
-        if flags & 8:
+            checks += [padding.all(), padding[:, -1].all()]
+        filled = cache.get_seq_length() if static else 0  # an int 0 before a static cache's first use
+        if isinstance(filled, torch.Tensor):
+            checks.append(filled > 0)
+        read = torch.stack(checks).tolist()
+        any_media, ends_in_media = read[0], read[1]
+        caller_padded = padding is not None and not read[2]
+        if padding is not None and not read[3]:  # right padding: find each row's last real token (a second read)
+            ends_in_media = bool(media.gather(1, padding.cumsum(1).argmax(1, keepdim=True)).any())
+        if isinstance(filled, torch.Tensor) and read[-1]:
             raise ValueError(
                 "media inputs arrived with a non-empty static cache: reset it (cache.reset()) before a new prompt"
             )
@@ -700,6 +702,11 @@ class ScheduleEngine:
         call.fractions[layer_idx] = tuple(o if n is None else n for o, n in zip(old, new, strict=True))
 
     # ----------------------------------------------------------------------------------------- helpers
+    def _media_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if len(self._media_token_ids) == 1:
+            return input_ids == self._media_token_ids[0]
+        return torch.isin(input_ids, self._media_ids_on(input_ids.device))
+
     def _media_ids_on(self, device: torch.device) -> torch.Tensor:
         ids = self._media_ids.get(device)
         if ids is None:
