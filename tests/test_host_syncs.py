@@ -62,3 +62,16 @@ def test_static_cache_syncs_per_prefill_and_decode_step(llava4):
         assert _syncs(generate(1)) <= first_unpatched + 2  # the prefill's read and its compaction event
         per_steps_patched = _syncs(generate(6)) - _syncs(generate(3))
     assert per_steps_patched == per_steps_unpatched
+
+
+def test_read_checks_reads_every_pattern_in_one_counted_sync():
+    from itertools import product
+
+    from vtexit.core.host_read import read_checks
+
+    for n in (1, 2, 4, 5, 8):
+        for bits in product([False, True], repeat=n):
+            checks = [torch.tensor(b) for b in bits]
+            assert read_checks(checks) == list(bits)
+    checks = [torch.tensor(True), torch.tensor(False), torch.tensor(True)]
+    assert _syncs(lambda: read_checks(checks)) == 1

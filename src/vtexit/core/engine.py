@@ -41,6 +41,7 @@ from vtexit.core.compiled import forget_compiled_graphs
 from vtexit.core.costs import CallCost, RunCost, counts
 from vtexit.core.families import FamilySpec, ResolvedFamily, family_for
 from vtexit.core.guards import copy_removable_handle, has_media_inputs, poison, refuse_compiled
+from vtexit.core.host_read import read_checks
 from vtexit.core.layout import Layout, gather_sequence
 from vtexit.core.loss import kept_positions_loss
 from vtexit.core.masks import layer_types, media_block_ids, rebuild_mask
@@ -353,7 +354,7 @@ class ScheduleEngine:
         filled = cache.get_seq_length() if static else 0  # an int 0 before a static cache's first use
         if isinstance(filled, torch.Tensor):
             checks.append(filled > 0)
-        read = torch.stack(checks).tolist()
+        read = read_checks(checks)
         any_media, ends_in_media = read[0], read[1]
         caller_padded = padding is not None and not read[2]
         if padding is not None and not read[3]:  # right padding: find each row's last real token (a second read)
