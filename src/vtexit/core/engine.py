@@ -361,7 +361,8 @@ class ScheduleEngine:
             ends_in_media = bool(media.gather(1, padding.cumsum(1).argmax(1, keepdim=True)).any())
         if isinstance(filled, torch.Tensor) and read[-1]:
             raise ValueError(
-                "media inputs arrived with a non-empty static cache: reset it (cache.reset()) before a new prompt"
+                "media inputs arrived with a non-empty static cache: a new prompt on a filled cache (reset() it "
+                "first), or chunked prefill with media after the first chunk (not supported by vtexit)"
             )
         if not any_media:
             self._untouched_prefill(cache if static else None)
