@@ -164,3 +164,24 @@ def test_static_decode_masks_hide_the_withdrawn_slots(llava):
     assert lengths[2:] == [text_slots] * (len(lengths) - 2)
     for layer in cache.layers[2:]:
         assert not layer.keys[:, :, text_slots:].any()  # nothing was written past the kept slots
+
+
+@torch.no_grad()
+def test_static_decode_cost_records(llava):
+    """Eager static decode steps record all max_cache_len keys in every layer (a static decode computes them,
+    masked); compiled steps run no Python and record nothing; the prefill record is the same either way."""
+    model = llava.model
+    inputs = llava.inputs([1, 2], text_len=[4, 6])
+    cache_len = inputs["input_ids"].shape[1] + NEW_TOKENS
+    with vtexit.withdraw(model, layer=2) as handle:
+        _generate(model, inputs, past_key_values=StaticCache(config=model.config, max_cache_len=cache_len))
+        eager = handle.last_cost
+        torch._dynamo.reset()
+        _generate(model, inputs, cache_implementation="static", compile_config=_compiled_decode())
+        compiled = handle.last_cost
+    assert len(eager.decode) == NEW_TOKENS - 1
+    for step in eager.decode:
+        assert all(int(k) == cache_len for layer in step.layers for k in layer.keys)
+    assert compiled.decode == []
+    for a, b in zip(eager.prefill.layers, compiled.prefill.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.visual_queries, b.visual_queries)
