@@ -303,3 +303,21 @@ def test_labels_while_patched_give_the_loss_on_kept_positions(llava4):
         losses.append((F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum"), (targets != -100).sum()))
     expected = sum(s for s, _ in losses) / sum(n for _, n in losses)
     torch.testing.assert_close(out.loss.detach(), expected, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_labels_under_torch_compile_give_the_eager_loss(llava4):
+    """Under torch.compile the labels hooks run eagerly (a graph break) once labels were seen; calls without labels
+    around them still return no loss."""
+    inputs = llava4.inputs([1, 2], text_len=[5, 3])
+    labels = inputs["input_ids"].masked_fill(llava4.media_mask(inputs) | ~inputs["attention_mask"].bool(), -100)
+    with vtexit.withdraw(llava4.model, layer=2):
+        expected = llava4.model(**inputs, labels=labels).loss
+        compiled = torch.compile(llava4.model, backend="eager")
+        try:
+            assert compiled(**inputs).loss is None
+            torch.testing.assert_close(compiled(**inputs, labels=labels).loss, expected, atol=1e-6, rtol=1e-6)
+            assert compiled(**inputs).loss is None
+            torch.testing.assert_close(compiled(**inputs, labels=labels).loss, expected, atol=1e-6, rtol=1e-6)
+        finally:
+            torch._dynamo.reset()

@@ -236,8 +236,10 @@ class ScheduleEngine:
     # patch filled takes a traceable path instead (no Python state, no graph break), so that transformers' compiled
     # decode stays one graph; every other call breaks the graph around the eager body.
     def _top_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
-        if torch.compiler.is_compiling() and kwargs.get("labels") is None:
-            return None
+        if torch.compiler.is_compiling():
+            if kwargs.get("labels") is None:
+                return None
+            self._labels_under_compile = True  # compiled post hooks call their eager body from now on
         return self._top_pre_hook_eager(module, args, kwargs)
 
     def _top_post_hook(self, module: nn.Module, args: tuple, output: Any):
@@ -250,8 +252,6 @@ class ScheduleEngine:
         self._local.labels = None
         if kwargs.get("labels") is None:
             return None
-        if torch.compiler.is_compiling():
-            self._labels_under_compile = True  # compiled post hooks call their eager body from now on
         kwargs = dict(kwargs)
         self._local.labels = kwargs.pop("labels")
         return args, kwargs
