@@ -15,7 +15,7 @@ on. No per-step host work and no Python state, so the step traces into transform
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -47,7 +47,6 @@ class StaticPlan:
     stages: list[StaticStage]
     record: PrefillRecord | None  # None: a call the patch left alone (no media)
     max_cache_len: int
-    extra: dict = field(default_factory=dict)
 
     def layer_mask(self, layer_idx: int, mask: torch.Tensor) -> torch.Tensor:
         return stage_mask(self.stages[self.stage_of_layer[layer_idx]], mask)
