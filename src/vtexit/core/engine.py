@@ -310,11 +310,11 @@ class ScheduleEngine:
         prepared = isinstance(padding, dict) or (isinstance(padding, torch.Tensor) and padding.ndim != 2)
         static = is_static(cache)
         if static:
-            check_static_cache(cache)
             plan = self._static_decode_plan(kwargs)
-            if plan is not None:
+            if plan is not None:  # its prefill checked the cache
                 self._enter_static_decode(plan, input_ids, kwargs)
                 return
+            check_static_cache(cache)
             other = plan_of(cache)
             if other is not None and other.owner is not self and other.record is not None and other.record.compacted:
                 raise ValueError(
@@ -323,8 +323,7 @@ class ScheduleEngine:
                 )
             if not has_media_inputs(kwargs) and int(cache.get_seq_length()) > 0:
                 # A static cache filled without this patch: continued untouched (the plan spares later syncs).
-                attach_plan(cache, build_plan(self, None, cache.get_max_length(), self.num_layers))
-                self._local.last_layout = None
+                self._untouched_prefill(cache)
                 return
             if prepared:
                 padding = padding_from_prepared(padding, _sequence_length(input_ids, kwargs.get("inputs_embeds")))
@@ -333,8 +332,8 @@ class ScheduleEngine:
                 "vtexit needs a 2D attention_mask (got a prepared 4D mask or mask mapping); prepared masks are read "
                 "only with a static cache (generate(..., cache_implementation='static'))"
             )
-        elif isinstance(cache, Cache) and cache.get_seq_length() > 0:
-            self._enter_continuation(cache, kwargs, input_ids, padding, cache.get_seq_length())
+        elif isinstance(cache, Cache) and (past_length := cache.get_seq_length()) > 0:
+            self._enter_continuation(cache, kwargs, input_ids, padding, past_length)
             return
         if input_ids is None:
             if kwargs.get("inputs_embeds") is not None:
@@ -426,7 +425,7 @@ class ScheduleEngine:
         )
 
     def _untouched_prefill(self, static_cache: Cache | None) -> None:
-        """A prefill the patch leaves alone; on a static cache, its decode steps are marked untouched too."""
+        """A call the patch leaves alone; on a static cache, the calls that continue it are marked untouched too."""
         self._local.last_layout = None
         if static_cache is not None:
             attach_plan(static_cache, build_plan(self, None, static_cache.get_max_length(), self.num_layers))
@@ -600,13 +599,7 @@ class ScheduleEngine:
         key_padding = decode_key_padding(call, stage)
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = self._mask(layer_idx, call, hidden, key_padding, kwargs.get("past_key_values"))
-        shift = record.stages[stage].position_shift
-        if shift is not None:
-            key = ("decode positions", stage)
-            if key not in call.memo:
-                positions = kwargs["position_ids"] - shift
-                call.memo[key] = (positions, self.parts.language_model.rotary_emb(hidden, positions))
-            kwargs["position_ids"], kwargs["position_embeddings"] = call.memo[key]
+        self._renumber_decode(call.memo, stage, record.stages[stage].position_shift, hidden, kwargs)
         return args, kwargs
 
     def _static_decode_layer(self, plan: StaticPlan, layer_idx: int, args: tuple, kwargs: dict, memo: dict | None):
@@ -621,15 +614,19 @@ class ScheduleEngine:
         if key not in memo:
             memo[key] = plan.layer_mask(layer_idx, kwargs.get("attention_mask"))
         kwargs["attention_mask"] = memo[key]
-        shift = plan.stages[stage].position_shift
-        if shift is not None:
-            key = ("decode positions", stage)
-            if key not in memo:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                positions = kwargs["position_ids"] - shift
-                memo[key] = (positions, self.parts.language_model.rotary_emb(hidden, positions))
-            kwargs["position_ids"], kwargs["position_embeddings"] = memo[key]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self._renumber_decode(memo, stage, plan.stages[stage].position_shift, hidden, kwargs)
         return args, kwargs
+
+    def _renumber_decode(self, memo: dict, stage: int, shift: torch.Tensor | None, hidden, kwargs: dict) -> None:
+        """Decode positions of a stage's layers after renumbering (in ``kwargs``, memoised once per stage)."""
+        if shift is None:
+            return
+        key = ("decode positions", stage)
+        if key not in memo:
+            positions = kwargs["position_ids"] - shift
+            memo[key] = (positions, self.parts.language_model.rotary_emb(hidden, positions))
+        kwargs["position_ids"], kwargs["position_embeddings"] = memo[key]
 
     # ----------------------------------------------------------------------------------------- for methods
     def current_media(self) -> torch.Tensor | None:

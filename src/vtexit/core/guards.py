@@ -50,15 +50,20 @@ def poison(cache: Cache) -> None:
 
     cache.get_seq_length = refuse
     cache.update = refuse
-    cache.reset = partial(_reset_unpoisoned, weakref.ref(cache))
+    forget_on_reset(cache, "get_seq_length", "update")  # an emptied cache is valid for any model again
 
 
-def _reset_unpoisoned(cache_ref) -> None:
-    """``reset`` empties the cache, which makes it valid for any model again (generate may reuse static caches)."""
+def forget_on_reset(cache: Cache, *names: str) -> None:
+    """Make ``cache.reset()`` also remove the instance attributes ``names`` that vtexit set on the cache (generate
+    may reuse a reset static cache)."""
+    cache.reset = partial(_reset_forgetting, weakref.ref(cache), names)
+
+
+def _reset_forgetting(cache_ref, names: tuple[str, ...]) -> None:
     cache = cache_ref()
-    for name in ("get_seq_length", "update", "reset"):
+    for name in (*names, "reset"):
         cache.__dict__.pop(name, None)
-    cache.reset()
+    type(cache).reset(cache)
 
 
 def copy_removable_handle(handle, memo: dict):

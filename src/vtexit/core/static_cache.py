@@ -14,9 +14,7 @@ on. No per-step host work and no Python state, so the step traces into transform
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -24,6 +22,7 @@ from torch.nn import functional as F
 from transformers.cache_utils import Cache, StaticLayer
 
 from vtexit.core.call_state import PrefillRecord
+from vtexit.core.guards import forget_on_reset
 
 PLAN_ATTRIBUTE = "_vtexit_static_plan"
 
@@ -77,8 +76,7 @@ def plan_of(cache) -> StaticPlan | None:
 def attach_plan(cache: Cache, plan: StaticPlan) -> None:
     """Keep ``plan`` on ``cache`` until the cache is reset (``cache.reset()`` drops it)."""
     setattr(cache, PLAN_ATTRIBUTE, plan)
-    if "reset" not in cache.__dict__:
-        cache.reset = partial(_reset_dropping_plan, weakref.ref(cache), type(cache).reset)
+    forget_on_reset(cache, PLAN_ATTRIBUTE)
 
 
 def drop_plan(cache: Cache) -> None:
@@ -86,13 +84,7 @@ def drop_plan(cache: Cache) -> None:
     cache.__dict__.pop("reset", None)
 
 
-def _reset_dropping_plan(cache_ref, reset) -> None:
-    cache = cache_ref()
-    drop_plan(cache)
-    reset(cache)
-
-
-def build_plan(owner: int, record: PrefillRecord | None, max_cache_len: int, num_layers: int) -> StaticPlan:
+def build_plan(owner: Any, record: PrefillRecord | None, max_cache_len: int, num_layers: int) -> StaticPlan:
     """The fixed decode tensors of every stage of ``record`` (tensor ops only: no host sync)."""
     if record is None:
         return StaticPlan(owner, (-1,) * num_layers, [], None, max_cache_len)
