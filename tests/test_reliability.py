@@ -75,6 +75,25 @@ def test_prompt_ending_in_visual_tokens_is_refused(llava4):
                 llava4.model.generate(**inputs, max_new_tokens=2)
 
 
+@torch.no_grad()
+def test_prompt_ending_in_visual_tokens_under_in_layer_pruning_is_refused(llava4):
+    """Windowed attention changes visual rows from the first layer on, with no compaction event: the prompt is
+    checked in the prefill's own read."""
+    ends_in_image = _cut_after_last_visual_token(llava4, llava4.inputs([1, 1], text_len=[4, 4]))
+    with vtexit.yopo(llava4.model, vtexit.YOPOConfig(window=3)):
+        with pytest.raises(ValueError, match="ends in a visual token"):
+            llava4.model(**ends_in_image)
+
+
+@torch.no_grad()
+def test_prompt_ending_in_visual_tokens_runs_untouched_when_nothing_is_withdrawn(llava4):
+    """At K = N no token leaves, so the last token's prediction is the unpatched one and nothing is refused."""
+    ends_in_image = _cut_after_last_visual_token(llava4, llava4.inputs([1, 1], text_len=[4, 4]))
+    expected = llava4.model(**ends_in_image).logits
+    with vtexit.withdraw(llava4.model, layer=llava4.model.config.text_config.num_hidden_layers):
+        assert torch.equal(llava4.model(**ends_in_image).logits, expected)
+
+
 def _right_padded(llava4, short: dict, long: dict) -> dict:
     """Two one-row batches stacked, the shorter padded on the right."""
     pad = long["input_ids"].shape[1] - short["input_ids"].shape[1]

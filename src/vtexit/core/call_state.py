@@ -29,10 +29,15 @@ class PrefillRecord:
 
     prompt_length: int
     media: torch.Tensor  # (batch, prompt length) bool, True at media tokens
-    full_tokens: torch.Tensor  # (batch,) prompt tokens (padding excluded)
+    full_valid: torch.Tensor  # (batch, prompt length) bool, False at the caller's padding
     stage_of_layer: list[int]  # per layer: index into `stages` (-1 = full sequence)
     stages: list[Stage]
     cost: RunCost
+
+    @property
+    def full_tokens(self) -> torch.Tensor:
+        """(batch,) prompt tokens, padding excluded (computed when a cost record is read, not in the prefill)."""
+        return self.full_valid.sum(1)
 
     @property
     def compacted(self) -> bool:

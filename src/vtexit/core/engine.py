@@ -79,6 +79,7 @@ class ScheduleEngine:
             )
         self._event_layers = None if self.policy.event_layers is None else frozenset(self.policy.event_layers)
         self._media_ids: dict[torch.device, torch.Tensor] = {}
+        self._full_index: tuple[tuple, torch.Tensor] | None = None  # the last prefill's positions, reused
         self.handle = None  # set by the PatchHandle that owns this engine
         self._handles: list[Any] = []
         self._replaced: list[nn.Module] = []
@@ -344,40 +345,32 @@ class ScheduleEngine:
             self._untouched_prefill(cache if static else None)
             return
         media = self._media_mask(input_ids)
-        # The one host read of a prefill, stacked into one copy with few kernels (host time counts at batch 1): is
-        # there media; a media token in the last column; is every token real; is the last column real (then it
-        # holds each row's last token, as with generate's left padding); on a static cache, is it filled.
-        checks = [media.any(), media[:, -1].any()]
-        if padding is not None:
-            checks += [padding.all(), padding[:, -1].all()]
+        batch, length = input_ids.shape
+        layout = Layout.full(padding, batch, length, input_ids.device, self._positions(batch, length, input_ids.device))
+        # The one host read of a prefill, with as few kernels as can be (host time counts at batch 1): is there media;
+        # on a static cache, is it filled. Whether a row ends in media is read with the first compaction event (one
+        # read either way), or here when in-layer forwards change visual rows from the first layer on.
+        checks = [media.any()]
+        early_end_check = bool(self._replaced)
+        if early_end_check:
+            checks.append(_ends_in_media(media, layout))
         filled = cache.get_seq_length() if static else 0  # an int 0 before a static cache's first use
         if isinstance(filled, torch.Tensor):
             checks.append(filled > 0)
         read = read_checks(checks)
-        any_media, ends_in_media = read[0], read[1]
-        caller_padded = padding is not None and not read[2]
-        if padding is not None and not read[3]:  # right padding: find each row's last real token (a second read)
-            ends_in_media = bool(media.gather(1, padding.cumsum(1).argmax(1, keepdim=True)).any())
         if isinstance(filled, torch.Tensor) and read[-1]:
             raise ValueError(
                 "media inputs arrived with a non-empty static cache: a new prompt on a filled cache (reset() it "
                 "first), or chunked prefill with media after the first chunk (not supported by vtexit)"
             )
-        if not any_media:
+        if not read[0]:
             self._untouched_prefill(cache if static else None)
             return
-        if ends_in_media:
-            raise ValueError(
-                "a prompt row ends in a visual token: the last prompt token predicts the next one and would be "
-                "withdrawn. Put text after the image (e.g. the chat template's generation prompt). With chunked "
-                "prefill (generate(prefill_chunk_size=...)) a chunk can end inside an image: vtexit does not "
-                "support chunked prefill."
-            )
+        if early_end_check and read[1]:
+            raise _ends_in_media_error()
         block_ids = None
         if self.family.media_blocks is not None and kwargs.get(self.family.media_blocks) is not None:
             block_ids = media_block_ids(kwargs[self.family.media_blocks]).to(input_ids.device)
-        batch, length = input_ids.shape
-        layout = Layout.full(padding, batch, length, input_ids.device, padded=caller_padded)
         self._call = CallState(
             mode="prefill",
             padding=padding,
@@ -456,7 +449,7 @@ class ScheduleEngine:
             record = PrefillRecord(
                 prompt_length=call.media.shape[1],
                 media=call.media,
-                full_tokens=call.full_valid.sum(1),
+                full_valid=call.full_valid,
                 stage_of_layer=call.stage_of_layer,
                 stages=call.stages,
                 cost=run_cost,
@@ -506,7 +499,11 @@ class ScheduleEngine:
             view = PrefillView(layer_idx, call.layout, call.media, hidden, call.scores, call.policy_state)
             keep = self.policy.keep(view)
         if keep is not None:
-            call.layout, source = call.layout.select(keep)
+            first = call.stage < 0 and not self._replaced  # whether a row ends in media is read now (see prefill)
+            check = _ends_in_media(call.media, call.layout) if first else None
+            call.layout, source, ends_in_media = call.layout.select(keep, check)
+            if ends_in_media:
+                raise _ends_in_media_error()
             hidden = _compact_hidden(hidden, source, call.layout)
             media = call.media.gather(1, call.layout.index) & call.layout.valid
             visual, text = counts(call.layout.valid, media)
@@ -575,7 +572,7 @@ class ScheduleEngine:
         hidden, _ = layer_inputs[start]
         batch, length = hidden.shape[:2]
         call = CallState(mode="prefill", padding=padding)
-        call.layout, source = Layout.full(padding, batch, length, hidden.device).select(keep)
+        call.layout, source, _ = Layout.full(padding, batch, length, hidden.device).select(keep)
         call.full_valid = Layout.full(padding, batch, length, hidden.device).valid
         call.stage = 0
         hidden = _compact_hidden(hidden, source, call.layout)
@@ -713,6 +710,16 @@ class ScheduleEngine:
             self._media_ids[device] = ids
         return ids
 
+    def _positions(self, batch: int, length: int, device: torch.device) -> torch.Tensor:
+        """(batch, length) original positions of a prefill, kept for the next prefill of the same shape (read only,
+        like every layout index)."""
+        key = (batch, length, device)
+        cached = self._full_index
+        if cached is None or cached[0] != key:
+            cached = (key, torch.arange(length, device=device).expand(batch, length))
+            self._full_index = cached
+        return cached[1]
+
     def _follow_model(self, hidden: torch.Tensor) -> None:
         """Method-owned modules follow the model's device and dtype (moved only when they differ)."""
         for module in self.policy.modules().values():
@@ -753,6 +760,19 @@ class ScheduleEngine:
 def _compact_hidden(hidden: torch.Tensor, source: torch.Tensor, layout: Layout) -> torch.Tensor:
     """Gather the kept slots of ``hidden``; pad slots are zeroed so they stay finite through the layers."""
     return gather_sequence(hidden, source, seq_dim=1) * layout.valid.unsqueeze(-1).to(hidden.dtype)
+
+
+def _ends_in_media(media: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """0-dim bool: whether some row's last real prompt token (the one that predicts the next) is a media token."""
+    return (media & layout.last_slot).any()
+
+
+def _ends_in_media_error() -> ValueError:
+    return ValueError(
+        "a prompt row ends in a visual token: the last prompt token predicts the next one and would be withdrawn. "
+        "Put text after the image (e.g. the chat template's generation prompt). With chunked prefill "
+        "(generate(prefill_chunk_size=...)) a chunk can end inside an image: vtexit does not support chunked prefill."
+    )
 
 
 def _sequence_length(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> int:

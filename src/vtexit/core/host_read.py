@@ -18,6 +18,8 @@ def read_checks(checks: list[torch.Tensor]) -> list[bool]:
     """``[bool(c) for c in checks]`` with one host read (0-dim bool tensors on one device, at most eight)."""
     if not 0 < len(checks) <= MAX_CHECKS:
         raise ValueError(f"read_checks takes 1 to {MAX_CHECKS} checks, got {len(checks)}")
+    if len(checks) == 1:
+        return [bool(checks[0].item())]
     padded = checks + [checks[0]] * (MAX_CHECKS - len(checks))  # the extra bytes are never read
     code = int(torch.stack(padded).view(torch.uint8).view(torch.int64))
     little = sys.byteorder == "little"  # byte i of the stacked checks is check i

@@ -9,6 +9,7 @@ real token of every row in the last column, which is where ``generate`` reads th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -29,52 +30,62 @@ class Layout:
         batch: int,
         length: int,
         device: torch.device,
-        padded: bool | None = None,
+        index: torch.Tensor | None = None,
     ) -> Layout:
-        """The layout before any event: every position, with the caller's padding as invalid slots.
+        """The layout before any event: every position, with the caller's padding as invalid slots (``padded`` is
+        assumed when a mask is given: reading it would cost a host sync, and only compacted layouts use the flag).
 
-        ``padded``: whether the caller's mask has a zero, if the caller already knows (else assumed when a mask is
-        given)."""
-        index = torch.arange(length, device=device).expand(batch, length)
+        ``index``: a (batch, length) ``arange`` to reuse (an engine keeps the last one: two kernels fewer per call)."""
+        if index is None:
+            index = torch.arange(length, device=device).expand(batch, length)
         if attention_mask is None:
             valid = torch.ones(batch, length, dtype=torch.bool, device=device)
-            padded = False
         else:
-            valid = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
-            padded = True if padded is None else padded
-        return cls(index=index, valid=valid, padded=padded)
+            if attention_mask.shape[1] != length:  # a mask longer than the prompt (past tokens): its tail
+                attention_mask = attention_mask[:, -length:]
+            valid = attention_mask.to(device=device, dtype=torch.bool)
+        return cls(index=index, valid=valid, padded=attention_mask is not None)
 
     @property
     def length(self) -> int:
         return self.index.shape[1]
 
-    @property
+    @cached_property
     def last_slot(self) -> torch.Tensor:
-        """(batch, length) bool, True at each row's last valid slot: the prompt token that predicts the next one."""
+        """(batch, length) bool, True at each row's last valid slot: the prompt token that predicts the next one.
+        Computed once per layout (an event's checks and its selection share it)."""
         slots = torch.arange(self.length, device=self.valid.device)
         last = (slots * self.valid).argmax(dim=1, keepdim=True)
         return slots.unsqueeze(0) == last
 
-    def select(self, keep: torch.Tensor) -> tuple[Layout, torch.Tensor]:
+    def select(self, keep: torch.Tensor, check: torch.Tensor | None = None) -> tuple[Layout, torch.Tensor, bool]:
         """Keep the slots where ``keep`` is True (pad slots are always dropped).
 
         The last valid slot of every row is always kept, whatever ``keep`` says: its output is the next-token
-        prediction. Returns the new layout and, for each new slot, the slot of ``self`` it comes from (to gather
-        hidden states).
+        prediction. Returns the new layout, for each new slot the slot of ``self`` it comes from (to gather hidden
+        states), and the value of ``check`` (a 0-dim bool the caller wants on the host; False when None), read in
+        the same host sync as the new length.
         """
         if keep.shape != self.valid.shape:
             raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected {tuple(self.valid.shape)}")
         keep = (keep.to(torch.bool) | self.last_slot) & self.valid
         counts = keep.sum(dim=1)
         # The one host read of an event: the longest row sets the new length; equal rows need no pad slots.
-        longest, shortest = divmod(int(counts.max() * (self.length + 1) + counts.min()), self.length + 1)
+        code = counts.max() * (self.length + 1) + counts.min()
+        if check is not None:
+            code = code * 2 + check  # the check rides in the lowest bit
+        code = int(code)
+        checked = check is not None and bool(code & 1)
+        if check is not None:
+            code >>= 1
+        longest, shortest = divmod(code, self.length + 1)
         new_length = max(longest, 1)
         # A stable sort of the 0/1 keep flags puts dropped slots first and kept slots last, each in original order.
         order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices
         source = order[:, self.length - new_length :]
         slots = torch.arange(new_length, device=keep.device)
         valid = slots.unsqueeze(0) >= (new_length - counts).unsqueeze(1)
-        return Layout(index=self.index.gather(1, source), valid=valid, padded=shortest != longest), source
+        return Layout(index=self.index.gather(1, source), valid=valid, padded=shortest != longest), source, checked
 
 
 def gather_sequence(tensor: torch.Tensor, index: torch.Tensor, seq_dim: int) -> torch.Tensor:
