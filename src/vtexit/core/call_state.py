@@ -18,8 +18,6 @@ class Stage:
     """The layout after one compaction event of a prefill."""
 
     layout: Layout
-    visual: torch.Tensor  # (batch,) visual slots kept
-    text: torch.Tensor  # (batch,) text slots kept
     position_shift: torch.Tensor | None = None  # (batch, 1) positions removed by renumbering
 
 
@@ -112,7 +110,7 @@ class PrefillCostInputs:
     def layers(self) -> list[LayerCost]:
         """Per layer: the visual/text slots of the layout it ran on (keys = queries in a prefill)."""
         full = counts(self.full_valid, self.media)
-        per_stage = [(stage.visual, stage.text) for stage in self.stages]
+        per_stage = [counts(stage.layout.valid, self.media.gather(1, stage.layout.index)) for stage in self.stages]
         layers = []
         for stage in self.stage_of_layer:
             visual, text = full if stage < 0 else per_stage[stage]

@@ -38,7 +38,7 @@ from vtexit.core.call_state import (
 )
 from vtexit.core.compiled import eager_under_compile as _eager
 from vtexit.core.compiled import forget_compiled_graphs
-from vtexit.core.costs import CallCost, RunCost, counts
+from vtexit.core.costs import CallCost, RunCost
 from vtexit.core.families import FamilySpec, ResolvedFamily, family_for
 from vtexit.core.guards import copy_removable_handle, has_media_inputs, poison, refuse_compiled
 from vtexit.core.host_read import read_checks
@@ -505,9 +505,7 @@ class ScheduleEngine:
             if ends_in_media:
                 raise _ends_in_media_error()
             hidden = _compact_hidden(hidden, source, call.layout)
-            media = call.media.gather(1, call.layout.index) & call.layout.valid
-            visual, text = counts(call.layout.valid, media)
-            call.stages.append(Stage(call.layout, visual, text, self._position_shift(call)))
+            call.stages.append(Stage(call.layout, self._position_shift(call)))  # its counts: when a cost is read
             call.stage += 1
         call.stage_of_layer[layer_idx] = call.stage
         if call.stage < 0:
@@ -758,8 +756,10 @@ class ScheduleEngine:
 
 
 def _compact_hidden(hidden: torch.Tensor, source: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """Gather the kept slots of ``hidden``; pad slots are zeroed so they stay finite through the layers."""
-    return gather_sequence(hidden, source, seq_dim=1) * layout.valid.unsqueeze(-1).to(hidden.dtype)
+    """Gather the kept slots of ``hidden``; pad slots (only when rows kept different numbers) are zeroed so they
+    stay finite through the layers."""
+    kept = gather_sequence(hidden, source, seq_dim=1)
+    return kept * layout.valid.unsqueeze(-1).to(hidden.dtype) if layout.padded else kept
 
 
 def _ends_in_media(media: torch.Tensor, layout: Layout) -> torch.Tensor:

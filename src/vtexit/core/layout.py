@@ -71,7 +71,8 @@ class Layout:
         keep = (keep.to(torch.bool) | self.last_slot) & self.valid
         counts = keep.sum(dim=1)
         # The one host read of an event: the longest row sets the new length; equal rows need no pad slots.
-        code = counts.max() * (self.length + 1) + counts.min()
+        fewest, most = torch.aminmax(counts)
+        code = most * (self.length + 1) + fewest
         if check is not None:
             code = code * 2 + check  # the check rides in the lowest bit
         code = int(code)
@@ -81,7 +82,7 @@ class Layout:
         longest, shortest = divmod(code, self.length + 1)
         new_length = max(longest, 1)
         # A stable sort of the 0/1 keep flags puts dropped slots first and kept slots last, each in original order.
-        order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices
+        order = torch.sort(keep, dim=1, stable=True).indices
         source = order[:, self.length - new_length :]
         slots = torch.arange(new_length, device=keep.device)
         valid = slots.unsqueeze(0) >= (new_length - counts).unsqueeze(1)
@@ -100,13 +101,7 @@ def gather_sequence(tensor: torch.Tensor, index: torch.Tensor, seq_dim: int) -> 
         seq_dim = 1
     seq_dim %= tensor.ndim
     batch_dim = seq_dim - 1
-    batch, new_length = index.shape
-    if tensor.shape[batch_dim] != batch:
-        expanded = list(tensor.shape)
-        expanded[batch_dim] = batch
-        tensor = tensor.expand(expanded)
     view = [1] * tensor.ndim
-    view[batch_dim], view[seq_dim] = batch, new_length
-    out_shape = list(tensor.shape)
-    out_shape[seq_dim] = new_length
-    return tensor.gather(seq_dim, index.view(view).expand(out_shape))
+    view[batch_dim], view[seq_dim] = index.shape
+    # Broadcasts the index over the other dims, and a batch dim of 1 over the index's batch.
+    return torch.take_along_dim(tensor, index.view(view), dim=seq_dim)
