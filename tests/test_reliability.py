@@ -76,6 +76,20 @@ def test_prompt_ending_in_visual_tokens_is_refused(llava4):
 
 
 @torch.no_grad()
+def test_a_call_refused_mid_forward_records_nothing(llava4):
+    """The end-of-prompt check rides in the first compaction event's read, inside the forward: the refused call must
+    leave the previous call's layout and cost in place, not its half-run compaction."""
+    good = llava4.inputs([1], text_len=[4])
+    ends_in_image = _cut_after_last_visual_token(llava4, llava4.inputs([1, 1], text_len=[4, 4]))
+    with vtexit.withdraw(llava4.model, layer=2) as handle:
+        llava4.model(**good)
+        layout, cost = handle.last_layout, handle.last_cost
+        with pytest.raises(ValueError, match="ends in a visual token"):
+            llava4.model(**ends_in_image)
+        assert handle.last_layout is layout and handle.last_cost is cost
+
+
+@torch.no_grad()
 def test_prompt_ending_in_visual_tokens_under_in_layer_pruning_is_refused(llava4):
     """Windowed attention changes visual rows from the first layer on, with no compaction event: the prompt is
     checked in the prefill's own read."""

@@ -426,7 +426,7 @@ class ScheduleEngine:
     @_eager
     def _core_post_hook_eager(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         call, self._call = self._call, None
-        if call is None:
+        if call is None or output is None:  # None: the forward raised (always_call hooks still run); record nothing
             return
         if call.mode == "decode":
             decode = DecodeCostInputs(
