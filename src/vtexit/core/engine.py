@@ -570,8 +570,9 @@ class ScheduleEngine:
         hidden, _ = layer_inputs[start]
         batch, length = hidden.shape[:2]
         call = CallState(mode="prefill", padding=padding)
-        call.layout, source, _ = Layout.full(padding, batch, length, hidden.device).select(keep)
-        call.full_valid = Layout.full(padding, batch, length, hidden.device).valid
+        full = Layout.full(padding, batch, length, hidden.device)
+        call.layout, source, _ = full.select(keep)
+        call.full_valid = full.valid
         call.stage = 0
         hidden = _compact_hidden(hidden, source, call.layout)
         for j in range(start, self.num_layers):

@@ -73,12 +73,12 @@ class Layout:
         # The one host read of an event: the longest row sets the new length; equal rows need no pad slots.
         fewest, most = torch.aminmax(counts)
         code = most * (self.length + 1) + fewest
-        if check is not None:
-            code = code * 2 + check  # the check rides in the lowest bit
-        code = int(code)
-        checked = check is not None and bool(code & 1)
-        if check is not None:
-            code >>= 1
+        checked = False
+        if check is None:
+            code = int(code)
+        else:  # the check rides in the lowest bit
+            code = int(code * 2 + check)
+            checked, code = bool(code & 1), code >> 1
         longest, shortest = divmod(code, self.length + 1)
         new_length = max(longest, 1)
         # A stable sort of the 0/1 keep flags puts dropped slots first and kept slots last, each in original order.
