@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vtexit.core.transformers_compat import with_cache
+
 
 def _lm_parts(model: nn.Module):
     core = model.model
@@ -126,7 +128,7 @@ def scheduled_logits(
                 hidden.dtype,
                 None if blocks is None else blocks[idx],
             )
-            kwargs["past_key_values"] = None
+            kwargs = with_cache(kwargs, layers[j], None)
             kwargs["use_cache"] = False
             hidden = layers[j](hidden, **kwargs)
         return head(norm(hidden))[0]

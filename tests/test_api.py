@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 import vtexit
 from vtexit.core.flops import DecoderShape, count, withdrawal_tokens
+from vtexit.core.transformers_compat import cache_kwargs, output_cache
 from vtexit.methods.vtw.calibrate import calibrate
 from vtexit.testing.tiny_models import build_tiny
 
@@ -96,16 +97,16 @@ def test_call_time_errors_are_clear(llava):
     with vtexit.withdraw(llava.model, layer=2):
         with pytest.raises(ValueError, match="inputs_embeds"):
             llava.model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
-        cache = llava.model(**inputs, use_cache=True).past_key_values
+        cache = output_cache(llava.model(**inputs, use_cache=True))
         with pytest.raises(ValueError, match="non-empty cache"):
-            llava.model(**inputs, past_key_values=cache)
+            llava.model(**inputs, **cache_kwargs(llava.model, cache))
         prepared = inputs["attention_mask"][:, None, None, :].bool()  # a 4D mask without a static cache
         with pytest.raises(ValueError, match="2D attention_mask"):
             llava.model(**dict(inputs, attention_mask=prepared))
         static = StaticCache(config=llava.model.config, max_cache_len=64)
-        llava.model(**inputs, past_key_values=static)
+        llava.model(**inputs, **cache_kwargs(llava.model, static))
         with pytest.raises(ValueError, match="non-empty static cache"):
-            llava.model(**inputs, past_key_values=static)
+            llava.model(**inputs, **cache_kwargs(llava.model, static))
     assert _untouched(llava.model, hooks_before)
 
 
@@ -209,7 +210,7 @@ def test_generated_image_token_id_is_treated_as_text(llava):
         )
     assert (out.sequences[:, prompt + 1] == image_id).all()
     kept = int((inputs["attention_mask"].bool() & ~media).sum(1).max())
-    cache = out.past_key_values
+    cache = output_cache(out)
     # 4 new tokens, the last one never fed back: every layer cached 3 decode positions, none dropped.
     assert cache.layers[0].keys.shape[-2] == prompt + 3
     assert cache.layers[3].keys.shape[-2] == kept + 3

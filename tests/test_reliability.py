@@ -16,6 +16,7 @@ from reference import greedy_no_cache, record_layer_inputs, withdrawn_logits
 from torch.nn import functional as F
 
 import vtexit
+from vtexit.core.transformers_compat import cache_kwargs, output_cache
 from vtexit.testing.tiny_models import build_tiny
 
 
@@ -177,7 +178,11 @@ def test_continuing_generation_with_more_text(llava4, layer):
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(ids[:, inputs["input_ids"].shape[1] :])], dim=1)
         rest = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         again = llava4.model.generate(
-            input_ids=ids, attention_mask=mask, past_key_values=first.past_key_values, max_new_tokens=3, **gen
+            input_ids=ids,
+            attention_mask=mask,
+            **cache_kwargs(llava4.model, output_cache(first)),
+            max_new_tokens=3,
+            **gen,
         )
         return again.sequences, ids, mask, rest
 
@@ -197,10 +202,10 @@ def test_older_cache_continued_after_another_prefill(llava4, rows):
     other = llava4.inputs([1, 1, 1], text_len=[2, 3, 4], seed=12)
     token = torch.full((len(rows), 1), llava4.text_id_range[0] + 3)
     with vtexit.withdraw(llava4.model, layer=2):
-        cache = llava4.model(**first, use_cache=True).past_key_values
+        cache = output_cache(llava4.model(**first, use_cache=True))
         llava4.model(**other, use_cache=True)  # another prefill on the same handle
         mask = torch.cat([first["attention_mask"], torch.ones_like(token)], dim=1)
-        step = llava4.model(input_ids=token, attention_mask=mask, past_key_values=cache).logits[:, -1]
+        step = llava4.model(input_ids=token, attention_mask=mask, **cache_kwargs(llava4.model, cache)).logits[:, -1]
         ids = torch.cat([first["input_ids"], token], dim=1)
         expected = llava4.model(**dict(first, input_ids=ids, attention_mask=mask), use_cache=False).logits[:, -1]
     torch.testing.assert_close(step, expected, atol=2e-5, rtol=1e-4)
@@ -210,11 +215,11 @@ def test_older_cache_continued_after_another_prefill(llava4, rows):
 def test_cache_filled_while_patched_is_refused_after_remove(llava4):
     inputs = llava4.inputs([1], text_len=[4])
     with vtexit.withdraw(llava4.model, layer=2):
-        cache = llava4.model(**inputs, use_cache=True).past_key_values
+        cache = output_cache(llava4.model(**inputs, use_cache=True))
     token = torch.full((1, 1), llava4.text_id_range[0])
     mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
     with pytest.raises(ValueError, match="patch has been removed"):
-        llava4.model(input_ids=token, attention_mask=mask, past_key_values=cache)
+        llava4.model(input_ids=token, attention_mask=mask, **cache_kwargs(llava4.model, cache))
 
 
 @torch.no_grad()

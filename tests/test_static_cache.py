@@ -17,6 +17,7 @@ from reference import greedy_no_cache
 from transformers import CompileConfig, StaticCache
 
 import vtexit
+from vtexit.core.transformers_compat import cache_kwargs
 from vtexit.testing.tiny_models import build_tiny
 
 NEW_TOKENS = 4
@@ -131,20 +132,20 @@ def test_a_compacted_static_cache_outlives_its_patch_only_after_reset(llava):
     expected = _generate(model, inputs, cache_implementation="static")
     cache = StaticCache(config=model.config, max_cache_len=inputs["input_ids"].shape[1] + NEW_TOKENS)
     with vtexit.withdraw(model, layer=2):
-        _generate(model, inputs, past_key_values=cache)
+        _generate(model, inputs, **cache_kwargs(model, cache))
         with pytest.raises(ValueError, match="non-empty static cache"):
-            _generate(model, inputs, past_key_values=cache)  # a new prompt on a filled cache
+            _generate(model, inputs, **cache_kwargs(model, cache))  # a new prompt on a filled cache
     with pytest.raises(ValueError, match="patch has been removed"):
-        model(**inputs, past_key_values=cache)
+        model(**inputs, **cache_kwargs(model, cache))
     other = copy.deepcopy(model)
     cache.reset()
     with vtexit.withdraw(model, layer=2), vtexit.withdraw(other, layer=3):
-        model(**inputs, past_key_values=cache)
-        step = dict(input_ids=inputs["input_ids"][:, -1:], past_key_values=cache)
+        model(**inputs, **cache_kwargs(model, cache))
+        step = dict(input_ids=inputs["input_ids"][:, -1:], **cache_kwargs(model, cache))
         with pytest.raises(ValueError, match="another vtexit patch"):
             other(**step)
     cache.reset()  # empty again: any model may fill it
-    assert torch.equal(_generate(model, inputs, past_key_values=cache), expected)
+    assert torch.equal(_generate(model, inputs, **cache_kwargs(model, cache)), expected)
 
 
 @torch.no_grad()
@@ -158,7 +159,7 @@ def test_static_decode_masks_hide_the_withdrawn_slots(llava):
     media = llava.media_mask(inputs)
     text_slots = int((inputs["attention_mask"].bool() & ~media).sum(1).max())
     with vtexit.withdraw(model, layer=2):
-        model(**inputs, past_key_values=cache, use_cache=True)
+        model(**inputs, **cache_kwargs(model, cache), use_cache=True)
         lengths = [int(layer.cumulative_length) for layer in cache.layers]
     assert lengths[:2] == [length, length]
     assert lengths[2:] == [text_slots] * (len(lengths) - 2)
@@ -174,7 +175,7 @@ def test_static_decode_cost_records(llava):
     inputs = llava.inputs([1, 2], text_len=[4, 6])
     cache_len = inputs["input_ids"].shape[1] + NEW_TOKENS
     with vtexit.withdraw(model, layer=2) as handle:
-        _generate(model, inputs, past_key_values=StaticCache(config=model.config, max_cache_len=cache_len))
+        _generate(model, inputs, **cache_kwargs(model, StaticCache(config=model.config, max_cache_len=cache_len)))
         eager = handle.last_cost
         torch._dynamo.reset()
         _generate(model, inputs, cache_implementation="static", compile_config=_compiled_decode())

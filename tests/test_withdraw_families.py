@@ -11,6 +11,7 @@ from conftest import family_batch
 from reference import greedy_no_cache, record_layer_inputs, withdrawn_logits
 
 import vtexit
+from vtexit.core.transformers_compat import output_cache
 
 NEW_TOKENS = 5
 
@@ -73,7 +74,7 @@ def test_withdrawn_layers_cache_fewer_positions(case):
     low, n = _layers(case)
     k = (low + n) // 2
     with vtexit.withdraw(case.model, layer=k):
-        cache = case.model(**inputs, use_cache=True).past_key_values
+        cache = output_cache(case.model(**inputs, use_cache=True))
     length = inputs["input_ids"].shape[1]
     kept = int((inputs["attention_mask"].bool() & ~media).sum(1).max())
     for i in range(n):

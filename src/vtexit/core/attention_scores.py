@@ -9,15 +9,14 @@ grouped-query heads expanded. Cost: one small matmul per requested layer.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
 
+from vtexit.core.transformers_compat import rotary_function
+
 
 def _rotary_function(attention: nn.Module):
-    module = sys.modules[type(attention).__module__]
-    rotate = getattr(module, "apply_rotary_pos_emb", None)
+    rotate = rotary_function(attention)
     if rotate is None:
         raise ValueError(
             f"{type(attention).__name__} has no apply_rotary_pos_emb in its modeling module; vtexit cannot compute "

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache
 
 from vtexit.core.costs import LayerCost, RunCost, counts
 from vtexit.core.layout import Layout
+from vtexit.core.transformers_compat import Cache
 
 
 @dataclass

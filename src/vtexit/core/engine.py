@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
 
 from vtexit.core.attention_scores import check_supported, query_attention
 from vtexit.core.call_state import (
@@ -56,6 +55,7 @@ from vtexit.core.static_cache import (
     padding_from_prepared,
     plan_of,
 )
+from vtexit.core.transformers_compat import Cache, check_tested_version, find_cache, with_cache
 
 
 class ScheduleEngine:
@@ -126,6 +126,7 @@ class ScheduleEngine:
                 "model is already patched by vtexit; call .remove() on the first handle before patching again"
             )
         refuse_compiled(self.model)
+        check_tested_version()
         self.check_policy()
         for name, module in self.policy.modules().items():
             if not isinstance(module, nn.Module):
@@ -267,7 +268,7 @@ class ScheduleEngine:
 
     def _static_decode_plan(self, kwargs: dict) -> StaticPlan | None:
         """The plan of a static cache this patch filled, when this call continues it (no media inputs)."""
-        cache = kwargs.get("past_key_values")
+        cache = find_cache(kwargs)
         if not is_static(cache):
             return None
         plan = plan_of(cache)
@@ -305,7 +306,7 @@ class ScheduleEngine:
     def _core_pre_hook_eager(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._call = None
         self._local.last_call_layout = None
-        cache = kwargs.get("past_key_values")
+        cache = find_cache(kwargs)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         padding = kwargs.get("attention_mask")
         prepared = isinstance(padding, dict) or (isinstance(padding, torch.Tensor) and padding.ndim != 2)
@@ -463,10 +464,27 @@ class ScheduleEngine:
     def _layer_pre_hook_eager(self, layer_idx: int, module: nn.Module, args: tuple, kwargs: dict):
         call = self._call
         if call is None:
+            if layer_idx == self._first_hooked_layer():
+                self._check_untouched_cache(kwargs)
             return None
         if call.mode == "prefill":
             return self._prefill_layer(layer_idx, call, args, kwargs)
         return self._decode_layer(layer_idx, call, args, kwargs)
+
+    def _check_untouched_cache(self, kwargs: dict) -> None:
+        """A call the core hook left alone must not reach the layers with a cache this patch compacted: that would
+        mean the core hook missed the cache (e.g. a renamed keyword) and the step would run unpatched."""
+        cache = find_cache(kwargs)
+        if cache is None:
+            return
+        with self._lock:
+            record = self._records.get(cache) if isinstance(cache, Cache) else None
+        if record is not None and record.compacted:
+            raise RuntimeError(
+                "vtexit's core hook did not see the cache that this decoder layer got, and that cache was compacted "
+                "by this patch: the step would run unpatched. This transformers release passes the cache in a way "
+                "vtexit does not know; see vtexit.core.transformers_compat."
+            )
 
     def _attention_hook(self, layer_idx: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.compiler.is_compiling() and self._traced_decode_plan(kwargs) is not None:
@@ -491,7 +509,9 @@ class ScheduleEngine:
     def _prefill_layer(self, layer_idx: int, call: CallState, args: tuple, kwargs: dict):
         hidden, rest, in_kwargs = _split_hidden(args, kwargs)
         if layer_idx == self._first_hooked_layer():
-            cache = kwargs.get("past_key_values")
+            cache = find_cache(kwargs)
+            if cache is None and kwargs.get("use_cache"):
+                raise _lost_cache_error(layer_idx)
             call.cache = cache if isinstance(cache, Cache) else None
             self._follow_model(hidden)
         keep = None
@@ -576,10 +596,10 @@ class ScheduleEngine:
         call.stage = 0
         hidden = _compact_hidden(hidden, source, call.layout)
         for j in range(start, self.num_layers):
-            kwargs = self._compacted_kwargs(j, call, hidden, layer_inputs[j][1])
-            kwargs["past_key_values"] = None
+            layer = self.parts.layers[j]
+            kwargs = with_cache(self._compacted_kwargs(j, call, hidden, layer_inputs[j][1]), layer, None)
             kwargs["use_cache"] = False
-            hidden = self.parts.layers[j](hidden, **kwargs)
+            hidden = layer(hidden, **kwargs)
         return hidden, call.layout
 
     # ----------------------------------------------------------------------------------------- decode
@@ -594,7 +614,7 @@ class ScheduleEngine:
         hidden = args[0] if args else kwargs["hidden_states"]
         key_padding = decode_key_padding(call, stage)
         kwargs = dict(kwargs)
-        kwargs["attention_mask"] = self._mask(layer_idx, call, hidden, key_padding, kwargs.get("past_key_values"))
+        kwargs["attention_mask"] = self._mask(layer_idx, call, hidden, key_padding, find_cache(kwargs))
         self._renumber_decode(call.memo, stage, record.stages[stage].position_shift, hidden, kwargs)
         return args, kwargs
 
@@ -766,6 +786,14 @@ def _compact_hidden(hidden: torch.Tensor, source: torch.Tensor, layout: Layout) 
 def _ends_in_media(media: torch.Tensor, layout: Layout) -> torch.Tensor:
     """0-dim bool: whether some row's last real prompt token (the one that predicts the next) is a media token."""
     return (media & layout.last_slot).any()
+
+
+def _lost_cache_error(layer_idx: int) -> RuntimeError:
+    return RuntimeError(
+        f"decoder layer {layer_idx} runs with use_cache=True but vtexit found no cache among its arguments: this "
+        "transformers release passes the KV cache in a way vtexit does not know (see "
+        "vtexit.core.transformers_compat), and the cache would be lost to the patch"
+    )
 
 
 def _ends_in_media_error() -> ValueError:

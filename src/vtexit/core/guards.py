@@ -10,13 +10,13 @@ from functools import partial
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
-from transformers.generation.utils import MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL
+
+from vtexit.core.transformers_compat import MEDIA_INPUT_NAMES, Cache
 
 
 def has_media_inputs(kwargs: dict) -> bool:
     """Media inputs that carry something: ``None``, empty tensors and empty mappings are no media."""
-    for name in MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL:
+    for name in MEDIA_INPUT_NAMES:
         value = kwargs.get(name)
         if value is None:
             continue

@@ -13,13 +13,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 from transformers import PretrainedConfig
-from transformers.cache_utils import Cache
-from transformers.masking_utils import (
-    blockwise_overlay,
-    create_causal_mask,
-    create_sliding_window_causal_mask,
-    sliding_window_overlay,
-)
+
+from vtexit.core.transformers_compat import Cache, blockwise_overlay, causal_mask, sliding_window_overlay
 
 SLIDING_TYPES = frozenset({"sliding_attention"})
 SUPPORTED_TYPES = frozenset({"full_attention", "sliding_attention"})
@@ -64,23 +59,16 @@ def rebuild_mask(
         raise ValueError(
             f"layer {layer_idx} has attention type {layer_type!r}; vtexit supports {sorted(SUPPORTED_TYPES)}"
         )
-    common = dict(
-        config=text_config,
-        inputs_embeds=hidden_states,
-        attention_mask=key_padding,
-        past_key_values=cache,
-        position_ids=None,
-        layer_idx=layer_idx,
-    )
+    base = (text_config, hidden_states, key_padding, cache)  # causal_mask passes no position ids
     sliding = layer_type in SLIDING_TYPES
     if block_ids is None:
-        make = create_sliding_window_causal_mask if sliding else create_causal_mask
-        return make(**common, allow_is_causal_skip=key_padding is None)
+        return causal_mask(*base, sliding=sliding, layer_idx=layer_idx, allow_is_causal_skip=key_padding is None)
     if not sliding:
-        return create_causal_mask(**common, block_sequence_ids=block_ids)
+        return causal_mask(*base, layer_idx=layer_idx, block_sequence_ids=block_ids)
     # As Gemma3 composes it: AND(sliding window, OR(causal, blockwise)).
-    return create_causal_mask(
-        **common,
+    return causal_mask(
+        *base,
+        layer_idx=layer_idx,
         or_mask_function=blockwise_overlay(block_ids),
         and_mask_function=sliding_window_overlay(text_config.sliding_window),
     )

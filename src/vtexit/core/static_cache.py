@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 from torch.nn import functional as F
-from transformers.cache_utils import Cache, StaticLayer
 
 from vtexit.core.call_state import PrefillRecord
 from vtexit.core.guards import forget_on_reset
+from vtexit.core.transformers_compat import Cache, StaticLayer
 
 PLAN_ATTRIBUTE = "_vtexit_static_plan"
 
@@ -62,11 +62,11 @@ def check_static_cache(cache: Cache) -> None:
     if not kinds or kinds != {StaticLayer}:
         names = sorted(kind.__name__ for kind in kinds) or ["none"]
         raise ValueError(
-            f"past_key_values is a {type(cache).__name__} with layers {names}; vtexit supports static caches made "
+            f"the cache is a {type(cache).__name__} with layers {names}; vtexit supports static caches made "
             "only of StaticLayer (no sliding-window or offloaded layers). Use the default DynamicCache for this model."
         )
     if getattr(cache, "offloading", False):
-        raise ValueError("past_key_values is an offloaded static cache; vtexit supports StaticCache without offloading")
+        raise ValueError("the cache is an offloaded static cache; vtexit supports StaticCache without offloading")
 
 
 def plan_of(cache) -> StaticPlan | None:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from vtexit.core.families import family_for
 from vtexit.core.flops import DecoderShape, FlopsCount, flops_per_row
+from vtexit.core.transformers_compat import output_cache
 from vtexit.evaluation.speed import time_call
 from vtexit.evaluation.timing import CallTimer
 from vtexit.methods.vtw import withdraw
@@ -105,7 +106,7 @@ def bench_withdrawal(
                 samples[config]["gen"].append(gen)
                 samples[config]["decode"].extend(steps.durations[1:])  # [0] is the prefill
                 if config not in kv:
-                    cache = model(**inputs, use_cache=True).past_key_values
+                    cache = output_cache(model(**inputs, use_cache=True))
                     kv[config] = kv_bytes_per_layer(cache)
         finally:
             if handle is not None:

@@ -15,7 +15,6 @@ Everything but the per-call index tensors is computed without a host read.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +24,7 @@ from torch.nn import functional as F
 from vtexit.core.compiled import eager_under_compile
 from vtexit.core.engine import ScheduleEngine
 from vtexit.core.layout import gather_sequence
+from vtexit.core.transformers_compat import cache_keyword, rotary_function, take_cache
 from vtexit.methods.yopo import sliced
 from vtexit.methods.yopo.rows import QueryRows, RowBlock, call_rows
 from vtexit.methods.yopo.window import Tiles, tiled_attention, tiles
@@ -67,7 +67,7 @@ def check_attention(module: nn.Module, what: str) -> None:
         raise ValueError(f"{what} needs Llama-style attention; {type(module).__name__} lacks {missing}")
     if getattr(module, "sliding_window", None) is not None or getattr(module, "attn_logit_softcapping", None):
         raise ValueError(f"{what} does not support {type(module).__name__} with a sliding window or logit softcapping")
-    if getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None) is None:
+    if rotary_function(module) is None:
         raise ValueError(f"{what}: {type(module).__name__}'s module has no apply_rotary_pos_emb")
 
 
@@ -94,31 +94,26 @@ class YOPOAttention:
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
         **kwargs,
     ):
+        # The cache arrives as ``cache`` (transformers >= 5.24) or ``past_key_values`` (earlier): both are taken, or
+        # the layer would silently skip its KV writes.
+        cache = take_cache(kwargs)
         mode = self.engine.call_mode()
         plan = self.plans[module.layer_idx].on(hidden_states.device)
         if mode == "prefill":
-            return self._prefill(module, plan, hidden_states, position_embeddings, past_key_values), None
+            return self._prefill(module, plan, hidden_states, position_embeddings, cache), None
         if mode == "decode" and plan.pruned:
-            return self._text_only(
-                module, plan, hidden_states, position_embeddings, attention_mask, past_key_values
-            ), None
+            return self._text_only(module, plan, hidden_states, position_embeddings, attention_mask, cache), None
+        kwargs[cache_keyword(module)] = cache
         return type(module).forward(
-            module,
-            hidden_states,
-            position_embeddings=position_embeddings,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            **kwargs,
+            module, hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs
         )
 
     # ------------------------------------------------------------------------------------------- pieces
     @staticmethod
     def _rotate(module: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        rotate = sys.modules[type(module).__module__].apply_rotary_pos_emb
-        return rotate(states, states, cos, sin)[0]
+        return rotary_function(module)(states, states, cos, sin)[0]
 
     @staticmethod
     def _heads(module: nn.Module, projected: torch.Tensor, norm_name: str | None = None) -> torch.Tensor:

@@ -1,0 +1,185 @@
+"""Every use of transformers beyond its public model API, in one place, with the releases each item was read from.
+
+vtexit works inside transformers' models (hooks on decoder layers, rebuilt masks, caches, generate's inputs), so a
+minor release can move what it relies on. Each item below says which releases behave how; the next release that
+breaks something is fixed here. Tested range: ``TESTED_FLOOR`` up to, not including, ``TESTED_NEXT`` (the suite
+passes on each tested release; ``make canary`` tries the newest one).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import transformers
+from packaging.version import Version
+from torch import nn
+from transformers.cache_utils import Cache, StaticLayer
+from transformers.generation.utils import MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL
+from transformers.masking_utils import (
+    blockwise_overlay,
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+    sliding_window_overlay,
+)
+
+__all__ = [
+    "Cache",
+    "StaticLayer",
+    "MEDIA_INPUT_NAMES",
+    "TESTED_FLOOR",
+    "TESTED_NEXT",
+    "blockwise_overlay",
+    "cache_keyword",
+    "cache_kwargs",
+    "causal_mask",
+    "check_tested_version",
+    "find_cache",
+    "output_cache",
+    "rotary_function",
+    "sliding_window_overlay",
+    "take_cache",
+    "with_cache",
+]
+
+# ------------------------------------------------------------------------------------------------ versions
+# The releases the suite runs on (.ci/run: the constraints file's release and the floor). pyproject.toml declares
+# the same range.
+TESTED_FLOOR = "5.17.0"
+TESTED_NEXT = "5.26"
+
+
+def check_tested_version(version: str | None = None) -> bool:
+    """Warn once per call site when the installed transformers is outside the tested range (users who install with
+    ``--no-deps`` should know). Returns whether it is inside."""
+    version = transformers.__version__ if version is None else version
+    inside = Version(TESTED_FLOOR) <= Version(version) < Version(TESTED_NEXT)
+    if not inside:
+        warnings.warn(
+            f"vtexit is tested with transformers >={TESTED_FLOOR},<{TESTED_NEXT}; found {version}. Patched models "
+            "may fail or refuse calls; install a tested release (pip install 'transformers>="
+            f"{TESTED_FLOOR},<{TESTED_NEXT}').",
+            UserWarning,
+            stacklevel=3,
+        )
+    return inside
+
+
+# ------------------------------------------------------------------------------------------------ the KV cache
+# <= 5.23: every forward (top model, core model, text model, decoder layer, attention) takes ``past_key_values``.
+# >= 5.24: they take ``cache``; the old name is still accepted by a ``deprecate_kwarg`` decorator on ``forward``
+#   (FutureWarning until 5.40), which renames inside the call: forward *pre-hooks run before it* and see whatever
+#   name the caller used (transformers' own layers pass ``cache``).
+# 5.25: the decorators add ``expose_in_signature=True``, so ``inspect.signature`` lists both names: test for
+#   ``cache`` being present, never for ``past_key_values`` being absent.
+# Model outputs: ``.past_key_values`` up to 5.23; ``.cache`` from 5.24 (``.past_key_values`` is a property that
+#   logs a deprecation).
+CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def find_cache(kwargs: Mapping[str, Any]) -> Any:
+    """The cache a forward was called with, under either name, else any ``Cache`` among the keyword arguments (a
+    future rename still finds it). None when the call has none."""
+    for name in CACHE_KEYWORDS:
+        value = kwargs.get(name)
+        if value is not None:
+            return value
+    for value in kwargs.values():
+        if isinstance(value, Cache):
+            return value
+    return None
+
+
+def take_cache(kwargs: dict) -> Any:
+    """Remove the cache from ``kwargs`` (every name it may be under) and return it (None if absent)."""
+    cache = find_cache(kwargs)
+    for name in CACHE_KEYWORDS:
+        kwargs.pop(name, None)
+    for name in [n for n, v in kwargs.items() if v is not None and v is cache]:
+        kwargs.pop(name)
+    return cache
+
+
+@functools.cache  # a pure function of the forward's signature
+def _cache_keyword_of(function: Callable) -> str:
+    parameters = inspect.signature(function).parameters
+    for name in CACHE_KEYWORDS:
+        if name in parameters:
+            return name
+    raise ValueError(
+        f"{getattr(function, '__qualname__', function)} takes none of {list(CACHE_KEYWORDS)}; vtexit does not know "
+        "how this transformers release passes the KV cache"
+    )
+
+
+def cache_keyword(function_or_module: Callable | nn.Module) -> str:
+    """The keyword under which ``function_or_module``'s ``forward`` accepts the cache in this release."""
+    function = function_or_module
+    if isinstance(function_or_module, nn.Module):
+        function = type(function_or_module).forward
+    return _cache_keyword_of(function)
+
+
+def with_cache(kwargs: dict, target: Callable | nn.Module, cache: Any) -> dict:
+    """``kwargs`` (a copy) with the cache under the one name ``target``'s forward accepts, and no other name."""
+    kwargs = dict(kwargs)
+    take_cache(kwargs)
+    kwargs[cache_keyword(target)] = cache
+    return kwargs
+
+
+def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for calling ``model(...)`` or ``model.generate(...)`` with a cache in this release, with no
+    deprecation warning (``model(**inputs, **cache_kwargs(model, cache))``)."""
+    return {cache_keyword(model): cache}
+
+
+def output_cache(output: Any) -> Any:
+    """The cache a model output returned (``.cache`` from 5.24, ``.past_key_values`` before), without the
+    deprecation log."""
+    if "cache" in getattr(type(output), "__dataclass_fields__", {}):
+        return output.cache
+    return output.past_key_values
+
+
+# ------------------------------------------------------------------------------------------------ masks
+# ``create_causal_mask`` / ``create_sliding_window_causal_mask``: positional order (config, inputs_embeds,
+#   attention_mask, cache, position_ids) from 5.10 on (5.0 had cache_position before the cache); the cache parameter
+#   is ``past_key_values`` up to 5.23 and ``cache`` from 5.24 (the old name warns until 5.40), so it is passed
+#   positionally. ``layer_idx`` and ``allow_is_causal_skip`` exist from 5.17 (not in 5.10); ``block_sequence_ids``
+#   (bidirectional media blocks) and ``blockwise_overlay`` from 5.10.
+# Mask sizes come from the cache layer's ``get_mask_sizes`` (unchanged 5.17-5.25).
+def causal_mask(
+    config,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: Cache | None,
+    *,
+    sliding: bool = False,
+    **options,
+):
+    """transformers' causal (or sliding-window causal) mask builder, with the cache passed positionally."""
+    make = create_sliding_window_causal_mask if sliding else create_causal_mask
+    return make(config, inputs_embeds, attention_mask, cache, None, **options)
+
+
+# ------------------------------------------------------------------------------------------------ generate
+# Inputs generate drops after the prefill (pixel values and friends): ``MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL``
+#   exists from 5.17 (absent in 5.10); 5.25 adds ``padding_mask`` (audio models) to it, which is not a media input
+#   of any family vtexit supports, so it is left out.
+# Static caches: generate prepares a 4D mask (or a mapping per layer type) for them and passes it instead of the
+#   2D padding mask (5.17-5.25); ``StaticCache.get_max_length()`` and ``is_compileable`` (5.17-5.25); static layers
+#   are ``StaticLayer`` instances with ``keys`` / ``values`` buffers.
+MEDIA_INPUT_NAMES: tuple[str, ...] = tuple(n for n in MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL if n != "padding_mask")
+
+
+# ------------------------------------------------------------------------------------------------ rotary
+# Llama-style attention modules use their modeling module's ``apply_rotary_pos_emb(q, k, cos, sin)`` (5.0-5.25).
+def rotary_function(attention: nn.Module) -> Callable | None:
+    """The module-level ``apply_rotary_pos_emb`` of ``attention``'s modeling file (None if it has none)."""
+    return getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
