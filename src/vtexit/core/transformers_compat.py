@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import transformers
 from packaging.version import Version
 from torch import nn
 from transformers.cache_utils import Cache, StaticLayer
@@ -57,7 +56,7 @@ TESTED_NEXT = "5.26"
 def check_tested_version(version: str | None = None) -> bool:
     """Warn once per call site when the installed transformers is outside the tested range (users who install with
     ``--no-deps`` should know). Returns whether it is inside."""
-    version = transformers.__version__ if version is None else version
+    version = sys.modules["transformers"].__version__ if version is None else version  # the module in use now
     inside = Version(TESTED_FLOOR) <= Version(version) < Version(TESTED_NEXT)
     if not inside:
         warnings.warn(
@@ -175,6 +174,9 @@ def causal_mask(
 # Static caches: generate prepares a 4D mask (or a mapping per layer type) for them and passes it instead of the
 #   2D padding mask (5.17-5.25); ``StaticCache.get_max_length()`` and ``is_compileable`` (5.17-5.25); static layers
 #   are ``StaticLayer`` instances with ``keys`` / ``values`` buffers.
+# Chunked prefill (``generate(prefill_chunk_size=...)``): 5.17 passes no media inputs to any chunk (the model never
+#   sees the image); 5.23-5.25 pass them (or their encoded features, ``mm_encoder_outputs``) with the first chunk.
+#   vtexit refuses media on a non-empty cache and a chunk that ends inside an image either way.
 MEDIA_INPUT_NAMES: tuple[str, ...] = tuple(n for n in MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL if n != "padding_mask")
 
 
