@@ -7,18 +7,16 @@ STAMP := $(VENV)/.vtexit-installed
 CONSTRAINTS ?= constraints.txt
 PIP := $(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-# The oldest transformers release vtexit is tested on (pyproject.toml and vtexit/core/transformers_compat.py agree),
-# with the huggingface_hub it needs (transformers 5.17 requires huggingface-hub<2) and that hub's HTTP client.
+# The oldest transformers release vtexit is tested on (pyproject.toml and vtexit/core/transformers_compat.py agree).
 TRANSFORMERS_FLOOR := 5.17.0
-FLOOR_DIR := .venv-floor
-FLOOR_PACKAGES := transformers==$(TRANSFORMERS_FLOOR) huggingface-hub==1.33.0 httpx==0.29.0 httpcore==1.0.9 \
-	anyio==4.16.0 h11==0.16.0
 # The engine's exactness tests: run on the floor in CI and on the newest release by `make canary`.
-ENGINE_TESTS := tests/test_policy_shapes.py tests/test_withdraw_families.py tests/test_yopo.py \
-	tests/test_static_cache.py tests/test_contract.py
+ENGINE_TESTS := tests/test_transformers_compat.py tests/test_policy_shapes.py tests/test_withdraw_families.py \
+	tests/test_yopo.py tests/test_static_cache.py tests/test_contract.py
+# make test-release TRANSFORMERS=5.23.0 [TESTS="tests"]: any release, beside the venv.
+TESTS ?= $(ENGINE_TESTS)
 CANARY_VENV := .venv-canary
 
-.PHONY: setup test test-floor canary constraints demo bench lint gpu-check
+.PHONY: setup test test-floor test-release canary constraints demo bench lint gpu-check
 
 setup: $(STAMP)
 
@@ -41,10 +39,10 @@ test: lint
 
 # The engine tests on the floor release, installed beside the venv (ahead of it on PYTHONPATH).
 test-floor: setup
-	rm -rf $(FLOOR_DIR)
-	$(PY) -m pip install -q --no-deps --target $(FLOOR_DIR) $(FLOOR_PACKAGES)
-	PYTHONPATH=$(FLOOR_DIR) $(PY) -c "import transformers; print('engine tests on transformers', transformers.__version__)"
-	PYTHONPATH=$(FLOOR_DIR) $(VENV)/bin/pytest -q $(ENGINE_TESTS)
+	$(PY) scripts/with_transformers.py $(TRANSFORMERS_FLOOR) .venv-floor -- $(VENV)/bin/pytest -q $(ENGINE_TESTS)
+
+test-release: setup
+	$(PY) scripts/with_transformers.py $(TRANSFORMERS) .venv-$(TRANSFORMERS) -- $(VENV)/bin/pytest -q $(TESTS)
 
 # Not part of CI: the newest transformers on the package index, in a scratch venv, with the engine tests. Run it when
 # transformers releases (README, "Development").
