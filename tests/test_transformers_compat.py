@@ -14,11 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import family_batch
 from packaging.specifiers import SpecifierSet
 from transformers import DynamicCache
 
 import vtexit
 from vtexit.core import transformers_compat as compat
+from vtexit.core.families import family_for
+from vtexit.testing.tiny_models import FAMILIES, build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,20 +134,53 @@ def test_a_compacted_cache_the_core_did_not_see_is_a_loud_error(llava4):
             hook.remove()
 
 
+@pytest.mark.parametrize("family", ["llava", "gemma3"])  # Gemma3's layers get no use_cache: the core's is read
 @torch.no_grad()
-def test_a_layer_that_gets_no_cache_with_use_cache_on_is_a_loud_error(llava4):
-    model = llava4.model
-    inputs = llava4.inputs([1], text_len=[4])
+def test_a_layer_that_gets_no_cache_with_use_cache_on_is_a_loud_error(family):
+    torch.manual_seed(0)
+    case = build_tiny(family)
+    model = case.model
+    layer_k = vtexit.valid_layer_range(model)[0]
 
     def drop_cache(module, args, kwargs):
         compat.take_cache(kwargs)
         return args, kwargs
 
-    layer = model.model.language_model.layers[2]
+    layer = family_for(model).resolve(model).layers[layer_k]
     hook = layer.register_forward_pre_hook(drop_cache, with_kwargs=True)  # runs before vtexit's layer hook
     try:
-        with vtexit.withdraw(model, layer=2):
+        with vtexit.withdraw(model, layer=layer_k):
             with pytest.raises(RuntimeError, match="found no cache"):
-                model(**inputs, use_cache=True)
+                model(**family_batch(case), use_cache=True)
     finally:
         hook.remove()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_decoder_layers_get_the_kwargs_the_engine_rewrites(family):
+    """The per-layer contract the engine relies on (transformers_compat.LAYER_KWARGS), as this release's text model
+    really calls its layers: the canary's clearest message when a release changes it."""
+    torch.manual_seed(0)
+    case = build_tiny(family)
+    inputs = family_batch(case)
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen.update(kwargs, hidden=args[0] if args else kwargs["hidden_states"])
+
+    layer = family_for(case.model).resolve(case.model).layers[1]
+    hook = layer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        case.model(**inputs, use_cache=True)
+    finally:
+        hook.remove()
+    batch, length = inputs["input_ids"].shape
+    assert seen["hidden"].shape[:2] == (batch, length)
+    assert set(compat.LAYER_KWARGS) <= set(seen)
+    assert seen.get("use_cache", True) is True and isinstance(compat.find_cache(seen), compat.Cache)
+    cos, sin = seen["position_embeddings"]
+    assert cos.shape[-2] == sin.shape[-2] == length
+    assert seen["position_ids"] is None or seen["position_ids"].shape[-1] == length
+    mask = seen["attention_mask"]
+    assert mask is None or (isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[-1] == length)

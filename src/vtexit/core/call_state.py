@@ -63,6 +63,7 @@ class CallState:
     # In-layer methods: layer -> (head fraction, FFN fraction, visual keys), each None where not recorded.
     fractions: dict[int, tuple] = field(default_factory=dict)
     grid_inputs: dict = field(default_factory=dict)  # the core kwargs the family's visual grid is computed from
+    use_cache: bool | None = None  # as the core was called (None: not said)
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
     policy_state: dict = field(default_factory=dict)
     memo: dict = field(default_factory=dict)

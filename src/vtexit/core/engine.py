@@ -381,6 +381,7 @@ class ScheduleEngine:
             full_valid=layout.valid,
             stage_of_layer=[-1] * self.num_layers,
             grid_inputs={"input_ids": input_ids, **{name: kwargs.get(name) for name in self.family.grid_inputs}},
+            use_cache=kwargs.get("use_cache"),
         )
 
     def _enter_continuation(self, cache: Cache, kwargs: dict, input_ids, padding, past_length: int) -> None:
@@ -510,7 +511,9 @@ class ScheduleEngine:
         hidden, rest, in_kwargs = _split_hidden(args, kwargs)
         if layer_idx == self._first_hooked_layer():
             cache = find_cache(kwargs)
-            if cache is None and kwargs.get("use_cache"):
+            # Some families pass use_cache to their layers, others only to the core (Qwen3-VL, Gemma3).
+            wants_cache = kwargs.get("use_cache", call.use_cache)
+            if cache is None and wants_cache and not self.parts.layers[layer_idx].training:
                 raise _lost_cache_error(layer_idx)
             call.cache = cache if isinstance(cache, Cache) else None
             self._follow_model(hidden)
@@ -790,8 +793,8 @@ def _ends_in_media(media: torch.Tensor, layout: Layout) -> torch.Tensor:
 
 def _lost_cache_error(layer_idx: int) -> RuntimeError:
     return RuntimeError(
-        f"decoder layer {layer_idx} runs with use_cache=True but vtexit found no cache among its arguments: this "
-        "transformers release passes the KV cache in a way vtexit does not know (see "
+        f"vtexit found no cache among decoder layer {layer_idx}'s arguments although the call asked for one "
+        "(use_cache=True): this transformers release passes the KV cache in a way vtexit does not know (see "
         "vtexit.core.transformers_compat), and the cache would be lost to the patch"
     )
 

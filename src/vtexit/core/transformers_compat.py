@@ -39,6 +39,7 @@ __all__ = [
     "causal_mask",
     "check_tested_version",
     "find_cache",
+    "kv_bytes_per_layer",
     "output_cache",
     "rotary_function",
     "sliding_window_overlay",
@@ -144,6 +145,28 @@ def output_cache(output: Any) -> Any:
     if "cache" in getattr(type(output), "__dataclass_fields__", {}):
         return output.cache
     return output.past_key_values
+
+
+# Cache fields vtexit reads (5.17-5.25): ``cache.layers`` (one layer object per decoder layer), each with ``keys`` /
+#   ``values`` tensors once filled; ``get_seq_length()`` (an int on dynamic caches, a 0-dim tensor on static ones),
+#   ``get_max_length()``, ``is_compileable`` (static), ``offloading``; static layers count their own length
+#   (``cumulative_length``), so a compacted layer writes its kept slots from the front.
+def kv_bytes_per_layer(cache: Cache) -> tuple[int, ...]:
+    """Bytes held by the keys and values of each layer of a cache."""
+    return tuple(
+        sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
+        for layer in cache.layers
+    )
+
+
+# ------------------------------------------------------------------------------------------------ per-layer kwargs
+# What the text model computes once before its layer loop and passes to every decoder layer, which the engine's
+# layer hooks read and rewrite (5.17-5.25, every supported family): ``hidden_states`` (positional), ``attention_mask``
+# (a 4D tensor, or None when SDPA may run causal), ``position_embeddings`` ((cos, sin), sequence dim -2),
+# ``position_ids`` (sequence dim -1; (3, batch, length) for M-RoPE families) and the cache (see above); ``use_cache``
+# in most families (not Qwen3-VL or Gemma3, whose core alone gets it). tests/test_transformers_compat.py checks these
+# on every family with the installed release.
+LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids")
 
 
 # ------------------------------------------------------------------------------------------------ masks

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from vtexit.core.families import family_for
 from vtexit.core.flops import DecoderShape, FlopsCount, flops_per_row
-from vtexit.core.transformers_compat import output_cache
+from vtexit.core.transformers_compat import kv_bytes_per_layer, output_cache
 from vtexit.evaluation.speed import time_call
 from vtexit.evaluation.timing import CallTimer
 from vtexit.methods.vtw import withdraw
@@ -46,14 +46,6 @@ class BenchRow:
     @property
     def label(self) -> str:
         return "baseline" if self.layer is None else f"VTW K={self.layer}"
-
-
-def kv_bytes_per_layer(cache) -> tuple[int, ...]:
-    """Bytes held by the keys and values of each layer of a transformers Cache."""
-    return tuple(
-        sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
-        for layer in cache.layers
-    )
 
 
 def _timed(fn, device: torch.device) -> float:
