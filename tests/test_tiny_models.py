@@ -7,8 +7,11 @@ without any processor, and that has to equal what the real model's vision path p
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
+from packaging.version import Version
 
 from vtexit.testing.tiny_models import FAMILIES, TinyCase, build_llava_shaped, build_tiny
 
@@ -127,8 +130,11 @@ def test_video_tokens_match_video_features(case: TinyCase) -> None:
         # `pixel_values_videos` by 5.20.
         rest = {k: inputs[k] for k in VIDEO_KEYS[1:] if k in inputs}
         out = case.model.get_video_features(inputs[VIDEO_KEYS[0]], **rest)
-    assert _vectors(out.pooler_output, width) == int(case.media_mask(inputs, "video").sum())
-    with torch.no_grad():
+    video_tokens = int(case.media_mask(inputs, "video").sum())
+    if case.name == "llava_onevision" and Version(sys.modules["transformers"].__version__) < Version("5.18"):
+        video_tokens -= len(inputs[VIDEO_KEYS[0]])  # 5.17 appends each video's newline vector in forward instead
+    assert _vectors(out.pooler_output, width) == video_tokens
+    with torch.no_grad():  # the forward itself refuses a count of video tokens that its features do not fill
         logits = case.model(**inputs).logits
     assert torch.isfinite(logits).all()
 
