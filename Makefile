@@ -52,7 +52,8 @@ canary:
 # Record what pip resolves today from pyproject's ranges: `make constraints VENV=.venv-fresh CONSTRAINTS=` builds a
 # venv without constraints and writes its versions; run `make test VENV=.venv-fresh CONSTRAINTS=` before committing.
 constraints: setup
-	$(PY) -m pip freeze --exclude-editable | grep -v -E '^(pip|vtexit)==' > constraints.txt
+	( sed -n '/^#/p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v -E '^(pip|vtexit)==' \
+		| sed 's/+cpu$$//' ) > constraints.new && mv constraints.new constraints.txt
 
 demo: setup
 	$(VENV)/bin/vtexit demo
