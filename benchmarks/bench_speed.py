@@ -33,7 +33,7 @@ SHAPES = {
 
 def _static_table(rows, title: str) -> Table:
     table = Table(title=title)
-    for name in ("config", "decode ms/token", "vs no vtexit", "peak GiB"):
+    for name in ("config", "decode ms/token", "vs no vtexit", "peak GiB", "KV MiB held"):
         table.add_column(name, justify="right")
     base = next(row for row in rows if row.layer is None)
     for row in rows:
@@ -42,6 +42,7 @@ def _static_table(rows, title: str) -> Table:
             f"{1e3 * row.decode_token_s:.2f}",
             f"{row.decode_token_s / base.decode_token_s:.3f}x",
             "-" if row.peak_bytes is None else f"{row.peak_bytes / 2**30:.2f}",
+            "-" if row.kv_bytes is None else f"{row.kv_bytes / 2**20:.1f}",
         )
     return table
 

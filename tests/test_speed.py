@@ -34,6 +34,16 @@ def test_measure_static_decode_uses_transformers_compiled_decode(llava4):
     rows = measure_static_decode(llava4.model, inputs, [2], repeats=1, new_tokens=3)
     assert [r.layer for r in rows] == [None, 2]
     assert all(r.decode_token_s > 0 and r.peak_bytes is None for r in rows)
+    # KV bytes held, by hand: every layer of the unpatched cache holds M slots; under VTW K=2 layers 2.. hold M less
+    # the withdrawn slots (the prompt less its longest row's text).
+    config = llava4.model.config.get_text_config()
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_slot = inputs["input_ids"].shape[0] * 2 * config.num_key_value_heads * head_dim * 4  # k and v, fp32
+    n = config.num_hidden_layers
+    slots, rest = divmod(rows[0].kv_bytes, n * per_slot)
+    assert rest == 0 and slots > inputs["input_ids"].shape[1]
+    withdrawn = inputs["input_ids"].shape[1] - int((~llava4.media_mask(inputs)).sum(1).max())
+    assert rows[1].kv_bytes == (n * slots - (n - 2) * withdrawn) * per_slot
     assert hasattr(llava4.model, "_compiled_call")  # generate compiled its decode step
     assert getattr(llava4.model, "_vtexit_engine", None) is None  # the caller's model was never patched
 

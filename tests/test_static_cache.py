@@ -149,13 +149,14 @@ def test_a_compacted_static_cache_outlives_its_patch_only_after_reset(llava):
 
 
 @torch.no_grad()
-def test_static_decode_masks_hide_the_withdrawn_slots(llava):
-    """By hand: after a prefill withdrawn at layer 2, layers 2.. hold only the text slots at the front of their
-    static buffers; layer 0 holds the whole prompt."""
+def test_static_buffers_of_withdrawn_layers_hold_only_kept_slots(llava):
+    """By hand: after a prefill withdrawn at layer 2, layers 2.. hold only the text slots (the longest row's) at the
+    front of static buffers sized for them plus the new tokens; layers 0-1 hold the whole prompt in full-length
+    buffers. ``reset()`` gives every layer its full length back."""
     model = llava.model
     inputs = llava.inputs([1, 2], text_len=[4, 6])
-    length = inputs["input_ids"].shape[1]
-    cache = StaticCache(config=model.config, max_cache_len=length + 3)
+    length, new = inputs["input_ids"].shape[1], 3
+    cache = StaticCache(config=model.config, max_cache_len=length + new)
     media = llava.media_mask(inputs)
     text_slots = int((inputs["attention_mask"].bool() & ~media).sum(1).max())
     with vtexit.withdraw(model, layer=2):
@@ -163,17 +164,62 @@ def test_static_decode_masks_hide_the_withdrawn_slots(llava):
         lengths = [int(layer.cumulative_length) for layer in cache.layers]
     assert lengths[:2] == [length, length]
     assert lengths[2:] == [text_slots] * (len(lengths) - 2)
-    for layer in cache.layers[2:]:
-        assert not layer.keys[:, :, text_slots:].any()  # nothing was written past the kept slots
+    slots = [layer.keys.shape[2] for layer in cache.layers]
+    assert slots == [length + new] * 2 + [text_slots + new] * (len(slots) - 2)
+    assert [layer.values.shape[2] for layer in cache.layers] == slots
+    cache.reset()
+    assert all(layer.max_cache_len == length + new for layer in cache.layers)
+    assert all(layer.keys is None or layer.keys.shape[2] == length + new for layer in cache.layers)
+
+
+@torch.no_grad()
+def test_a_reset_static_cache_is_reused_with_the_same_buffers(llava):
+    """A static cache reset and passed again: the next patched prefill takes the withdrawn layers' small buffers back
+    (the same tensors, as CUDA graphs need), and an unpatched run in between gets full-length layers."""
+    model = llava.model
+    inputs = llava.inputs([1, 2], text_len=[4, 6])
+    cache = StaticCache(config=model.config, max_cache_len=inputs["input_ids"].shape[1] + NEW_TOKENS)
+    unpatched = _generate(model, inputs)
+    with vtexit.withdraw(model, layer=2):
+        first = _generate(model, inputs, **cache_kwargs(model, cache))
+        pointers = [layer.keys.data_ptr() for layer in cache.layers]
+        cache.reset()
+        again = _generate(model, inputs, **cache_kwargs(model, cache))
+        assert [layer.keys.data_ptr() for layer in cache.layers] == pointers
+    cache.reset()
+    assert torch.equal(_generate(model, inputs, **cache_kwargs(model, cache)), unpatched)
+    assert all(layer.keys.shape[2] == cache.get_max_length() for layer in cache.layers)
+    cache.reset()
+    with vtexit.withdraw(model, layer=2):
+        assert torch.equal(_generate(model, inputs, **cache_kwargs(model, cache)), first)
+    assert torch.equal(again, first)
+
+
+@torch.no_grad()
+def test_static_decode_masks_hide_the_withdrawn_slots(llava):
+    """A prefill and decode steps on a static cache of withdrawn layers give the dynamic cache's logits."""
+    model = llava.model
+    inputs = llava.inputs([1, 2], text_len=[4, 6])
+    with vtexit.withdraw(model, layer=2):
+        kept = dict(output_logits=True, return_dict_in_generate=True)
+        static = _generate(model, inputs, cache_implementation="static", **kept)
+        dynamic = _generate(model, inputs, **kept)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for a, b in zip(static.logits, dynamic.logits, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 @torch.no_grad()
 def test_static_decode_cost_records(llava):
-    """Eager static decode steps record all max_cache_len keys in every layer (a static decode computes them,
-    masked); compiled steps run no Python and record nothing; the prefill record is the same either way."""
+    """Eager static decode steps record all slots of each layer's buffers as keys (a static decode computes them,
+    masked): max_cache_len in layers 0-1, the kept text slots plus the new tokens after the withdrawal; compiled
+    steps run no Python and record nothing; the prefill record is the same either way."""
     model = llava.model
     inputs = llava.inputs([1, 2], text_len=[4, 6])
     cache_len = inputs["input_ids"].shape[1] + NEW_TOKENS
+    text_slots = int((inputs["attention_mask"].bool() & ~llava.media_mask(inputs)).sum(1).max())
+    n = model.config.get_text_config().num_hidden_layers
+    expected_keys = [cache_len] * 2 + [text_slots + NEW_TOKENS] * (n - 2)
     with vtexit.withdraw(model, layer=2) as handle:
         _generate(model, inputs, **cache_kwargs(model, StaticCache(config=model.config, max_cache_len=cache_len)))
         eager = handle.last_cost
@@ -182,7 +228,7 @@ def test_static_decode_cost_records(llava):
         compiled = handle.last_cost
     assert len(eager.decode) == NEW_TOKENS - 1
     for step in eager.decode:
-        assert all(int(k) == cache_len for layer in step.layers for k in layer.keys)
+        assert [sorted(set(layer.keys.tolist())) for layer in step.layers] == [[k] for k in expected_keys]
     assert compiled.decode == []
     for a, b in zip(eager.prefill.layers, compiled.prefill.layers, strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.visual_queries, b.visual_queries)

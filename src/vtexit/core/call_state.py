@@ -126,15 +126,14 @@ class DecodeCostInputs:
     past_length: int
     query_length: int
     fractions: dict
-    static_keys: int | None = None  # a static cache: every layer computes all its slots (masked)
+    static_keys: tuple[int, ...] | None = None  # a static cache: each layer computes all its slots (masked)
 
     def layers(self) -> list[LayerCost]:
         """Per layer: the new (text) tokens, and the keys each layer attended to."""
         queries = torch.full_like(self.record.full_tokens, self.query_length)
         no_visual = torch.zeros_like(queries)
         if self.static_keys is not None:
-            keys = torch.full_like(queries, self.static_keys)
-            layers = [LayerCost(no_visual, queries, keys) for _ in self.record.stage_of_layer]
+            layers = [LayerCost(no_visual, queries, torch.full_like(queries, n)) for n in self.static_keys]
             return with_fractions(layers, self.fractions)
         if self.padding is not None:
             full_keys = self.padding.sum(1).to(queries.device)

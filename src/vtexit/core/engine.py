@@ -54,6 +54,7 @@ from vtexit.core.static_cache import (
     is_static,
     padding_from_prepared,
     plan_of,
+    size_compacted_layer,
 )
 from vtexit.core.transformers_compat import Cache, check_tested_version, find_cache, with_cache
 
@@ -437,7 +438,7 @@ class ScheduleEngine:
                 call.past_length,
                 call.query_length,
                 call.fractions,
-                static_keys=None if call.static is None else call.static.max_cache_len,
+                static_keys=None if call.static is None else call.static.layer_lengths,
             )
             call.record.cost.decode.append(CallCost("decode", build=decode.layers))
             return
@@ -533,6 +534,8 @@ class ScheduleEngine:
         call.stage_of_layer[layer_idx] = call.stage
         if call.stage < 0:
             return None if keep is None else _join_hidden(hidden, rest, kwargs, in_kwargs)
+        if is_static(call.cache):  # before the layer's first write: its buffers hold what it keeps
+            size_compacted_layer(call.cache, layer_idx, call.layout.index.shape[1], call.media.shape[1])
         kwargs = self._compacted_kwargs(layer_idx, call, hidden, kwargs)
         return _join_hidden(hidden, rest, kwargs, in_kwargs)
 

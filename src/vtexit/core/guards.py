@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 
 import torch
@@ -53,16 +53,24 @@ def poison(cache: Cache) -> None:
     forget_on_reset(cache, "get_seq_length", "update")  # an emptied cache is valid for any model again
 
 
-def forget_on_reset(cache: Cache, *names: str) -> None:
-    """Make ``cache.reset()`` also remove the instance attributes ``names`` that vtexit set on the cache (generate
-    may reuse a reset static cache)."""
-    cache.reset = partial(_reset_forgetting, weakref.ref(cache), names)
+def forget_on_reset(cache: Cache, *names: str, restore: Callable[[Cache], None] | None = None) -> None:
+    """Make ``cache.reset()`` also remove the instance attributes ``names`` that vtexit set on the cache, and call
+    ``restore(cache)`` before the cache's own reset (generate may reuse a reset static cache). Calls accumulate until
+    the next reset."""
+    current = cache.__dict__.get("reset")
+    old_names, old_restores = (), ()
+    if isinstance(current, partial) and current.func is _reset_forgetting:
+        old_names, old_restores = current.args[1], current.args[2]
+    restores = old_restores if restore is None or restore in old_restores else (*old_restores, restore)
+    cache.reset = partial(_reset_forgetting, weakref.ref(cache), tuple(dict.fromkeys((*old_names, *names))), restores)
 
 
-def _reset_forgetting(cache_ref, names: tuple[str, ...]) -> None:
+def _reset_forgetting(cache_ref, names: tuple[str, ...], restores: tuple) -> None:
     cache = cache_ref()
     for name in (*names, "reset"):
         cache.__dict__.pop(name, None)
+    for restore in restores:  # after the wrapper is gone, so that a restore may set it again
+        restore(cache)
     type(cache).reset(cache)
 
 

@@ -1,10 +1,12 @@
 """Withdrawal on transformers' ``StaticCache``, eager or under its compiled decode.
 
-Design: every layer keeps its full-length static buffers (``max_cache_len`` slots, as without vtexit). A layer that
-ran a prefill on a compacted layout writes its kept slots at the front (transformers' static layers count their own
-length), so its buffer holds ``L'`` prompt slots, then every decoded token, then unused slots. Memory is that of
-the unpatched static cache: the withdrawn slots are never written, and decode attends over the buffer with a mask,
-as the unpatched static decode does. The saving is in the prefill.
+Design: each layer's static buffers hold what that layer keeps. Layers that keep the whole prompt keep their
+``max_cache_len`` slots; a layer that runs the prefill on a compacted layout of ``L'`` slots (of ``L``) is sized,
+before its first write, to ``max_cache_len - (L - L')``: its kept prompt slots, then room for every decoded token.
+transformers allocates static buffers at a layer's first write and lets layers of one cache differ in length, so
+withdrawn slots are never allocated, decode reads and attends over fewer keys, and memory falls as on the dynamic
+cache. ``cache.reset()`` gives every layer its full length back (and frees the small buffers), so a reset cache is
+valid for any model again.
 
 A decode step gets one prepared mask for the full layers (generate builds it from layer 0's cache). The mask of a
 compacted layer is derived from it with fixed tensors made once after the prefill (a :class:`StaticPlan` kept on
@@ -22,18 +24,20 @@ from torch.nn import functional as F
 
 from vtexit.core.call_state import PrefillRecord
 from vtexit.core.guards import forget_on_reset
-from vtexit.core.transformers_compat import Cache, StaticLayer
+from vtexit.core.transformers_compat import Cache, StaticLayer, size_static_layer
 
 PLAN_ATTRIBUTE = "_vtexit_static_plan"
+FULL_LENGTHS_ATTRIBUTE = "_vtexit_full_lengths"  # each layer's max_cache_len before vtexit sized it
+SET_ASIDE_ATTRIBUTE = "_vtexit_set_aside"  # layer -> (keys, values): small buffers a reset took off the layer
 
 
 @dataclass
 class StaticStage:
     """How a compacted layer's decode mask is read from the full layers' mask (all on the cache's device)."""
 
-    source: torch.Tensor  # (max_cache_len,) long: the full mask's column each slot reads
-    from_full: torch.Tensor  # (max_cache_len,) bool: slots that read the full mask (decoded tokens)
-    prompt_keys: torch.Tensor  # (batch, 1, 1, max_cache_len) bool: kept prompt slots (False elsewhere)
+    source: torch.Tensor  # (slots,) long: the full mask's column each slot of the stage's buffers reads
+    from_full: torch.Tensor  # (slots,) bool: slots that read the full mask (decoded tokens)
+    prompt_keys: torch.Tensor  # (batch, 1, 1, slots) bool: kept prompt slots (False elsewhere)
     position_shift: torch.Tensor | None  # (batch, 1) positions removed by renumbering
 
 
@@ -46,6 +50,11 @@ class StaticPlan:
     stages: list[StaticStage]
     record: PrefillRecord | None  # None: a call the patch left alone (no media)
     max_cache_len: int
+
+    @property
+    def layer_lengths(self) -> tuple[int, ...]:
+        """Slots of each layer's static buffers (what a decode step attends over, masked)."""
+        return tuple(self.max_cache_len if s < 0 else len(self.stages[s].source) for s in self.stage_of_layer)
 
     def layer_mask(self, layer_idx: int, mask: torch.Tensor) -> torch.Tensor:
         return stage_mask(self.stages[self.stage_of_layer[layer_idx]], mask)
@@ -81,7 +90,38 @@ def attach_plan(cache: Cache, plan: StaticPlan) -> None:
 
 def drop_plan(cache: Cache) -> None:
     cache.__dict__.pop(PLAN_ATTRIBUTE, None)
-    cache.__dict__.pop("reset", None)
+
+
+def size_compacted_layer(cache: Cache, layer_idx: int, kept_slots: int, prompt_length: int) -> None:
+    """Before a compacted layer's first write in a prefill: its buffers hold its ``kept_slots`` prompt slots and
+    room for every token after the prompt. Buffers of that size that a reset set aside are taken back, so generate's
+    reuse of a reset cache keeps the same tensors (no new CUDA graph). Python ints only (no host sync)."""
+    full = cache.__dict__.get(FULL_LENGTHS_ATTRIBUTE)
+    if full is None:
+        full = tuple(layer.max_cache_len for layer in cache.layers)
+        setattr(cache, FULL_LENGTHS_ATTRIBUTE, full)
+        setattr(cache, SET_ASIDE_ATTRIBUTE, {})
+        forget_on_reset(cache, restore=restore_full_lengths)
+    layer, length = cache.layers[layer_idx], full[layer_idx] - (prompt_length - kept_slots)
+    set_aside = cache.__dict__[SET_ASIDE_ATTRIBUTE].pop(layer_idx, None)
+    size_static_layer(layer, length)
+    if set_aside is not None and not layer.is_initialized and set_aside[0].shape[2] == length:
+        layer.keys, layer.values = set_aside
+        layer.is_initialized = True
+
+
+def restore_full_lengths(cache: Cache) -> None:
+    """On reset: every layer back to the length it was made with, its smaller buffers set aside for the next
+    prefill of a patch (they are allocated again at full length if another model uses the cache)."""
+    set_aside = cache.__dict__.get(SET_ASIDE_ATTRIBUTE, {})
+    full = cache.__dict__.get(FULL_LENGTHS_ATTRIBUTE, ())
+    for i, (layer, length) in enumerate(zip(cache.layers, full, strict=False)):
+        if layer.max_cache_len != length and layer.is_initialized:
+            set_aside[i] = (layer.keys.zero_(), layer.values.zero_())
+        elif layer.is_initialized:
+            set_aside.pop(i, None)  # the layer has run at full length since: its small buffers are not needed
+        size_static_layer(layer, length)
+    forget_on_reset(cache, restore=restore_full_lengths)  # for the next reset
 
 
 def build_plan(owner: Any, record: PrefillRecord | None, max_cache_len: int, num_layers: int) -> StaticPlan:
@@ -93,12 +133,12 @@ def build_plan(owner: Any, record: PrefillRecord | None, max_cache_len: int, num
         valid = stage.layout.valid
         kept = valid.shape[1]
         withdrawn = record.prompt_length - kept
-        slots = torch.arange(max_cache_len, device=valid.device)
-        prompt_keys = F.pad(valid, (0, max_cache_len - kept), value=False)
+        slots = torch.arange(max_cache_len - withdrawn, device=valid.device)  # the stage's buffers (see above)
+        prompt_keys = F.pad(valid, (0, len(slots) - kept), value=False)
         stages.append(
             StaticStage(
-                source=(slots + withdrawn).clamp(max=max_cache_len - 1),
-                from_full=(slots >= kept) & (slots + withdrawn < max_cache_len),
+                source=slots + withdrawn,
+                from_full=slots >= kept,
                 prompt_keys=prompt_keys[:, None, None, :],
                 position_shift=stage.position_shift,
             )

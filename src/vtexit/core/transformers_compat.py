@@ -42,6 +42,7 @@ __all__ = [
     "kv_bytes_per_layer",
     "output_cache",
     "rotary_function",
+    "size_static_layer",
     "sliding_window_overlay",
     "take_cache",
     "with_cache",
@@ -157,6 +158,21 @@ def kv_bytes_per_layer(cache: Cache) -> tuple[int, ...]:
         sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
         for layer in cache.layers
     )
+
+
+# ``StaticLayer`` (5.17-5.25): ``max_cache_len`` sizes its ``keys`` / ``values`` buffers, which are allocated at the
+#   layer's first ``update`` (``lazy_initialization``, unless generate initialised them early, which it does only for
+#   chunked prefill); ``get_mask_sizes`` reports ``max_cache_len`` as the key length; ``is_initialized``;
+#   ``reset()`` zeroes the buffers and ``cumulative_length`` in place. Layers of one cache may differ in length.
+def size_static_layer(layer: StaticLayer, length: int) -> None:
+    """Make a static layer hold ``length`` slots: set before its first write it is allocated at that size; a layer
+    allocated at another size (a reused cache) gives its buffers up and is allocated again at its next write."""
+    if layer.max_cache_len == length:
+        return
+    layer.max_cache_len = length
+    if layer.is_initialized:
+        layer.keys, layer.values, layer.is_initialized = None, None, False
+        layer.cumulative_length.zero_()
 
 
 # ------------------------------------------------------------------------------------------------ per-layer kwargs

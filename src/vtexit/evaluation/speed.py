@@ -19,6 +19,7 @@ from torch import nn
 
 from vtexit.core.families import family_for
 from vtexit.core.flops import DecoderShape, flops_per_row
+from vtexit.core.transformers_compat import kv_bytes_per_layer, output_cache
 from vtexit.methods.base import MethodConfig
 from vtexit.methods.registry import apply
 from vtexit.methods.vtw import withdraw
@@ -147,6 +148,7 @@ class StaticDecodeRow:
     layer: int | None
     decode_token_s: float  # median seconds per generated token
     peak_bytes: int | None  # peak device memory of a generate call (CUDA only)
+    kv_bytes: int | None = None  # bytes of the static cache's key/value buffers after a generate
 
 
 @torch.no_grad()
@@ -179,9 +181,12 @@ def measure_static_decode(
         for layer in layers:
             models[layer] = copy.deepcopy(model)
             handles.append(withdraw(models[layer], layer=layer))
-        for candidate in models.values():
+        kv: dict[int | None, int] = {}
+        for config, candidate in models.items():
             for _ in range(2):
                 candidate.generate(**inputs, **full)
+            out = candidate.generate(**inputs, **full, return_dict_in_generate=True)
+            kv[config] = sum(kv_bytes_per_layer(output_cache(out)))
         per_token: dict[int | None, list[float]] = {c: [] for c in models}
         peak: dict[int | None, int | None] = {c: None for c in models}
         for r in range(repeats):
@@ -198,7 +203,7 @@ def measure_static_decode(
     finally:
         for handle in handles:
             handle.remove()
-    return [StaticDecodeRow(c, statistics.median(per_token[c]), peak[c]) for c in models]
+    return [StaticDecodeRow(c, statistics.median(per_token[c]), peak[c], kv[c]) for c in models]
 
 
 def speed_ratios(rows: Sequence[SpeedRow]) -> list[dict]:
