@@ -232,3 +232,18 @@ def test_static_decode_cost_records(llava):
     assert compiled.decode == []
     for a, b in zip(eager.prefill.layers, compiled.prefill.layers, strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.visual_queries, b.visual_queries)
+
+
+@torch.no_grad()
+def test_a_copy_of_a_model_that_compiled_its_decode_decodes_with_its_own_patch(llava):
+    """transformers keeps the compiled forward on the model (bound to it) and ``copy.deepcopy`` copies it: a patched
+    copy must not decode with the original's unpatched forward."""
+    model = llava.model
+    inputs = llava.inputs([1, 2], text_len=[4, 6])
+    torch._dynamo.reset()
+    _generate(model, inputs, cache_implementation="static", compile_config=_compiled_decode())  # compiles decode
+    patched = copy.deepcopy(model)
+    with vtexit.withdraw(patched, layer=2):
+        dynamic = _generate(patched, inputs)
+        compiled = _generate(patched, inputs, cache_implementation="static", compile_config=_compiled_decode())
+    assert torch.equal(compiled, dynamic)

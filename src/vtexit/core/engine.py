@@ -56,7 +56,13 @@ from vtexit.core.static_cache import (
     plan_of,
     size_compacted_layer,
 )
-from vtexit.core.transformers_compat import Cache, check_tested_version, find_cache, with_cache
+from vtexit.core.transformers_compat import (
+    Cache,
+    check_tested_version,
+    find_cache,
+    forget_compiled_call,
+    with_cache,
+)
 
 
 class ScheduleEngine:
@@ -154,6 +160,7 @@ class ScheduleEngine:
             module.forward = partial(forward, module)
             self._replaced.append(module)
         self.model._vtexit_engine = self
+        forget_compiled_call(self.model)  # a deep copy's may still run the model it was copied from
         forget_compiled_graphs()
 
     def detach(self) -> None:
@@ -172,6 +179,7 @@ class ScheduleEngine:
         self._local = threading.local()
         if getattr(self.model, "_vtexit_engine", None) is self:
             del self.model._vtexit_engine
+        forget_compiled_call(self.model)
         forget_compiled_graphs()
 
     @property

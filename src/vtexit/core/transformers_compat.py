@@ -39,6 +39,7 @@ __all__ = [
     "causal_mask",
     "check_tested_version",
     "find_cache",
+    "forget_compiled_call",
     "kv_bytes_per_layer",
     "output_cache",
     "rotary_function",
@@ -217,6 +218,15 @@ def causal_mask(
 #   sees the image); 5.23-5.25 pass them (or their encoded features, ``mm_encoder_outputs``) with the first chunk.
 #   vtexit refuses media on a non-empty cache and a chunk that ends inside an image either way.
 MEDIA_INPUT_NAMES: tuple[str, ...] = tuple(n for n in MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL if n != "padding_mask")
+
+
+# Compiled decode: ``PreTrainedModel.get_compiled_call`` keeps ``model._compiled_call`` (``torch.compile`` of
+#   ``model.__call__``, bound to that model) and reuses it while the compile config is unchanged (5.17-5.25).
+#   ``copy.deepcopy(model)`` copies the attribute, so a copy would decode with the original's forward and hooks.
+def forget_compiled_call(model: nn.Module) -> None:
+    """Drop the compiled forward generate kept on ``model`` (it is made again, for this model, on next use)."""
+    model.__dict__.pop("_compiled_call", None)
+    model.__dict__.pop("_last_compile_config", None)
 
 
 # ------------------------------------------------------------------------------------------------ rotary
