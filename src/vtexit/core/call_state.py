@@ -58,6 +58,7 @@ class CallState:
     stages: list[Stage] = field(default_factory=list)
     stage_of_layer: list[int] = field(default_factory=list)
     cache: Cache | None = None
+    static_prefill: bool = False  # a prefill filling a static cache (its compacted layers are sized)
     record: PrefillRecord | None = None
     static: Any = None  # the StaticPlan of a decode call on a static cache
     # In-layer methods: layer -> (head fraction, FFN fraction, visual keys), each None where not recorded.

@@ -525,6 +525,7 @@ class ScheduleEngine:
             if cache is None and wants_cache and not self.parts.layers[layer_idx].training:
                 raise _lost_cache_error(layer_idx)
             call.cache = cache if isinstance(cache, Cache) else None
+            call.static_prefill = is_static(call.cache)  # once: a cache's is_compileable reads every layer
             self._follow_model(hidden)
         keep = None
         if self._event_layers is None or layer_idx in self._event_layers:
@@ -542,7 +543,7 @@ class ScheduleEngine:
         call.stage_of_layer[layer_idx] = call.stage
         if call.stage < 0:
             return None if keep is None else _join_hidden(hidden, rest, kwargs, in_kwargs)
-        if is_static(call.cache):  # before the layer's first write: its buffers hold what it keeps
+        if call.static_prefill:  # before the layer's first write: its buffers hold what it keeps
             size_compacted_layer(call.cache, layer_idx, call.layout.index.shape[1], call.media.shape[1])
         kwargs = self._compacted_kwargs(layer_idx, call, hidden, kwargs)
         return _join_hidden(hidden, rest, kwargs, in_kwargs)

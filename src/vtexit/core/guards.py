@@ -55,8 +55,8 @@ def poison(cache: Cache) -> None:
 
 def forget_on_reset(cache: Cache, *names: str, restore: Callable[[Cache], None] | None = None) -> None:
     """Make ``cache.reset()`` also remove the instance attributes ``names`` that vtexit set on the cache, and call
-    ``restore(cache)`` before the cache's own reset (generate may reuse a reset static cache). Calls accumulate until
-    the next reset."""
+    ``restore(cache)`` before the cache's own reset (a reset static cache may be passed to a model again). Calls
+    accumulate until the next reset."""
     current = cache.__dict__.get("reset")
     old_names, old_restores = (), ()
     if isinstance(current, partial) and current.func is _reset_forgetting:

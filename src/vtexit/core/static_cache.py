@@ -16,6 +16,7 @@ on. No per-step host work and no Python state, so the step traces into transform
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +52,7 @@ class StaticPlan:
     record: PrefillRecord | None  # None: a call the patch left alone (no media)
     max_cache_len: int
 
-    @property
+    @functools.cached_property  # read by every eager decode step's cost record
     def layer_lengths(self) -> tuple[int, ...]:
         """Slots of each layer's static buffers (what a decode step attends over, masked)."""
         return tuple(self.max_cache_len if s < 0 else len(self.stages[s].source) for s in self.stage_of_layer)
@@ -94,8 +95,8 @@ def drop_plan(cache: Cache) -> None:
 
 def size_compacted_layer(cache: Cache, layer_idx: int, kept_slots: int, prompt_length: int) -> None:
     """Before a compacted layer's first write in a prefill: its buffers hold its ``kept_slots`` prompt slots and
-    room for every token after the prompt. Buffers of that size that a reset set aside are taken back, so generate's
-    reuse of a reset cache keeps the same tensors (no new CUDA graph). Python ints only (no host sync)."""
+    room for every token after the prompt. Buffers of that size that a reset set aside are taken back, so a cache
+    reset and passed again keeps the same tensors (no new CUDA graph). Python ints only (no host sync)."""
     full = cache.__dict__.get(FULL_LENGTHS_ATTRIBUTE)
     if full is None:
         full = tuple(layer.max_cache_len for layer in cache.layers)

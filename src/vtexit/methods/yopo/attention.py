@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from vtexit.core.compiled import eager_under_compile
 from vtexit.core.engine import ScheduleEngine
 from vtexit.core.layout import gather_sequence
-from vtexit.core.transformers_compat import cache_keyword, rotary_function, take_cache
+from vtexit.core.transformers_compat import rotary_function, take_cache, with_cache
 from vtexit.methods.yopo import sliced
 from vtexit.methods.yopo.rows import QueryRows, RowBlock, call_rows
 from vtexit.methods.yopo.window import Tiles, tiled_attention, tiles
@@ -105,9 +105,12 @@ class YOPOAttention:
             return self._prefill(module, plan, hidden_states, position_embeddings, cache), None
         if mode == "decode" and plan.pruned:
             return self._text_only(module, plan, hidden_states, position_embeddings, attention_mask, cache), None
-        kwargs[cache_keyword(module)] = cache
         return type(module).forward(
-            module, hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs
+            module,
+            hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            **with_cache(kwargs, module, cache),
         )
 
     # ------------------------------------------------------------------------------------------- pieces
