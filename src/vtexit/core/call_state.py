@@ -68,6 +68,11 @@ class CallState:
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
     policy_state: dict = field(default_factory=dict)
     memo: dict = field(default_factory=dict)
+    # A schedule planned before the first layer (Policy.withdraw_media_at): event layer -> (layout after it, the
+    # slot of the previous layout each new slot comes from). None: the policy is asked at each layer.
+    planned: dict[int, tuple[Layout, torch.Tensor]] | None = None
+    traced: bool = False  # started while tracing (torch.compile of the whole model): no host reads, no locks
+    traced_media_count: int = 0  # a traced prefill's visual tokens, from the pixel inputs' shapes
 
 
 def decode_key_padding(call: CallState, stage: int) -> torch.Tensor:

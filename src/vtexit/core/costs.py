@@ -7,8 +7,8 @@ while recording (no host-device sync per layer); they are read on the host only 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -36,23 +36,29 @@ class LayerCost:
         return self.visual_queries + self.text_queries
 
 
+class CostSource(Protocol):
+    def layers(self) -> list[LayerCost]: ...
+
+
 class CallCost:
     """One forward call (a prefill or a decode step): one :class:`LayerCost` per decoder layer.
 
     The engine records only what it already tracks while the model runs (which layout each layer used); the
-    per-layer records are built the first time someone reads ``layers``, so recording costs the forward nothing.
+    per-layer records are built from ``source`` the first time someone reads ``layers``, so recording costs the
+    forward nothing. (An object, not a bound method: a compiled prefill records it too, and Dynamo can rebuild a
+    new object after the graph but not a method bound to one.)
     """
 
-    def __init__(self, mode: str, layers: list[LayerCost] | None = None, build: Callable[[], list[LayerCost]] = None):
+    def __init__(self, mode: str, layers: list[LayerCost] | None = None, source: CostSource | None = None):
         self.mode = mode  # "prefill" | "decode"
         self._layers = layers
-        self._build = build
+        self._source = source
 
     @property
     def layers(self) -> list[LayerCost]:
         if self._layers is None:
-            self._layers = self._build() if self._build is not None else []
-            self._build = None
+            self._layers = self._source.layers() if self._source is not None else []
+            self._source = None
         return self._layers
 
     def __repr__(self) -> str:

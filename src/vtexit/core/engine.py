@@ -295,13 +295,20 @@ class ScheduleEngine:
         return plan
 
     def _core_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if torch.compiler.is_compiling() and self._traced_decode_plan(kwargs) is not None:
-            return None
+        if torch.compiler.is_compiling():
+            if self._traced_decode_plan(kwargs) is not None or self._traced_prefill(args, kwargs):
+                return None
         return self._core_pre_hook_eager(module, args, kwargs)
 
     def _core_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if torch.compiler.is_compiling() and self._traced_decode_plan(kwargs) is not None:
-            return None
+        if torch.compiler.is_compiling():
+            if self._traced_decode_plan(kwargs) is not None:
+                return None
+            call = self._call
+            if call is not None and call.traced:
+                self._call = None
+                self._finish_prefill(call)
+                return None
         return self._core_post_hook_eager(module, args, kwargs, output)
 
     def _layer_pre_hook(self, layer_idx: int, module: nn.Module, args: tuple, kwargs: dict):
@@ -309,7 +316,78 @@ class ScheduleEngine:
             plan = self._traced_decode_plan(kwargs)
             if plan is not None:
                 return self._static_decode_layer(plan, layer_idx, args, kwargs, memo=None)
+            call = self._call
+            if call is not None and call.traced and call.planned is None:
+                self._plan_traced_prefill(call)
+            if call is not None and call.planned is not None:  # no host read and no Python-only state: traceable
+                return self._prefill_layer(layer_idx, call, args, kwargs)
+            if call is not None and call.mode == "decode" and not self._replaced:  # the core hook ran eagerly
+                return self._decode_layer(layer_idx, call, args, kwargs)
         return self._layer_pre_hook_eager(layer_idx, module, args, kwargs)
+
+    @property
+    def _planned_withdrawal(self) -> int | None:
+        """The layer before which every media slot leaves, when the policy's schedule is planned from the prompt."""
+        layer = self.policy.withdraw_media_at
+        return None if self._replaced or layer is None or layer >= self.num_layers else layer
+
+    def _traced_prefill(self, args: tuple, kwargs: dict) -> bool:
+        """Under ``torch.compile`` of the whole model: start a batch-1 prefill whose withdrawal is planned from
+        shapes alone (the visual tokens counted from the pixel inputs, checked on the device against ``input_ids``),
+        so the compacted layers trace with a length the compiler knows and no graph break. False when the call
+        needs the eager hooks (they break the graph and stay exact): another method, a batch of several rows, a cache
+        to fill (its record for decode is kept in Python), or a family that does not count its tokens from shapes."""
+        layer = self._planned_withdrawal
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        padding = kwargs.get("attention_mask")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.text_config, "use_cache", True)
+        if (
+            layer is None
+            or self.family.media_count is None
+            or self.family.media_blocks is not None
+            or not isinstance(input_ids, torch.Tensor)
+            or input_ids.shape[0] != 1
+            or use_cache
+            or find_cache(kwargs) is not None
+            or (padding is not None and (not isinstance(padding, torch.Tensor) or padding.ndim != 2))
+        ):
+            return False
+        count = self.family.media_count(self.model.config, kwargs)
+        if not count or count >= input_ids.shape[1]:
+            return False
+        # No tensor work here: the plan is made at the first hooked layer, inside the language model's graph (a
+        # hook's own ops would make a graph of their own wherever the model's forward already breaks).
+        self._call = CallState(
+            mode="prefill",
+            padding=padding,
+            stage_of_layer=[-1] * self.num_layers,
+            grid_inputs={"input_ids": input_ids},
+            use_cache=False,
+            traced=True,
+            traced_media_count=count,
+        )
+        return True
+
+    def _plan_traced_prefill(self, call: CallState) -> None:
+        """The plan of a traced prefill (see :meth:`_traced_prefill`), checked on the device: the visual tokens in
+        ``input_ids`` must be as many as the pixel inputs give, and the last prompt token must be text."""
+        input_ids, count = call.grid_inputs["input_ids"], call.traced_media_count
+        length = input_ids.shape[1]
+        media = self._media_mask(input_ids)
+        layout = Layout.full(call.padding, 1, length, input_ids.device)
+        torch._assert_async(
+            media.sum() == count,
+            "vtexit: the prompt's visual tokens do not match its pixel inputs (a compiled prefill plans with them)",
+        )
+        last = layout.valid.long().cumsum(1).argmax(dim=1, keepdim=True)  # Layout.last_slot takes a lock (3.11)
+        torch._assert_async(~media.gather(1, last).any(), _ends_in_media_error().args[0])
+        # Text slots first, in order (a stable sort of the media flags), then the visual slots, cut off.
+        source = torch.sort(media, dim=1, stable=True).indices[:, : length - count]
+        kept = Layout(layout.index.gather(1, source), layout.valid.gather(1, source), padded=layout.padded)
+        call.media, call.layout, call.full_valid = media, layout, layout.valid
+        call.planned = {self._planned_withdrawal: (kept, source)}
 
     @_eager
     def _core_pre_hook_eager(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -392,6 +470,13 @@ class ScheduleEngine:
             grid_inputs={"input_ids": input_ids, **{name: kwargs.get(name) for name in self.family.grid_inputs}},
             use_cache=kwargs.get("use_cache"),
         )
+        if self._planned_withdrawal is not None:
+            # Planned now (the event's one host read, with the last-token check), so that decoder layers compiled
+            # with fullgraph=True run it without a graph break.
+            kept, source, ends_in_media = layout.select(layout.valid & ~media, _ends_in_media(media, layout))
+            if ends_in_media:
+                raise _ends_in_media_error()
+            self._call.planned = {self._planned_withdrawal: (kept, source)}
 
     def _enter_continuation(self, cache: Cache, kwargs: dict, input_ids, padding, past_length: int) -> None:
         """A call on a non-empty cache: decode (or continued text) after our prefill, or an untouched call."""
@@ -448,14 +533,9 @@ class ScheduleEngine:
                 call.fractions,
                 static_keys=None if call.static is None else call.static.layer_lengths,
             )
-            call.record.cost.decode.append(CallCost("decode", build=decode.layers))
+            call.record.cost.decode.append(CallCost("decode", source=decode))
             return
-        self._local.last_layout = call.layout
-        self._local.last_call_layout = call.layout
-        self._local.last_policy_state = call.policy_state
-        prefill = PrefillCostInputs(call.full_valid, call.media, call.stages, call.stage_of_layer, call.fractions)
-        run_cost = RunCost(prefill=CallCost("prefill", build=prefill.layers))
-        self._local.last_cost = run_cost
+        run_cost = self._finish_prefill(call)
         if call.cache is not None:
             record = PrefillRecord(
                 prompt_length=call.media.shape[1],
@@ -469,6 +549,16 @@ class ScheduleEngine:
                 self._records[call.cache] = record
             if is_static(call.cache):
                 attach_plan(call.cache, build_plan(self, record, call.cache.get_max_length(), self.num_layers))
+
+    def _finish_prefill(self, call: CallState) -> RunCost:
+        """What a prefill leaves to the caller: its layout (logits line up with it), policy state and cost record."""
+        self._local.last_layout = call.layout
+        self._local.last_call_layout = call.layout
+        self._local.last_policy_state = call.policy_state
+        prefill = PrefillCostInputs(call.full_valid, call.media, call.stages, call.stage_of_layer, call.fractions)
+        run_cost = RunCost(prefill=CallCost("prefill", source=prefill))
+        self._local.last_cost = run_cost
+        return run_cost
 
     @_eager
     def _layer_pre_hook_eager(self, layer_idx: int, module: nn.Module, args: tuple, kwargs: dict):
@@ -527,22 +617,27 @@ class ScheduleEngine:
             call.cache = cache if isinstance(cache, Cache) else None
             call.static_prefill = is_static(call.cache)  # once: a cache's is_compileable reads every layer
             self._follow_model(hidden)
-        keep = None
-        if self._event_layers is None or layer_idx in self._event_layers:
+        event = None
+        if call.planned is not None:
+            event = call.planned.get(layer_idx)
+        elif self._event_layers is None or layer_idx in self._event_layers:
             view = PrefillView(layer_idx, call.layout, call.media, hidden, call.scores, call.policy_state)
             keep = self.policy.keep(view)
-        if keep is not None:
-            first = call.stage < 0 and not self._replaced  # whether a row ends in media is read now (see prefill)
-            check = _ends_in_media(call.media, call.layout) if first else None
-            call.layout, source, ends_in_media = call.layout.select(keep, check)
-            if ends_in_media:
-                raise _ends_in_media_error()
+            if keep is not None:
+                first = call.stage < 0 and not self._replaced  # whether a row ends in media is read now (see prefill)
+                check = _ends_in_media(call.media, call.layout) if first else None
+                layout, source, ends_in_media = call.layout.select(keep, check)
+                if ends_in_media:
+                    raise _ends_in_media_error()
+                event = (layout, source)
+        if event is not None:
+            call.layout, source = event
             hidden = _compact_hidden(hidden, source, call.layout)
             call.stages.append(Stage(call.layout, self._position_shift(call)))  # its counts: when a cost is read
             call.stage += 1
         call.stage_of_layer[layer_idx] = call.stage
         if call.stage < 0:
-            return None if keep is None else _join_hidden(hidden, rest, kwargs, in_kwargs)
+            return None if event is None else _join_hidden(hidden, rest, kwargs, in_kwargs)
         if call.static_prefill:  # before the layer's first write: its buffers hold what it keeps
             size_compacted_layer(call.cache, layer_idx, call.layout.index.shape[1], call.media.shape[1])
         kwargs = self._compacted_kwargs(layer_idx, call, hidden, kwargs)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from vtexit.core.grids import qwen_grid, square_grid
+from vtexit.core.grids import merged_patch_media_count, qwen_grid, square_grid, square_media_count
 
 
 def first_layer_of_each_type(text_config: PretrainedConfig) -> int:
@@ -60,6 +60,9 @@ class FamilySpec:
     # when the family's layout is not described. ``grid_inputs`` names the core kwargs it reads.
     visual_grid: Callable | None = None
     grid_inputs: tuple[str, ...] = ()
+    # ``(config, core kwargs) -> int | None``: the batch's visual tokens from its pixel inputs' shapes (no device
+    # read), which lets a compiled batch-1 prefill plan a withdrawal while tracing; None when not known.
+    media_count: Callable | None = None
 
     def media_token_ids(self, config: PretrainedConfig) -> list[int]:
         ids = [getattr(config, attr, None) for attr in self.media_token_attrs]
@@ -104,10 +107,20 @@ def _get_path(root: nn.Module, path: str) -> nn.Module:
     return obj
 
 
-_QWEN_GRID = {"visual_grid": qwen_grid, "grid_inputs": ("image_grid_thw", "video_grid_thw", "position_ids")}
+_QWEN_GRID = {
+    "visual_grid": qwen_grid,
+    "grid_inputs": ("image_grid_thw", "video_grid_thw", "position_ids"),
+    "media_count": merged_patch_media_count,
+}
 
 _BUILTIN = (
-    FamilySpec("llava", ("llava",), media_token_attrs=("image_token_id",), visual_grid=square_grid),
+    FamilySpec(
+        "llava",
+        ("llava",),
+        media_token_attrs=("image_token_id",),
+        visual_grid=square_grid,
+        media_count=square_media_count,
+    ),
     FamilySpec("llava_next", ("llava_next",), media_token_attrs=("image_token_id",)),
     FamilySpec("llava_onevision", ("llava_onevision",)),
     FamilySpec("qwen2_vl", ("qwen2_vl",), **_QWEN_GRID),

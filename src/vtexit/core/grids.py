@@ -129,3 +129,29 @@ def merged_thw_grid(config: PretrainedConfig, input_ids: torch.Tensor, inputs: d
         height = torch.where(is_kind, frame_h[item], height)
         width = torch.where(is_kind, w, width)
     return VisualGrid(frame=frame, row=row, col=col, height=height, width=width)
+
+
+# How many visual tokens a batch holds, from the shapes of its pixel inputs alone (no device read), for a compiled
+# prefill that must know its compacted length while tracing. None: not known from shapes.
+def square_media_count(config: PretrainedConfig, inputs: dict) -> int | None:
+    """LLaVA-1.5: ``image_seq_length`` tokens per image of ``pixel_values`` (images, channels, height, width)."""
+    pixels = inputs.get("pixel_values")
+    tokens = getattr(config, "image_seq_length", None)
+    if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or not isinstance(tokens, int):
+        return None
+    return pixels.shape[0] * tokens
+
+
+def merged_patch_media_count(config: PretrainedConfig, inputs: dict) -> int | None:
+    """Qwen2-VL style: ``pixel_values`` / ``pixel_values_videos`` hold one row per patch, merged
+    ``spatial_merge_size`` x ``spatial_merge_size`` into one token."""
+    merge = config.vision_config.spatial_merge_size
+    total = 0
+    for name in ("pixel_values", "pixel_values_videos"):
+        pixels = inputs.get(name)
+        if pixels is None:
+            continue
+        if not isinstance(pixels, torch.Tensor) or pixels.ndim != 2:
+            return None
+        total += pixels.shape[0] // (merge * merge)
+    return total

@@ -11,7 +11,8 @@ Optionally a policy
     later boundary (the last prompt token's attention, recomputed from q/k under SDPA, no eager needed);
   * owns modules (gates): return them from :meth:`modules`; the engine moves them to the model's device and dtype;
   * renumbers positions after a drop (``renumber_positions``), as PyramidDrop does; VTW keeps original positions;
-  * replaces attention/MLP forwards (:meth:`replacements`), for in-layer methods; the patch handle restores them.
+  * replaces attention/MLP forwards (:meth:`replacements`), for in-layer methods; the patch handle restores them;
+  * declares a schedule known from the prompt alone (``withdraw_media_at``), which compiles without graph breaks.
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ class Policy:
     # (layer 0, and for some families a few more, must keep the full sequence). Layers before the first event layer
     # get no hook at all, so naming them makes the patch cheaper.
     event_layers: frozenset[int] | None = None
+    # A schedule known from the prompt alone: every media slot leaves before this layer and nothing else changes
+    # (VTW). The engine then plans the prefill's layout before the first layer instead of asking keep(), so a
+    # compiled prefill runs with shapes the compiler knows (no graph break). None: ask keep() at each layer.
+    withdraw_media_at: int | None = None
 
     def keep(self, view: PrefillView) -> torch.Tensor | None:
         """(batch, layout.length) bool: the slots each row keeps before ``view.layer_idx``; None for no event."""

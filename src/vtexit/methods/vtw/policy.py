@@ -19,6 +19,7 @@ class WithdrawPolicy(Policy):
     def __init__(self, layer: int):
         self.layer = layer
         self.event_layers = frozenset({layer})
+        self.withdraw_media_at = layer
 
     def keep(self, view: PrefillView) -> torch.Tensor | None:
         if view.layer_idx != self.layer:

@@ -34,6 +34,7 @@ class YOPOPolicy(Policy):
         self.family = family
         # Without a drop, one hooked layer still lets the engine see the cache (decode needs the prompt's media).
         self.event_layers = frozenset({layer_drop if layer_drop is not None else min(min_layer, len(layers) - 1)})
+        self.withdraw_media_at = layer_drop  # used by the engine only when no forward is replaced
         self.attention_modules: dict[int, nn.Module] = {}
         self.mlp_modules: dict[int, nn.Module] = {}
         heads = config.head_mask()
