@@ -3,6 +3,8 @@ measured, FLOPs come from the cost records, and impossible speedups are flagged.
 
 from __future__ import annotations
 
+import pytest
+
 from vtexit.core.flops import DecoderShape, count
 from vtexit.evaluation.speed import NOISE_MARGIN, SpeedRow, measure_speed, measure_static_decode, speed_ratios
 
@@ -18,6 +20,13 @@ def test_measure_speed_on_cpu(llava4):
     by_hand = 2 * count(shape, [length, length] + [text] * (shape.num_layers - 2)).prefill
     assert rows[1].prefill_flops == by_hand
     assert rows[0].prefill_flops == 2 * count(shape, [length] * shape.num_layers).prefill
+    # KV bytes the dynamic cache holds after a 3-token generate (2 decode steps written), by hand: every layer holds
+    # the prompt and 2 tokens unpatched; under K=2, layers 2.. hold the text and 2 tokens.
+    config = llava4.model.config.get_text_config()
+    per_slot = 2 * 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4  # fp32
+    n = config.num_hidden_layers
+    assert rows[0].kv_bytes == n * (length + 2) * per_slot
+    assert rows[1].kv_bytes == (2 * (length + 2) + (n - 2) * (text + 2)) * per_slot
 
 
 def test_speedups_beyond_the_flops_bound_are_flagged():
@@ -51,11 +60,14 @@ def test_measure_static_decode_uses_transformers_compiled_decode(llava4):
 def test_measure_speed_compiled_whole_and_regional(llava4):
     inputs = llava4.inputs([1, 1], text_len=[5, 5])
     layers = llava4.model.model.language_model.layers
-    for mode, name in (("whole", "compiled"), ("regional", "regional")):
-        rows = measure_speed(
-            llava4.model, inputs, [2], repeats=1, new_tokens=2, compiled=True, compile_backend="eager",
-            compile_mode=mode,
-        )
-        assert [(r.mode, r.layer) for r in rows] == [("eager", None), ("eager", 2), (name, None), (name, 2)]
-        assert rows[3].prefill_flops == rows[1].prefill_flops < rows[2].prefill_flops
+    rows = measure_speed(
+        llava4.model, inputs, [2], repeats=1, new_tokens=2, compiled=True, compile_backend="eager",
+        compile_mode=["whole", "regional"],
+    )
+    expected = [(mode, layer) for mode in ("eager", "compiled", "regional") for layer in (None, 2)]
+    assert [(r.mode, r.layer) for r in rows] == expected
+    for base, patched in zip(rows[::2], rows[1::2], strict=True):
+        assert patched.prefill_flops == rows[1].prefill_flops < base.prefill_flops
+    with pytest.raises(ValueError, match="compile_mode"):
+        measure_speed(llava4.model, inputs, [2], compiled=True, compile_mode="max-autotune")
     assert all("forward" not in layer.__dict__ for layer in layers)  # the regional compile was undone

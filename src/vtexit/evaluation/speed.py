@@ -25,6 +25,9 @@ from vtexit.methods.registry import apply
 from vtexit.methods.vtw import withdraw
 
 NOISE_MARGIN = 1.10  # a speedup above 1.10 x the FLOPs ratio is reported as noise
+# Compile modes the benchmark times, by the name its rows carry: the whole model (inductor's default; or with CUDA
+# graphs, ``mode="reduce-overhead"``), or each decoder layer's forward (vtexit's hooks then run between graphs).
+COMPILE_MODES = {"whole": "compiled", "reduce-overhead": "cudagraphs", "regional": "regional"}
 
 
 def time_call(fn: Callable[[], object], device: torch.device) -> float:
@@ -48,12 +51,13 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
 class SpeedRow:
     """One configuration: ``layer`` None is the model without vtexit."""
 
-    mode: str  # "eager" | "compiled"
+    mode: str  # "eager" | one of COMPILE_MODES' names
     layer: int | None
     prefill_s: float  # median forward without cache, last-token logits only
     decode_token_s: float | None  # median ms per generated token (dynamic cache), eager only
     peak_bytes: int | None  # peak device memory of a generate call (CUDA only)
     prefill_flops: int
+    kv_bytes: int | None = None  # bytes of the dynamic cache's keys and values after a generate, eager only
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,14 +73,17 @@ def measure_speed(
     new_tokens: int = 16,
     compiled: bool = False,
     compile_backend: str = "inductor",
-    compile_mode: str = "whole",
+    compile_mode: str | Sequence[str] = "whole",
 ) -> list[SpeedRow]:
-    """Prefill (and, eager, decode and peak memory) for the model without vtexit and VTW at each K.
+    """Prefill (and, eager, decode, peak memory and KV bytes held) for the model without vtexit and VTW at each K.
 
-    ``compile_mode``: "whole" times ``torch.compile(model)``; "regional" compiles each decoder layer's forward
-    (vtexit's hooks then run eagerly between compiled layers, with no graph break inside a compiled region)."""
-    if compile_mode not in ("whole", "regional"):
-        raise ValueError(f"compile_mode must be 'whole' or 'regional', got {compile_mode!r}")
+    ``compile_mode`` (one or several, timed when ``compiled``): "whole" times ``torch.compile(model)``,
+    "reduce-overhead" the same with CUDA graphs, "regional" compiles each decoder layer's forward (vtexit's hooks
+    then run eagerly between compiled layers, with no graph break inside a compiled region)."""
+    modes = [compile_mode] if isinstance(compile_mode, str) else list(compile_mode)
+    unknown = [m for m in modes if m not in COMPILE_MODES]
+    if unknown or not modes:
+        raise ValueError(f"compile_mode must be among {sorted(COMPILE_MODES)}, got {compile_mode!r}")
     device = inputs["input_ids"].device
     shape = DecoderShape.from_model(model)
     configs: list[int | None] = [None, *layers]
@@ -86,6 +93,7 @@ def measure_speed(
     prefill: dict[int | None, list[float]] = {c: [] for c in configs}
     decode: dict[int | None, list[float]] = {c: [] for c in configs}
     peak: dict[int | None, int | None] = {}
+    kv: dict[int | None, int] = {}
     flops: dict[int | None, int] = {}
     for r in range(repeats + 1):  # the first round warms up
         for config in configs:
@@ -95,6 +103,8 @@ def measure_speed(
                 if config not in flops:
                     run = handle.last_cost if handle is not None else None
                     flops[config] = sum(r.prefill for r in flops_per_row(shape, run, inputs))
+                    out = model.generate(**inputs, **generate, return_dict_in_generate=True)
+                    kv[config] = sum(kv_bytes_per_layer(output_cache(out)))
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 short = time_call(lambda: model.generate(**inputs, **first_token), device)
@@ -108,11 +118,12 @@ def measure_speed(
                 prefill[config].append(seconds)
                 decode[config].append((full - short) / (new_tokens - 1))
     rows = [
-        SpeedRow("eager", c, statistics.median(prefill[c]), statistics.median(decode[c]), peak.get(c), flops[c])
+        SpeedRow("eager", c, statistics.median(prefill[c]), statistics.median(decode[c]), peak.get(c), flops[c], kv[c])
         for c in configs
     ]
     if compiled:
-        rows += _compiled_rows(model, inputs, configs, repeats, forward, flops, compile_backend, compile_mode)
+        for mode in modes:
+            rows += _compiled_rows(model, inputs, configs, repeats, forward, flops, compile_backend, mode)
     return rows
 
 
@@ -122,7 +133,8 @@ def _compiled_rows(model, inputs, configs, repeats, forward, flops, backend, mod
     layers = list(family_for(model).resolve(model).layers) if mode == "regional" else []
     for layer in layers:
         layer.forward = torch.compile(layer.forward, backend=backend)
-    compiled = model if mode == "regional" else torch.compile(model, backend=backend)
+    options = dict(mode="reduce-overhead") if mode == "reduce-overhead" else {}
+    compiled = model if mode == "regional" else torch.compile(model, backend=backend, **options)
     try:
         for config in configs:
             handle = withdraw(model, layer=config) if config is not None else None
@@ -133,8 +145,7 @@ def _compiled_rows(model, inputs, configs, repeats, forward, flops, backend, mod
             finally:
                 if handle is not None:
                     handle.remove()
-            name = "compiled" if mode == "whole" else "regional"
-            rows.append(SpeedRow(name, config, statistics.median(times), None, None, flops[config]))
+            rows.append(SpeedRow(COMPILE_MODES[mode], config, statistics.median(times), None, None, flops[config]))
     finally:
         for layer in layers:
             del layer.forward
