@@ -127,15 +127,17 @@ def test_language_model_compiled_with_fullgraph_runs_the_withdrawal():
 @torch.no_grad()
 def test_whole_llava_compiles_to_one_graph_as_unpatched(monkeypatch):
     """With transformers' own data-dependent checks off (``TRANSFORMERS_DISABLE_TORCH_CHECK=1``, their production
-    switch), the unpatched LLaVA compiles to one graph: so must the patched one, ``fullgraph=True``."""
+    switch), the unpatched LLaVA compiles to one graph (5.23-5.25): so must the patched one, ``fullgraph=True``."""
     monkeypatch.setenv("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
     case = build_tiny("llava", num_layers=4)
     model, inputs = case.model, case.inputs([1], text_len=6)
     model(**inputs, **NO_CACHE)
-    assert _graphs(model, inputs, **NO_CACHE) == (1, 0)
+    unpatched = _graphs(model, inputs, **NO_CACHE)
     with vtexit.withdraw(model, layer=2):
         eager = model(**inputs, **NO_CACHE).logits
-        assert _graphs(model, inputs, **NO_CACHE) == (1, 0)
+        assert _graphs(model, inputs, **NO_CACHE) == unpatched
+        if unpatched != (1, 0):
+            pytest.skip(f"this transformers release compiles the unpatched LLaVA to {unpatched[0]} graphs")
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs, **NO_CACHE).logits
     torch.testing.assert_close(compiled, eager)
