@@ -203,7 +203,7 @@ class ScheduleEngine:
 
     def check_policy(self) -> None:
         """Refuse, before anything is attached, a policy this model cannot run (ValueError saying why)."""
-        early = sorted(i for i in self._event_layers or () if i < self.min_layer)
+        early = sorted(i for i in self._event_layers or () if i < self.min_layer and not self._reduces_prompt(i))
         if early:
             raise ValueError(
                 f"the policy's event_layers include {early}; this model needs layers 0..{self.min_layer - 1} to keep "
@@ -222,6 +222,12 @@ class ScheduleEngine:
                     f"renumber_positions is not supported for {self.family.name}: its rotary embedding depends on "
                     "the layer type"
                 )
+
+    def _reduces_prompt(self, layer_idx: int) -> bool:
+        """An event before layer 0 shortens the prompt the language model sees (pre-LLM reduction). Allowed with
+        renumbered positions (the kept tokens then sit where a shorter prompt would put them) on families whose
+        masks and positions follow layer 0 alone (min layer 1: no hybrid attention, no deepstack)."""
+        return layer_idx == 0 and self.policy.renumber_positions and self.min_layer == 1
 
     def __deepcopy__(self, memo: dict) -> ScheduleEngine:
         """A copied model keeps a working patch of its own: the engine is copied with the model's modules (the
@@ -492,6 +498,9 @@ class ScheduleEngine:
             self._local.last_layout = None  # a cache vtexit did not compact: every layer holds every position
             return
         query_length = _sequence_length(input_ids, kwargs.get("inputs_embeds"))
+        stage = record.stage_of_layer[0]
+        if stage >= 0:  # layer 0 was compacted (a pre-LLM reduction): its cache holds fewer than the prompt
+            past_length += record.prompt_length - record.stages[stage].layout.length
         self._call = CallState(
             mode="decode",
             padding=padding,
@@ -638,6 +647,11 @@ class ScheduleEngine:
         call.stage_of_layer[layer_idx] = call.stage
         if call.stage < 0:
             return None if event is None else _join_hidden(hidden, rest, kwargs, in_kwargs)
+        if call.static_prefill and call.stage_of_layer[0] >= 0:
+            raise ValueError(
+                "a method that shortens the prompt before the language model (an event before layer 0) does not "
+                "support static caches yet; use the default dynamic cache"
+            )
         if call.static_prefill:  # before the layer's first write: its buffers hold what it keeps
             size_compacted_layer(call.cache, layer_idx, call.layout.index.shape[1], call.media.shape[1])
         kwargs = self._compacted_kwargs(layer_idx, call, hidden, kwargs)
