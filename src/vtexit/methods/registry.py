@@ -34,6 +34,9 @@ def method_configs() -> dict[str, type[MethodConfig]]:
     from vtexit.methods.yopo.config import YOPOConfig
 
     configs[YOPOConfig.method] = YOPOConfig
+    from vtexit.methods.divprune.config import DivPruneConfig
+
+    configs[DivPruneConfig.method] = DivPruneConfig
     return configs
 
 
