@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from vtexit.core.engine import ScheduleEngine
 from vtexit.core.families import family_for
 from vtexit.evaluation import distributed
 from vtexit.evaluation.datasets import VQARecord
@@ -28,6 +29,7 @@ from vtexit.evaluation.evaluate import EvalResult, Method, evaluate_interleaved
 from vtexit.evaluation.plots import ParetoPoint, plot_pareto
 from vtexit.evaluation.report import RESULT_COLUMNS, result_cells
 from vtexit.methods.base import MethodConfig
+from vtexit.methods.divprune.policy import DivPrunePolicy
 from vtexit.methods.registry import apply, config_from_dict
 from vtexit.methods.vtw.config import valid_layer_range
 
@@ -39,7 +41,8 @@ def default_grid(model: nn.Module) -> list[dict[str, Any]]:
     """The built-in budgets for a model of N decoder layers (positions scale with N).
 
     VTW at K = N/2, 3N/4, 4N/5; FastV and the random drop at layer 2 (FastV's K) keeping 1/2 and 1/4; PyramidDrop
-    with stages at N/4, N/2, 3N/4 (8/16/24 for 32 layers, as in its paper) keeping 1/2 and 1/4 per stage.
+    with stages at N/4, N/2, 3N/4 (8/16/24 for 32 layers, as in its paper) keeping 1/2 and 1/4 per stage; DivPrune
+    before the language model keeping 1/2 and 1/4, where the model allows it (see :func:`reduces_prompt`).
     """
     low, n = valid_layer_range(model)
     last = n - 1
@@ -54,7 +57,18 @@ def default_grid(model: nn.Module) -> list[dict[str, Any]]:
     grid += [{"method": "fastv", "layer": early, "keep": keep} for keep in (0.5, 0.25)]
     grid += [{"method": "pdrop", "layers": stages, "keep": keep} for keep in (0.5, 0.25)]
     grid += [{"method": "random_drop", "layer": early, "keep": keep, "seed": 0} for keep in (0.5, 0.25)]
+    if reduces_prompt(model):
+        grid += [{"method": "divprune", "keep": keep} for keep in (0.5, 0.25)]
     return grid
+
+
+def reduces_prompt(model: nn.Module) -> bool:
+    """Whether pre-LLM methods (DivPrune) can shorten this model's prompt: 1D rotary positions, no hybrid layers."""
+    try:
+        ScheduleEngine(model, DivPrunePolicy(0.5)).check_policy()
+    except ValueError:
+        return False
+    return True
 
 
 def _format(value: Any) -> str:
