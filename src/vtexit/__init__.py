@@ -14,6 +14,7 @@ from vtexit.methods.baseline import BaselineConfig, baseline
 from vtexit.methods.divprune import DivPruneConfig, divprune
 from vtexit.methods.dyvte import DyVTEConfig, DyVTEGates, DyVTEHandle, dyvte, train_gates
 from vtexit.methods.fastv import FastVConfig, fastv
+from vtexit.methods.hybrid import HybridConfig, hybrid
 from vtexit.methods.pdrop import PDropConfig, pdrop
 from vtexit.methods.random_drop import RandomDropConfig, random_drop
 from vtexit.methods.registry import apply, apply_policy, config_from_dict, method_configs
@@ -34,6 +35,8 @@ __all__ = [
     "yopo",
     "DivPruneConfig",
     "divprune",
+    "HybridConfig",
+    "hybrid",
     "DyVTEConfig",
     "DyVTEGates",
     "DyVTEHandle",

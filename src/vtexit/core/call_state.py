@@ -71,6 +71,7 @@ class CallState:
     # A schedule planned before the first layer (Policy.withdraw_media_at): event layer -> (layout after it, the
     # slot of the previous layout each new slot comes from). None: the policy is asked at each layer.
     planned: dict[int, tuple[Layout, torch.Tensor]] | None = None
+    renumbered: Layout | None = None  # the layout after the last event that renumbered positions (None: none did)
     traced: bool = False  # started while tracing (torch.compile of the whole model): no host reads, no locks
     traced_media_count: int = 0  # a traced prefill's visual tokens, from the pixel inputs' shapes
 

@@ -642,6 +642,8 @@ class ScheduleEngine:
         if event is not None:
             call.layout, source = event
             hidden = _compact_hidden(hidden, source, call.layout)
+            if self.policy.renumbers_at(layer_idx):
+                call.renumbered = call.layout
             call.stages.append(Stage(call.layout, self._position_shift(call)))  # its counts: when a cost is read
             call.stage += 1
         call.stage_of_layer[layer_idx] = call.stage
@@ -658,15 +660,16 @@ class ScheduleEngine:
         return _join_hidden(hidden, rest, kwargs, in_kwargs)
 
     def _position_shift(self, call: CallState) -> torch.Tensor | None:
-        if not self.policy.renumber_positions:
+        """(batch, 1) positions the renumbering events so far removed (what decode tokens move down by)."""
+        if call.renumbered is None:
             return None
-        return (call.full_valid.sum(1) - call.layout.valid.sum(1)).unsqueeze(1)
+        return (call.full_valid.sum(1) - call.renumbered.valid.sum(1)).unsqueeze(1)
 
     def _compacted_kwargs(self, layer_idx: int, call: CallState, hidden: torch.Tensor, kwargs: dict) -> dict:
         """Rewrite the full-sequence kwargs of a decoder layer for the current layout."""
         kwargs = dict(kwargs)
         index = call.layout.index
-        if self.policy.renumber_positions:
+        if call.renumbered is not None:
             kwargs["position_ids"], kwargs["position_embeddings"] = self._renumbered(call, hidden, kwargs)
         else:
             if kwargs.get("position_embeddings") is not None:
@@ -688,14 +691,17 @@ class ScheduleEngine:
         return kwargs
 
     def _renumbered(self, call: CallState, hidden: torch.Tensor, kwargs: dict):
-        """Positions after dropping: each kept token moves down by the number of real tokens dropped before it."""
+        """Positions after dropping: each kept token moves down by the number of real tokens dropped before it at
+        renumbering events (a later event that keeps positions, e.g. VTW after a pre-LLM step, moves nothing)."""
         key = ("renumbered", call.stage)
         if key not in call.memo:
-            layout = call.layout
+            layout, renumbered = call.layout, call.renumbered
             original = gather_sequence(kwargs["position_ids"], layout.index, -1).expand(layout.index.shape)
             valid_before = call.full_valid.cumsum(1) - call.full_valid.long()
-            kept_before = layout.valid.cumsum(1) - layout.valid.long()
-            positions = original - (valid_before.gather(1, layout.index) - kept_before)
+            # Per original position: how many of the renumbered layout's tokens come before it.
+            kept = torch.zeros_like(call.full_valid).scatter(1, renumbered.index, renumbered.valid)
+            kept_before = kept.cumsum(1) - kept.long()
+            positions = original - (valid_before - kept_before).gather(1, layout.index)
             call.memo[key] = (positions, self.parts.language_model.rotary_emb(hidden, positions))
         return call.memo[key]
 

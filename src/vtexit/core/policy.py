@@ -82,6 +82,11 @@ class Policy:
         """(batch, layout.length) bool: the slots each row keeps before ``view.layer_idx``; None for no event."""
         return None
 
+    def renumbers_at(self, layer_idx: int) -> bool:
+        """Whether the event before ``layer_idx`` renumbers positions (default: ``renumber_positions``). A policy
+        that chains steps (a pre-LLM reduction, then VTW) renumbers at some events and not at others."""
+        return self.renumber_positions
+
     def modules(self) -> dict[str, nn.Module]:
         """Modules the method owns (e.g. gates); they follow the model's device and dtype."""
         return {}

@@ -72,6 +72,8 @@ def reduces_prompt(model: nn.Module) -> bool:
 
 
 def _format(value: Any) -> str:
+    if isinstance(value, dict) and "method" in value:  # a step of a hybrid
+        return f"({label_of(config_from_dict(value))})"
     if isinstance(value, (tuple, list)):
         return "/".join(str(v) for v in value)
     return f"{value:g}" if isinstance(value, float) else str(value)

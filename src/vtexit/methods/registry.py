@@ -37,6 +37,9 @@ def method_configs() -> dict[str, type[MethodConfig]]:
     from vtexit.methods.divprune.config import DivPruneConfig
 
     configs[DivPruneConfig.method] = DivPruneConfig
+    from vtexit.methods.hybrid.config import HybridConfig
+
+    configs[HybridConfig.method] = HybridConfig
     return configs
 
 

@@ -1,0 +1,49 @@
+"""A hybrid's settings: the pre-LLM step and the in-LLM step, each a method config as a dict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from vtexit.core.families import FamilySpec
+from vtexit.core.policy import Policy
+from vtexit.methods.base import MethodConfig
+from vtexit.methods.hybrid.policy import HybridPolicy
+
+PRE_LLM_METHODS = ("divprune",)
+
+
+@dataclass(frozen=True)
+class HybridConfig(MethodConfig):
+    """``{"method": "hybrid", "pre": {"method": "divprune", "keep": 0.25}, "then": {"method": "vtw", "layer": 8}}``:
+    one patch, one ``remove()``."""
+
+    method: ClassVar[str] = "hybrid"
+    pre: dict[str, Any]
+    then: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        for name in ("pre", "then"):
+            step = getattr(self, name)
+            if not isinstance(step, dict) or "method" not in step:
+                raise ValueError(f"{name} must be a method config as a dict with a 'method' key, got {step!r}")
+        if self.pre["method"] not in PRE_LLM_METHODS:
+            raise ValueError(f"pre must be one of {list(PRE_LLM_METHODS)} (before the LLM), got {self.pre['method']!r}")
+        if self.then["method"] in (*PRE_LLM_METHODS, "hybrid", "none", "yopo"):
+            raise ValueError(
+                f"then must be an in-LLM schedule method (vtw, dyvte, fastv, pdrop, random_drop), got "
+                f"{self.then['method']!r}"
+            )
+        self.steps()  # each step's own checks
+
+    def steps(self) -> tuple[MethodConfig, MethodConfig]:
+        from vtexit.methods.registry import config_from_dict
+
+        return config_from_dict(self.pre), config_from_dict(self.then)
+
+    def build_policy(self, model: nn.Module, family: FamilySpec) -> Policy:
+        pre, then = self.steps()
+        num_layers = model.config.get_text_config().num_hidden_layers
+        return HybridPolicy(pre.build_policy(model, family), then.build_policy(model, family), num_layers)
