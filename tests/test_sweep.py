@@ -17,7 +17,7 @@ from vtexit.app.cli import app
 from vtexit.core.flops import DecoderShape, count
 from vtexit.evaluation.evaluate import normalise_answer
 from vtexit.evaluation.plots import ParetoPoint, pareto_front
-from vtexit.evaluation.sweep import COLUMNS, default_grid, resolve_grid, run_sweep, save_sweep
+from vtexit.evaluation.sweep import COLUMNS, default_grid, pareto_points, resolve_grid, run_sweep, save_sweep
 from vtexit.testing.tiny_models import build_tiny
 
 
@@ -116,22 +116,28 @@ def test_sweep_points_equal_separate_runs_and_are_saved(default, tmp_path):
     from vtexit.default_model import NUM_IMAGE_TOKENS
 
     model, processor, prompt, records = default
-    grid = [{"method": "fastv", "layer": 2, "keep": 0.25}, {"method": "random_drop", "layer": 3, "keep": 0.5}]
+    grid = [
+        {"method": "fastv", "layer": 2, "keep": 0.25},
+        {"method": "random_drop", "layer": 3, "keep": 0.5},
+        {"method": "divprune", "keep": 0.25},
+    ]
     points = run_sweep(model, processor, records, prompt, grid, batch_size=4, warmup_batches=0, progress=False)
     assert [p.entry.label for p in points] == [
         "baseline",
         "fastv layer=2 keep=0.25",
         "random_drop layer=3 keep=0.5 seed=0",
+        "divprune keep=0.25",
     ]
     verbs = [
         None,
         lambda m: vtexit.fastv(m, layer=2, keep=0.25),
         lambda m: vtexit.random_drop(m, layer=3, keep=0.5),
+        lambda m: vtexit.divprune(m, keep=0.25),
     ]
     shape = DecoderShape.from_model(model)
     n = shape.num_layers
-    kept_visual = [NUM_IMAGE_TOKENS, 16, 32]  # round half up of keep x 64
-    first = [n, 2, 3]
+    kept_visual = [NUM_IMAGE_TOKENS, 16, 32, 16]  # round half up of keep x 64
+    first = [n, 2, 3, 0]  # DivPrune: every layer sees the shorter prompt
     flops = []
     for point, verb, visual, layer in zip(points, verbs, kept_visual, first, strict=True):
         answers, lengths = _by_hand(model, processor, prompt, records, verb)
@@ -149,7 +155,10 @@ def test_sweep_points_equal_separate_runs_and_are_saved(default, tmp_path):
     lines = paths["markdown"].read_text().splitlines()
     assert lines[0] == "| " + " | ".join(COLUMNS) + " |" and len(lines) == 2 + len(points)
     assert lines[3].startswith("| fastv layer=2 keep=0.25 | ") and "100%" not in lines[2].split("|")[5]
-    assert paths["plot"].stat().st_size > 10_000
+    assert paths["plot"].stat().st_size > 10_000 and paths["time_plot"].stat().st_size > 10_000
+    base = points[0].result.lm_prefill_s_per_sample
+    by_time = [1 - p.result.lm_prefill_s_per_sample / base for p in points]
+    assert [p.flops_saved for p in pareto_points(points, "time")] == pytest.approx(by_time)
 
 
 def _invoke(*args: str):

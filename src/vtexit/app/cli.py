@@ -441,7 +441,7 @@ def sweep(
     batch_size: int = typer.Option(8, min=1),
     max_new_tokens: int = typer.Option(4, min=1),
     seed: int = typer.Option(0),
-    out: Path = typer.Option(Path("out/sweep"), help="folder for sweep.json, sweep.md and pareto.png"),
+    out: Path = typer.Option(Path("out/sweep"), help="folder for sweep.json, sweep.md, pareto.png and pareto_time.png"),
     threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
 ) -> None:
     """Methods x budgets on one dataset: accuracy, prefill FLOPs and interleaved median times, and a Pareto plot.
@@ -483,7 +483,7 @@ def sweep(
         table.add_row(*row)
     console.print(table)
     paths = save_sweep(results, out, title=title)
-    console.print(f"wrote {paths['json']}, {paths['markdown']} and {paths['plot']}")
+    console.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']} and {paths['time_plot']}")
 
 
 @app.command()

@@ -90,15 +90,25 @@ def plot_attention_groups(shares, groups: tuple[str, ...], path: str | Path) -> 
 
 @dataclass(frozen=True)
 class ParetoPoint:
-    """One configuration on the accuracy / FLOPs plane; ``method`` picks the marker, ``label`` names the point."""
+    """One configuration on the accuracy / cost plane; ``method`` picks the marker, ``label`` names the point."""
 
     method: str
     label: str
-    flops_saved: float  # share of the baseline's prefill FLOPs, 0..1
+    flops_saved: float  # share of the baseline's cost saved, 0..1 (prefill FLOPs, or measured time)
     accuracy: float  # 0..1
 
 
-MARKERS = {"none": "*", "vtw": "o", "fastv": "s", "pdrop": "^", "random_drop": "X", "dyvte": "D", "yopo": "P"}
+MARKERS = {
+    "none": "*",
+    "vtw": "o",
+    "fastv": "s",
+    "pdrop": "^",
+    "random_drop": "X",
+    "dyvte": "D",
+    "yopo": "P",
+    "divprune": "h",
+    "hybrid": "p",
+}
 SPARE_MARKERS = ("v", "<", ">", "p", "h", "8", "d")
 
 
@@ -149,9 +159,12 @@ def _place_labels(fig: Figure, ax, items: list[tuple[float, float, str, str]]) -
         )
 
 
-def plot_pareto(points: Sequence[ParetoPoint], path: str | Path, title: str = "") -> Path:
-    """Accuracy against prefill FLOPs saved, one marker (and colour) per method, each point labelled with its
-    settings, the Pareto front (points no other beats on both axes) as a dashed staircase."""
+def plot_pareto(
+    points: Sequence[ParetoPoint], path: str | Path, title: str = "", saved: str = "prefill FLOPs saved"
+) -> Path:
+    """Accuracy against the share of cost saved (``saved`` names it: prefill FLOPs by default), one marker (and
+    colour) per method, each point labelled with its settings, the Pareto front (points no other beats on both axes)
+    as a dashed staircase."""
     fig = Figure(figsize=(8, 5.4))
     ax = fig.subplots()
     spare = iter(SPARE_MARKERS * 4)
@@ -185,12 +198,12 @@ def plot_pareto(points: Sequence[ParetoPoint], path: str | Path, title: str = ""
         zorder=2,
     )
     lowest = min(100 * p.accuracy for p in points)
-    ax.set_xlim(-3, 103)
+    ax.set_xlim(min(-3.0, min(100 * p.flops_saved for p in points) - 3), 103)  # time saved < 0: slower
     ax.set_ylim(max(0.0, 10 * (lowest // 10) - 10), 104)
-    ax.set_xlabel("prefill FLOPs saved (%)")
+    ax.set_xlabel(f"{saved} (%)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.set_title(title or "Accuracy against prefill FLOPs saved")
+    ax.set_title(title or f"Accuracy against {saved}")
     ax.legend(loc="lower left", fontsize=8)
     _place_labels(fig, ax, labels)
     return _save(fig, path)

@@ -212,12 +212,17 @@ def markdown_table(points: Sequence[SweepPoint]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pareto_points(points: Sequence[SweepPoint]) -> list[ParetoPoint]:
+def pareto_points(points: Sequence[SweepPoint], measure: str = "flops") -> list[ParetoPoint]:
+    """Points on the accuracy / cost plane; ``measure`` "flops" (prefill FLOPs saved) or "time" (the share of the
+    baseline's measured LM prefill time saved, from the interleaved medians; negative when slower)."""
+    if measure not in ("flops", "time"):
+        raise ValueError(f"measure must be 'flops' or 'time', got {measure!r}")
+    base = next(p for p in points if p.entry.config is None).result.lm_prefill_s_per_sample
     return [
         ParetoPoint(
             method=p.entry.method,
             label=p.entry.label,
-            flops_saved=p.flops_saved,
+            flops_saved=p.flops_saved if measure == "flops" else 1 - p.result.lm_prefill_s_per_sample / base,
             accuracy=p.result.accuracy,
         )
         for p in points
@@ -225,15 +230,22 @@ def pareto_points(points: Sequence[SweepPoint]) -> list[ParetoPoint]:
 
 
 def save_sweep(points: Sequence[SweepPoint], folder: str | Path, title: str = "") -> dict[str, Path]:
-    """Write ``sweep.json`` (every point with its config and answers), ``sweep.md`` and ``pareto.png``. Under
+    """Write ``sweep.json`` (every point with its config and answers), ``sweep.md``, ``pareto.png`` (accuracy
+    against prefill FLOPs saved) and ``pareto_time.png`` (against measured LM prefill time saved). Under
     data-parallel evaluation (``torchrun -m vtexit.app.parallel sweep``) every rank holds the same merged points and
     only rank 0 writes."""
     folder = Path(folder)
-    paths = {"json": folder / "sweep.json", "markdown": folder / "sweep.md", "plot": folder / "pareto.png"}
+    paths = {
+        "json": folder / "sweep.json",
+        "markdown": folder / "sweep.md",
+        "plot": folder / "pareto.png",
+        "time_plot": folder / "pareto_time.png",
+    }
     if not distributed.is_main_process():
         return paths
     folder.mkdir(parents=True, exist_ok=True)
     paths["json"].write_text(json.dumps([p.to_dict() for p in points], indent=1))
     paths["markdown"].write_text(markdown_table(points))
     plot_pareto(pareto_points(points), paths["plot"], title=title)
+    plot_pareto(pareto_points(points, "time"), paths["time_plot"], title=title, saved="LM prefill time saved")
     return paths
