@@ -185,6 +185,8 @@ def plot_pareto(
         )
         for p in mine:
             text = p.label.split(" ", 1)[1] if p.label.startswith(method + " ") else p.label
+            if method == "hybrid":  # "pre=(divprune keep=0.5) then=(vtw layer=24)" -> "divprune keep=0.5 + vtw ..."
+                text = text.removeprefix("pre=(").removesuffix(")").replace(") then=(", " + ")
             labels.append((100 * p.flops_saved, 100 * p.accuracy, text, colour))
     front = pareto_front(points)
     ax.step(
