@@ -207,3 +207,7 @@ def test_plugin_refuses_bad_model_arguments(setup):
         VTExitLMM(pretrained=folder, layer=2)
     with pytest.raises(ValueError, match="batch_size"):
         VTExitLMM(pretrained=folder, batch_size="auto")
+    with pytest.raises(ValueError, match="keep must be in"):
+        VTExitLMM(pretrained=folder, method="divprune", keep="2")
+    lmm = VTExitLMM(pretrained=folder, method="divprune", keep="0.25")  # a pre-LLM method, as model_args give it
+    assert lmm.method_config == vtexit.DivPruneConfig(keep=0.25) and vtexit.patch_of(lmm.model) is lmm.handle
