@@ -16,6 +16,7 @@ from vtexit.methods.dyvte import DyVTEConfig, DyVTEGates, DyVTEHandle, dyvte, tr
 from vtexit.methods.fastv import FastVConfig, fastv
 from vtexit.methods.hybrid import HybridConfig, hybrid
 from vtexit.methods.pdrop import PDropConfig, pdrop
+from vtexit.methods.pool import PoolConfig, pool
 from vtexit.methods.random_drop import RandomDropConfig, random_drop
 from vtexit.methods.registry import apply, apply_policy, config_from_dict, method_configs
 from vtexit.methods.vtw import (
@@ -37,6 +38,8 @@ __all__ = [
     "divprune",
     "HybridConfig",
     "hybrid",
+    "PoolConfig",
+    "pool",
     "DyVTEConfig",
     "DyVTEGates",
     "DyVTEHandle",

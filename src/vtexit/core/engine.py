@@ -635,6 +635,8 @@ class ScheduleEngine:
             if keep is not None:
                 first = call.stage < 0 and not self._replaced  # whether a row ends in media is read now (see prefill)
                 check = _ends_in_media(call.media, call.layout) if first else None
+                merged = self.policy.merge(view, keep)
+                hidden = hidden if merged is None else merged
                 layout, source, ends_in_media = call.layout.select(keep, check)
                 if ends_in_media:
                     raise _ends_in_media_error()

@@ -12,6 +12,7 @@ Optionally a policy
   * owns modules (gates): return them from :meth:`modules`; the engine moves them to the model's device and dtype;
   * renumbers positions after a drop (``renumber_positions``), as PyramidDrop does; VTW keeps original positions;
   * replaces attention/MLP forwards (:meth:`replacements`), for in-layer methods; the patch handle restores them;
+  * merges dropped tokens into kept ones at an event (:meth:`merge`), e.g. pooling;
   * declares a schedule known from the prompt alone (``withdraw_media_at``), which compiles without graph breaks.
 """
 
@@ -86,6 +87,11 @@ class Policy:
         """Whether the event before ``layer_idx`` renumbers positions (default: ``renumber_positions``). A policy
         that chains steps (a pre-LLM reduction, then VTW) renumbers at some events and not at others."""
         return self.renumber_positions
+
+    def merge(self, view: PrefillView, keep: torch.Tensor) -> torch.Tensor | None:
+        """Hidden states (batch, layout.length, hidden) the kept slots carry on from an event, when they are not
+        ``view.hidden_states`` (a method that merges dropped tokens into kept ones, e.g. pooling); None: unchanged."""
+        return None
 
     def modules(self) -> dict[str, nn.Module]:
         """Modules the method owns (e.g. gates); they follow the model's device and dtype."""

@@ -42,7 +42,8 @@ def default_grid(model: nn.Module) -> list[dict[str, Any]]:
 
     VTW at K = N/2, 3N/4, 4N/5; FastV and the random drop at layer 2 (FastV's K) keeping 1/2 and 1/4; PyramidDrop
     with stages at N/4, N/2, 3N/4 (8/16/24 for 32 layers, as in its paper) keeping 1/2 and 1/4 per stage; DivPrune
-    before the language model keeping 1/2 and 1/4, where the model allows it (see :func:`reduces_prompt`).
+    before the language model keeping 1/2 and 1/4, and 2 x 2 pooling of the visual grid, where the model allows it
+    (see :func:`reduces_prompt`).
     """
     low, n = valid_layer_range(model)
     last = n - 1
@@ -59,6 +60,8 @@ def default_grid(model: nn.Module) -> list[dict[str, Any]]:
     grid += [{"method": "random_drop", "layer": early, "keep": keep, "seed": 0} for keep in (0.5, 0.25)]
     if reduces_prompt(model):
         grid += [{"method": "divprune", "keep": keep} for keep in (0.5, 0.25)]
+        if family_for(model).visual_grid is not None:
+            grid.append({"method": "pool", "stride": 2})  # a quarter of the visual tokens
     return grid
 
 

@@ -40,6 +40,9 @@ def method_configs() -> dict[str, type[MethodConfig]]:
     from vtexit.methods.hybrid.config import HybridConfig
 
     configs[HybridConfig.method] = HybridConfig
+    from vtexit.methods.pool.config import PoolConfig
+
+    configs[PoolConfig.method] = PoolConfig
     return configs
 
 

@@ -38,5 +38,8 @@ class HybridPolicy(Policy):
     def keep(self, view: PrefillView) -> torch.Tensor | None:
         return (self.pre if view.layer_idx == 0 else self.then).keep(view)
 
+    def merge(self, view: PrefillView, keep: torch.Tensor) -> torch.Tensor | None:
+        return (self.pre if view.layer_idx == 0 else self.then).merge(view, keep)
+
     def modules(self) -> dict[str, nn.Module]:
         return {**self.pre.modules(), **self.then.modules()}

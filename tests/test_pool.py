@@ -1,0 +1,121 @@
+"""Visual-grid pooling before the language model against the unpatched model on the pooled prompt built by hand
+(each image's 2 x 2 blocks averaged with plain loops, fed as ``inputs_embeds``), forward and cached generate."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from reduced_prompt import layer0_inputs
+from reference import record_layer_inputs, scheduled_logits
+
+import vtexit
+from vtexit.testing.tiny_models import build_tiny
+
+
+def _pooled_prompt(case, inputs: dict, stride: int, flags: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's real tokens, every image's stride x stride blocks replaced by their mean at the block's top-left
+    token, left-padded with zero vectors; and the attention mask. By hand: the k-th run of image_seq_length image
+    tokens in a row is image k, a square grid in row-major order. ``flags``, if given, receives per row whether each
+    kept token is visual."""
+    embeds = layer0_inputs(case.model, inputs)
+    media = case.media_mask(inputs)
+    side = math.isqrt(case.model.config.image_seq_length)
+    rows = []
+    for b in range(embeds.shape[0]):
+        real = inputs["attention_mask"][b].bool()
+        kept, seen, is_media = [], 0, []
+        for i in range(embeds.shape[1]):
+            if not real[i]:
+                continue
+            if not media[b, i]:
+                kept.append(embeds[b, i])
+                is_media.append(False)
+                continue
+            local = seen % (side * side)
+            start = i - local  # the image's first token
+            seen += 1
+            r, c = divmod(local, side)
+            if r % stride or c % stride:
+                continue
+            block = [
+                embeds[b, start + rr * side + cc]
+                for rr in range(r, min(r + stride, side))
+                for cc in range(c, min(c + stride, side))
+            ]
+            kept.append(torch.stack(block).float().mean(0).to(embeds.dtype))
+            is_media.append(True)
+        rows.append(torch.stack(kept))
+        if flags is not None:
+            flags.append(is_media)
+    longest = max(len(r) for r in rows)
+    padded = torch.zeros(len(rows), longest, embeds.shape[-1], dtype=embeds.dtype)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for b, row in enumerate(rows):
+        padded[b, longest - len(row) :] = row
+        mask[b, longest - len(row) :] = 1
+    return padded, mask
+
+
+@pytest.fixture(scope="module")
+def llava():
+    case = build_tiny("llava", num_layers=4)
+    case.model.generation_config.eos_token_id = None
+    case.model.generation_config.pad_token_id = 0
+    return case
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("stride", [2, 3])
+def test_pool_equals_the_unpatched_model_on_the_pooled_prompt(llava, stride):
+    model = llava.model
+    inputs = llava.inputs([1, 2, 0], text_len=[5, 3, 7])
+    embeds, mask = _pooled_prompt(llava, inputs, stride)
+    reference = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+    generate = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True)
+    generate.update(return_dict_in_generate=True)
+    reference_steps = model.generate(inputs_embeds=embeds, attention_mask=mask, **generate)
+    with vtexit.pool(model, stride=stride) as handle:
+        logits = model(**inputs, use_cache=False).logits
+        layout = handle.last_layout
+        tokens = handle.last_cost.tokens_per_layer()
+        steps = model.generate(**inputs, **generate)
+    assert layout.valid.sum(1).tolist() == mask.sum(1).tolist()
+    torch.testing.assert_close(logits[layout.valid], reference[mask.bool()], atol=2e-5, rtol=1e-4)
+    assert tokens.tolist() == [mask.sum(1).tolist()] * len(tokens)
+    assert steps.sequences[:, inputs["input_ids"].shape[1] :].tolist() == reference_steps.sequences.tolist()
+    for step, expected in zip(steps.logits, reference_steps.logits, strict=True):
+        torch.testing.assert_close(step, expected, atol=2e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_pool_then_vtw_equals_layers_run_by_hand(llava):
+    """A hybrid with pooling: the pooled prompt's layer inputs (unpatched model), then layers K.. run by hand on its
+    text tokens; one remove() restores the model."""
+    model, layer = llava.model, 2
+    inputs = llava.inputs([1, 2], text_len=[5, 3])
+    before = model(**inputs).logits
+    flags: list = []
+    embeds, mask = _pooled_prompt(llava, inputs, 2, flags)
+    seen = record_layer_inputs(model, {"inputs_embeds": embeds, "attention_mask": mask})
+    config = vtexit.HybridConfig(pre={"method": "pool", "stride": 2}, then={"method": "vtw", "layer": layer})
+    with vtexit.apply(model, config) as handle:
+        logits = model(**inputs, use_cache=False).logits
+        layout = handle.last_layout
+    for b, row in enumerate(flags):
+        pad = int((mask[b] == 0).sum())
+        slots = torch.tensor([pad + j for j, visual in enumerate(row) if not visual])
+        expected = scheduled_logits(model, seen, b, [(layer, slots)])
+        torch.testing.assert_close(logits[b][layout.valid[b]], expected, atol=2e-5, rtol=1e-4)
+    assert torch.equal(model(**inputs).logits, before)
+
+
+@pytest.mark.parametrize("family, why", [("llava_next", "visual grid"), ("qwen2_vl", "not supported for")])
+def test_pool_refuses_families_it_cannot_describe(family, why):
+    model = build_tiny(family, num_layers=4).model
+    with pytest.raises(ValueError, match=why):
+        vtexit.pool(model)
+    assert vtexit.patch_of(model) is None
+    with pytest.raises(ValueError, match="stride must be"):
+        vtexit.PoolConfig(stride=1)
