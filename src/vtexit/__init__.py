@@ -11,6 +11,7 @@ from vtexit.core.layout import Layout
 from vtexit.core.policy import Policy, PrefillView
 from vtexit.methods.base import MethodConfig
 from vtexit.methods.baseline import BaselineConfig, baseline
+from vtexit.methods.dart import DARTConfig, dart
 from vtexit.methods.divprune import DivPruneConfig, divprune
 from vtexit.methods.dyvte import DyVTEConfig, DyVTEGates, DyVTEHandle, dyvte, train_gates
 from vtexit.methods.fastv import FastVConfig, fastv
@@ -34,6 +35,8 @@ __all__ = [
     "YOPOConfig",
     "calibrate_heads",
     "yopo",
+    "DARTConfig",
+    "dart",
     "DivPruneConfig",
     "divprune",
     "HybridConfig",

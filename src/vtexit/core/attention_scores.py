@@ -44,6 +44,18 @@ def _heads(projection: torch.Tensor, head_dim: int, norm: nn.Module | None) -> t
     return states.transpose(1, 2)  # (batch, heads, length, head_dim)
 
 
+def rotated_keys(
+    attention: nn.Module, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """(batch, kv heads, length, head_dim) keys of ``attention`` for its input ``hidden_states`` (after the layer's
+    input norm): projection, the family's k norm if any, rotary, as the module computes them."""
+    rotate = _rotary_function(attention)
+    key = _heads(attention.k_proj(hidden_states), attention.head_dim, getattr(attention, "k_norm", None))
+    cos, sin = position_embeddings
+    key, _ = rotate(key, key, cos, sin)
+    return key
+
+
 def query_attention(
     attention: nn.Module,
     hidden_states: torch.Tensor,
@@ -64,12 +76,11 @@ def query_attention(
     batch, length, _ = hidden_states.shape
     picked = hidden_states.gather(1, query_slots.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))
     query = _heads(attention.q_proj(picked), head_dim, getattr(attention, "q_norm", None))
-    key = _heads(attention.k_proj(hidden_states), head_dim, getattr(attention, "k_norm", None))
+    key = rotated_keys(attention, hidden_states, position_embeddings)
     cos, sin = position_embeddings
     cos_q = cos.expand(batch, -1, -1).gather(1, query_slots.unsqueeze(-1).expand(-1, -1, cos.shape[-1]))
     sin_q = sin.expand(batch, -1, -1).gather(1, query_slots.unsqueeze(-1).expand(-1, -1, sin.shape[-1]))
     query, _ = rotate(query, query, cos_q, sin_q)
-    key, _ = rotate(key, key, cos, sin)
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1)
     scores = (query.float() @ key.float().transpose(-1, -2)) * attention.scaling

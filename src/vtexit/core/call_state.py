@@ -66,6 +66,7 @@ class CallState:
     grid_inputs: dict = field(default_factory=dict)  # the core kwargs the family's visual grid is computed from
     use_cache: bool | None = None  # as the core was called (None: not said)
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    key_states: dict[int, torch.Tensor] = field(default_factory=dict)
     policy_state: dict = field(default_factory=dict)
     memo: dict = field(default_factory=dict)
     # A schedule planned before the first layer (Policy.withdraw_media_at): event layer -> (layout after it, the

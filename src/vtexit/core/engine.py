@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vtexit.core.attention_scores import check_supported, query_attention
+from vtexit.core.attention_scores import check_supported, query_attention, rotated_keys
 from vtexit.core.call_state import (
     CallState,
     DecodeCostInputs,
@@ -143,7 +143,8 @@ class ScheduleEngine:
             if "forward" in module.__dict__:
                 raise ValueError(f"{type(module).__name__}.forward is already replaced on this instance")
         # Everything that can refuse is resolved before the first hook, so a refusal leaves the model untouched.
-        attention_modules = [(i, self.attention_module(i)) for i in sorted(set(self.policy.attention_layers))]
+        watched = set(self.policy.attention_layers) | set(self.policy.key_layers)
+        attention_modules = [(i, self.attention_module(i)) for i in sorted(watched)]
         hooks = self._handles
         hooks.append(self.model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True))
         hooks.append(self.model.register_forward_hook(self._top_post_hook, always_call=True))
@@ -606,11 +607,19 @@ class ScheduleEngine:
         if call is None or call.mode != "prefill":
             return
         hidden = args[0] if args else kwargs["hidden_states"]
+        # Scores and keys are kept per original position, so a policy can read them after later layout changes.
+        if layer_idx in self.policy.key_layers:
+            keys = rotated_keys(module, hidden, kwargs["position_embeddings"])
+            keys = keys.transpose(1, 2).flatten(2)  # (batch, slots, kv heads x head_dim)
+            store = keys.new_zeros(*call.full_valid.shape, keys.shape[-1])
+            index = call.layout.index.unsqueeze(-1).expand(-1, -1, keys.shape[-1])
+            call.key_states[layer_idx] = store.scatter(1, index, keys * call.layout.valid[..., None].to(keys.dtype))
+        if layer_idx not in self.policy.attention_layers:
+            return
         last = call.layout.last_slot.to(torch.long).argmax(dim=1, keepdim=True)
         probs = query_attention(
             module, hidden, kwargs["position_embeddings"], kwargs.get("attention_mask"), last
         ).squeeze(1)
-        # Scores are kept per original position, so a policy can read them after later layout changes.
         scores = torch.zeros_like(call.full_valid, dtype=probs.dtype)
         call.scores[layer_idx] = scores.scatter(1, call.layout.index, probs * call.layout.valid)
 
@@ -630,7 +639,15 @@ class ScheduleEngine:
         if call.planned is not None:
             event = call.planned.get(layer_idx)
         elif self._event_layers is None or layer_idx in self._event_layers:
-            view = PrefillView(layer_idx, call.layout, call.media, hidden, call.scores, call.policy_state)
+            view = PrefillView(
+                layer_idx,
+                call.layout,
+                call.media,
+                hidden,
+                scores=call.scores,
+                state=call.policy_state,
+                key_states=call.key_states,
+            )
             keep = self.policy.keep(view)
             if keep is not None:
                 first = call.stage < 0 and not self._replaced  # whether a row ends in media is read now (see prefill)

@@ -7,6 +7,7 @@ any number of events per prefill. Decode steps follow the prefill's schedule on 
 
 Optionally a policy
   * keeps per-call results in ``view.state`` (a dict per prefill; ``handle.last_policy_state`` afterwards);
+  * reads attention keys: list the layers in ``key_layers`` and read :meth:`PrefillView.keys` later (DART);
   * reads attention scores: list the layers in ``attention_layers`` and read :meth:`PrefillView.attention` at any
     later boundary (the last prompt token's attention, recomputed from q/k under SDPA, no eager needed);
   * owns modules (gates): return them from :meth:`modules`; the engine moves them to the model's device and dtype;
@@ -40,6 +41,7 @@ class PrefillView:
     media_original: torch.Tensor  # (batch, prompt length) bool, True at media (visual) tokens
     hidden_states: torch.Tensor  # (batch, layout.length, hidden), the input of layer_idx
     scores: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (batch, prompt length)
+    key_states: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (batch, prompt length, features)
     # Scratch space of this call for the policy (e.g. the layer each row exited at): one dict per prefill, so
     # concurrent calls never share it. After the call the handle shows it as ``last_policy_state``.
     state: dict = field(default_factory=dict)
@@ -64,11 +66,25 @@ class PrefillView:
             )
         return self.scores[layer].gather(1, self.layout.index) * self.layout.valid
 
+    def keys(self, layer: int) -> torch.Tensor:
+        """(batch, layout.length, kv heads x head_dim) the attention keys (rotary applied) layer ``layer`` computed
+        for each current slot; 0 on pad slots. ``layer`` must be in the policy's ``key_layers`` and < layer_idx."""
+        if layer not in self.key_states:
+            raise ValueError(
+                f"keys of layer {layer} were not recorded: list it in the policy's key_layers "
+                f"(and read them at a later layer boundary than {layer})"
+            )
+        keys = self.key_states[layer]
+        return keys.gather(1, self.layout.index.unsqueeze(-1).expand(-1, -1, keys.shape[-1])) * self.layout.valid[
+            ..., None
+        ].to(keys.dtype)
+
 
 class Policy:
     """Base class of a method's decision logic. Override :meth:`keep`; the rest is optional."""
 
     attention_layers: tuple[int, ...] = ()
+    key_layers: tuple[int, ...] = ()  # layers whose attention keys the policy reads (PrefillView.keys)
     renumber_positions: bool = False
     # The layers before which keep() may return a mask; None asks at every layer from the family's minimum layer on
     # (layer 0, and for some families a few more, must keep the full sequence). Layers before the first event layer

@@ -40,7 +40,8 @@ BASELINE_LABEL = "baseline"
 def default_grid(model: nn.Module) -> list[dict[str, Any]]:
     """The built-in budgets for a model of N decoder layers (positions scale with N).
 
-    VTW at K = N/2, 3N/4, 4N/5; FastV and the random drop at layer 2 (FastV's K) keeping 1/2 and 1/4; PyramidDrop
+    VTW at K = N/2, 3N/4, 4N/5; FastV, the random drop and DART at layer 2 (FastV's and DART's K) keeping 1/2 and
+    1/4; PyramidDrop
     with stages at N/4, N/2, 3N/4 (8/16/24 for 32 layers, as in its paper) keeping 1/2 and 1/4 per stage; DivPrune
     before the language model keeping 1/2 and 1/4, and 2 x 2 pooling of the visual grid, where the model allows it
     (see :func:`reduces_prompt`).
@@ -58,6 +59,7 @@ def default_grid(model: nn.Module) -> list[dict[str, Any]]:
     grid += [{"method": "fastv", "layer": early, "keep": keep} for keep in (0.5, 0.25)]
     grid += [{"method": "pdrop", "layers": stages, "keep": keep} for keep in (0.5, 0.25)]
     grid += [{"method": "random_drop", "layer": early, "keep": keep, "seed": 0} for keep in (0.5, 0.25)]
+    grid += [{"method": "dart", "layer": early, "keep": keep} for keep in (0.5, 0.25)]
     if reduces_prompt(model):
         grid += [{"method": "divprune", "keep": keep} for keep in (0.5, 0.25)]
         if family_for(model).visual_grid is not None:

@@ -43,6 +43,9 @@ def method_configs() -> dict[str, type[MethodConfig]]:
     from vtexit.methods.pool.config import PoolConfig
 
     configs[PoolConfig.method] = PoolConfig
+    from vtexit.methods.dart.config import DARTConfig
+
+    configs[DARTConfig.method] = DARTConfig
     return configs
 
 
