@@ -9,6 +9,8 @@ from fractions import Fraction
 import numpy as np
 import torch
 
+from vtexit.testing.tiny_models import build_tiny
+
 
 def keep_count(visual: int, keep: float) -> int:
     """Round half up of keep x visual, at least one when there are visual tokens (keep as an exact fraction)."""
@@ -49,7 +51,7 @@ def layer0_inputs(model, inputs: dict) -> torch.Tensor:
         model(**inputs, use_cache=False)
     finally:
         hook.remove()
-    return seen["h"]
+    return seen["h"].detach()
 
 
 def reduced_prompt(case, inputs: dict, keep: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,10 +66,45 @@ def reduced_prompt(case, inputs: dict, keep: float) -> tuple[torch.Tensor, torch
         real = inputs["attention_mask"][b].bool()
         kept = [i for i in range(embeds.shape[1]) if real[i] and (not media[b, i] or i in chosen)]
         rows.append(embeds[b, kept])
+    return left_pad(rows)
+
+
+def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of (length_b, hidden) embeddings left-padded with zero vectors into one batch, and its attention mask."""
     longest = max(len(r) for r in rows)
-    padded = torch.zeros(len(rows), longest, embeds.shape[-1], dtype=embeds.dtype)
+    padded = torch.zeros(len(rows), longest, rows[0].shape[-1], dtype=rows[0].dtype)
     mask = torch.zeros(len(rows), longest, dtype=torch.long)
     for b, row in enumerate(rows):
         padded[b, longest - len(row) :] = row
         mask[b, longest - len(row) :] = 1
     return padded, mask
+
+
+def greedy_case(name: str):
+    """A 4-layer tiny model of family ``name`` that generates a fixed number of tokens (no EOS, pad id 0)."""
+    case = build_tiny(name, num_layers=4)
+    case.model.generation_config.eos_token_id = None
+    case.model.generation_config.pad_token_id = 0
+    return case
+
+
+@torch.no_grad()
+def check_against_reduced_prompt(model, inputs: dict, embeds: torch.Tensor, mask: torch.Tensor, patch, steps: int):
+    """The model under ``patch(model)`` (a handle used as a context) against the unpatched model on the reduced
+    prompt ``embeds`` / ``mask``: the kept slots' logits (positions differ by a constant per padded row, which rotary
+    attention does not see), every layer's token count, and a cached generate's tokens and per-step logits."""
+    reference = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+    generate = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True)
+    generate.update(return_dict_in_generate=True)
+    reference_steps = model.generate(inputs_embeds=embeds, attention_mask=mask, **generate)
+    with patch(model) as handle:
+        logits = model(**inputs, use_cache=False).logits
+        layout = handle.last_layout
+        tokens = handle.last_cost.tokens_per_layer()
+        result = model.generate(**inputs, **generate)
+    assert layout.valid.sum(1).tolist() == mask.sum(1).tolist()
+    torch.testing.assert_close(logits[layout.valid], reference[mask.bool()], atol=2e-5, rtol=1e-4)
+    assert tokens.tolist() == [mask.sum(1).tolist()] * len(tokens)  # every layer, layer 0 too
+    assert result.sequences[:, inputs["input_ids"].shape[1] :].tolist() == reference_steps.sequences.tolist()
+    for step, expected in zip(result.logits, reference_steps.logits, strict=True):
+        torch.testing.assert_close(step, expected, atol=2e-5, rtol=1e-4)

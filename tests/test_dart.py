@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from reduced_prompt import keep_count
+from reduced_prompt import greedy_case, keep_count
 from reference import greedy_no_cache, record_layer_inputs, scheduled_logits
 
 import vtexit
@@ -47,10 +47,7 @@ def _kept_by_hand(model, seen, inputs: dict, media: torch.Tensor, b: int) -> lis
 
 @pytest.fixture(scope="module", params=["llava", "qwen2_vl", "internvl"])
 def case(request):
-    case = build_tiny(request.param, num_layers=4)
-    case.model.generation_config.eos_token_id = None
-    case.model.generation_config.pad_token_id = 0
-    return case
+    return greedy_case(request.param)
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reduced_prompt import greedy_by_hand, keep_count, reduced_prompt
+from reduced_prompt import check_against_reduced_prompt, greedy_by_hand, greedy_case, keep_count, reduced_prompt
 
 import vtexit
 from vtexit.methods.divprune import max_min_diverse
@@ -32,37 +32,15 @@ def test_selection_matches_a_brute_force_greedy():
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def case(request):
-    case = build_tiny(request.param, num_layers=4)
-    case.model.generation_config.eos_token_id = None
-    case.model.generation_config.pad_token_id = 0
-    return case
+    return greedy_case(request.param)
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("images_per_row, text_len", [([1], [6]), ([1, 2, 0], [5, 3, 7])])
-def test_divprune_equals_the_unpatched_model_on_thereduced_prompt(case, images_per_row, text_len):
-    model = case.model
+def test_divprune_equals_the_unpatched_model_on_the_reduced_prompt(case, images_per_row, text_len):
     inputs = case.inputs(images_per_row, text_len=text_len)
-    keep = 0.3
-    embeds, mask = reduced_prompt(case, inputs, keep)
-    reference = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
-    generate = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True)
-    generate.update(return_dict_in_generate=True)
-    reference_steps = model.generate(inputs_embeds=embeds, attention_mask=mask, **generate)
-    with vtexit.apply(model, vtexit.DivPruneConfig(keep=keep)) as handle:
-        logits = model(**inputs, use_cache=False).logits
-        layout = handle.last_layout
-        tokens_per_layer = handle.last_cost.tokens_per_layer()
-        steps = model.generate(**inputs, **generate)
-    # The kept slots of each row, in order, against the reference's real slots (positions differ by a constant per
-    # padded row, which rotary attention does not see).
-    assert layout.valid.sum(1).tolist() == mask.sum(1).tolist()
-    torch.testing.assert_close(logits[layout.valid], reference[mask.bool()], atol=2e-5, rtol=1e-4)
-    assert tokens_per_layer.tolist() == [mask.sum(1).tolist()] * len(tokens_per_layer)  # every layer, layer 0 too
-    new = steps.sequences[:, inputs["input_ids"].shape[1] :]
-    assert new.tolist() == reference_steps.sequences.tolist()
-    for step, expected in zip(steps.logits, reference_steps.logits, strict=True):
-        torch.testing.assert_close(step, expected, atol=2e-5, rtol=1e-4)
+    embeds, mask = reduced_prompt(case, inputs, 0.3)
+    check_against_reduced_prompt(case.model, inputs, embeds, mask, lambda m: vtexit.divprune(m, keep=0.3), steps=4)
 
 
 @torch.no_grad()

@@ -6,21 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reduced_prompt import reduced_prompt
+from reduced_prompt import greedy_case, reduced_prompt
 from reference import greedy_no_cache, record_layer_inputs, scheduled_logits
 
 import vtexit
-from vtexit.testing.tiny_models import build_tiny
 
 PRE = {"method": "divprune", "keep": 0.3}
 
 
 @pytest.fixture(scope="module")
 def llava():
-    case = build_tiny("llava", num_layers=4)
-    case.model.generation_config.eos_token_id = None
-    case.model.generation_config.pad_token_id = 0
-    return case
+    return greedy_case("llava")
 
 
 @torch.no_grad()

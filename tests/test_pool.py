@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from reduced_prompt import layer0_inputs
+from reduced_prompt import check_against_reduced_prompt, greedy_case, layer0_inputs, left_pad
 from reference import record_layer_inputs, scheduled_logits
 
 import vtexit
@@ -49,44 +49,20 @@ def _pooled_prompt(case, inputs: dict, stride: int, flags: list | None = None) -
         rows.append(torch.stack(kept))
         if flags is not None:
             flags.append(is_media)
-    longest = max(len(r) for r in rows)
-    padded = torch.zeros(len(rows), longest, embeds.shape[-1], dtype=embeds.dtype)
-    mask = torch.zeros(len(rows), longest, dtype=torch.long)
-    for b, row in enumerate(rows):
-        padded[b, longest - len(row) :] = row
-        mask[b, longest - len(row) :] = 1
-    return padded, mask
+    return left_pad(rows)
 
 
 @pytest.fixture(scope="module")
 def llava():
-    case = build_tiny("llava", num_layers=4)
-    case.model.generation_config.eos_token_id = None
-    case.model.generation_config.pad_token_id = 0
-    return case
+    return greedy_case("llava")
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("stride", [2, 3])
 def test_pool_equals_the_unpatched_model_on_the_pooled_prompt(llava, stride):
-    model = llava.model
     inputs = llava.inputs([1, 2, 0], text_len=[5, 3, 7])
     embeds, mask = _pooled_prompt(llava, inputs, stride)
-    reference = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
-    generate = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True)
-    generate.update(return_dict_in_generate=True)
-    reference_steps = model.generate(inputs_embeds=embeds, attention_mask=mask, **generate)
-    with vtexit.pool(model, stride=stride) as handle:
-        logits = model(**inputs, use_cache=False).logits
-        layout = handle.last_layout
-        tokens = handle.last_cost.tokens_per_layer()
-        steps = model.generate(**inputs, **generate)
-    assert layout.valid.sum(1).tolist() == mask.sum(1).tolist()
-    torch.testing.assert_close(logits[layout.valid], reference[mask.bool()], atol=2e-5, rtol=1e-4)
-    assert tokens.tolist() == [mask.sum(1).tolist()] * len(tokens)
-    assert steps.sequences[:, inputs["input_ids"].shape[1] :].tolist() == reference_steps.sequences.tolist()
-    for step, expected in zip(steps.logits, reference_steps.logits, strict=True):
-        torch.testing.assert_close(step, expected, atol=2e-5, rtol=1e-4)
+    check_against_reduced_prompt(llava.model, inputs, embeds, mask, lambda m: vtexit.pool(m, stride=stride), steps=3)
 
 
 @torch.no_grad()
