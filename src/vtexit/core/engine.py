@@ -659,6 +659,11 @@ class ScheduleEngine:
                     raise _ends_in_media_error()
                 event = (layout, source)
         if event is not None:
+            if layer_idx == 0 and call.static_prefill:
+                raise ValueError(
+                    "a method that shortens the prompt before the language model (an event before layer 0) does not "
+                    "support static caches yet; use the default dynamic cache"
+                )
             call.layout, source = event
             hidden = _compact_hidden(hidden, source, call.layout)
             if self.policy.renumbers_at(layer_idx):
@@ -668,11 +673,6 @@ class ScheduleEngine:
         call.stage_of_layer[layer_idx] = call.stage
         if call.stage < 0:
             return None if event is None else _join_hidden(hidden, rest, kwargs, in_kwargs)
-        if call.static_prefill and call.stage_of_layer[0] >= 0:
-            raise ValueError(
-                "a method that shortens the prompt before the language model (an event before layer 0) does not "
-                "support static caches yet; use the default dynamic cache"
-            )
         if call.static_prefill:  # before the layer's first write: its buffers hold what it keeps
             size_compacted_layer(call.cache, layer_idx, call.layout.index.shape[1], call.media.shape[1])
         kwargs = self._compacted_kwargs(layer_idx, call, hidden, kwargs)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from vtexit.core.layout import Layout
+from vtexit.core.layout import Layout, gather_sequence
 
 if TYPE_CHECKING:
     from vtexit.core.engine import ScheduleEngine
@@ -75,9 +75,7 @@ class PrefillView:
                 f"(and read them at a later layer boundary than {layer})"
             )
         keys = self.key_states[layer]
-        return keys.gather(1, self.layout.index.unsqueeze(-1).expand(-1, -1, keys.shape[-1])) * self.layout.valid[
-            ..., None
-        ].to(keys.dtype)
+        return gather_sequence(keys, self.layout.index, 1) * self.layout.valid.unsqueeze(-1).to(keys.dtype)
 
 
 class Policy:

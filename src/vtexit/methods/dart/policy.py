@@ -18,15 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vtexit.core.policy import Policy, PrefillView
-from vtexit.methods.fastv.ranking import keep_counts, record_kept
-
-
-def _top(scores: torch.Tensor, allowed: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """(batch, slots) bool: each row's ``count`` allowed slots with the highest scores, ties to the lower slot."""
-    order = scores.float().masked_fill(~allowed, float("-inf")).sort(dim=1, descending=True, stable=True).indices
-    slots = torch.arange(order.shape[1], device=order.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(1, order, slots)
-    return allowed & (rank < count.unsqueeze(1))
+from vtexit.methods.fastv.ranking import keep_counts, record_kept, top_per_row
 
 
 class DARTPolicy(Policy):
@@ -45,9 +37,9 @@ class DARTPolicy(Policy):
         slots = torch.arange(length, device=media.device).expand(batch, length)
         last_visual = torch.where(media, slots, -1).amax(dim=1, keepdim=True)
         strength = view.keys(self.layer - 1).float().abs().sum(-1)
-        pivots_visual = _top(strength, media, torch.full((batch,), self.pivots_visual, device=media.device))
+        pivots_visual = top_per_row(strength, media, torch.full((batch,), self.pivots_visual, device=media.device))
         after = text & (slots > last_visual)
-        pivots_text = _top(strength, after, torch.full((batch,), self.pivots_text, device=media.device))
+        pivots_text = top_per_row(strength, after, torch.full((batch,), self.pivots_text, device=media.device))
         pivots = pivots_visual | pivots_text
         per_pivot = keep_counts(media.sum(1), self.fraction) // (self.pivots_visual + self.pivots_text)
         unit = F.normalize(self.norm(view.hidden_states).float(), dim=-1)
@@ -59,8 +51,8 @@ class DARTPolicy(Policy):
             present = pivot < length
             anchor = unit.gather(1, pivot.clamp(max=length - 1).view(batch, 1, 1).expand(-1, 1, unit.shape[-1]))
             similarity = (unit * anchor).sum(-1)
-            taken = _top(-similarity, pool, torch.where(present, per_pivot, 0))
+            taken = top_per_row(-similarity, pool, torch.where(present, per_pivot, 0))
             pool = pool & ~taken
-        kept = text | pivots_visual | (media & ~pool & ~pivots_visual)
+        kept = text | (media & ~pool)  # the visual pivots never were in the pool
         record_kept(view, kept)
         return kept

@@ -70,16 +70,21 @@ def keep_counts(visual: torch.Tensor, keep: float) -> torch.Tensor:
     return torch.maximum(count, (visual > 0).long())
 
 
+def top_per_row(scores: torch.Tensor, allowed: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """(batch, slots) bool: each row's ``count`` (batch,) allowed slots with the highest ``scores``, equal scores
+    to the lower slot (a stable sort)."""
+    ranked = scores.float().masked_fill(~allowed, float("-inf"))
+    order = ranked.sort(dim=1, descending=True, stable=True).indices
+    slots = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, slots)
+    return allowed & (rank < count.unsqueeze(1))
+
+
 def keep_top(view: PrefillView, scores: torch.Tensor, keep: float) -> torch.Tensor:
     """(batch, slots) keep mask: every text slot, plus each row's top ``keep`` share of visual slots by ``scores``
     (batch, slots). See the module docstring for the rounding and tie rules."""
     media = view.media
-    count = keep_counts(media.sum(dim=1), keep)
-    ranked = scores.float().masked_fill(~media, float("-inf"))
-    order = ranked.sort(dim=1, descending=True, stable=True).indices
-    slots = torch.arange(order.shape[1], device=order.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(1, order, slots)
-    return view.text | (media & (rank < count.unsqueeze(1)))
+    return view.text | top_per_row(scores, media, keep_counts(media.sum(dim=1), keep))
 
 
 def record_kept(view: PrefillView, keep: torch.Tensor) -> None:

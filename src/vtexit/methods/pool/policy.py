@@ -10,6 +10,8 @@ from transformers import PretrainedConfig
 from vtexit.core.families import FamilySpec
 from vtexit.core.policy import Policy, PrefillView
 
+_BLOCKS = "pool blocks"  # view.state key: keep() hands merge() each slot's block
+
 
 class PoolPolicy(Policy):
     """Average ``stride`` x ``stride`` blocks of each image's visual grid (blocks at odd edges are smaller)."""
@@ -37,17 +39,19 @@ class PoolPolicy(Policy):
         return torch.where(media, leader + offset, -1), first
 
     def keep(self, view: PrefillView) -> torch.Tensor | None:
-        _, first = self._blocks(view)
+        bucket, first = self._blocks(view)
+        view.state[_BLOCKS] = bucket  # for merge(), which the engine calls next with the same view
         return view.text | first
 
     def merge(self, view: PrefillView, keep: torch.Tensor) -> torch.Tensor | None:
-        bucket, _ = self._blocks(view)
+        bucket = view.state.pop(_BLOCKS)
         hidden = view.hidden_states
         media = bucket >= 0
         flat = hidden.reshape(-1, hidden.shape[-1])
         index = bucket.clamp_min(0).flatten()
-        sums = torch.zeros(int(index.numel()), hidden.shape[-1], dtype=torch.float32, device=hidden.device)
+        blocks = view.media_original.numel()  # block ids are original positions, offset by row
+        sums = torch.zeros(blocks, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
         sums.index_add_(0, index, flat.float() * media.flatten().unsqueeze(1))
-        sizes = torch.zeros(int(index.numel()), device=hidden.device).index_add_(0, index, media.flatten().float())
+        sizes = torch.zeros(blocks, device=hidden.device).index_add_(0, index, media.flatten().float())
         means = (sums / sizes.clamp_min(1).unsqueeze(1)).to(hidden.dtype)[index].view_as(hidden)
         return torch.where(media.unsqueeze(-1), means, hidden)
