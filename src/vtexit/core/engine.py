@@ -916,7 +916,10 @@ class ScheduleEngine:
     @staticmethod
     def _memo(call: CallState, obj: Any, convert) -> Any:
         # Conversions are memoised by identity, once per stage: the text model passes the same objects to every
-        # layer (or one per layer type), so each is gathered once per forward.
+        # layer (or one per layer type), so each is gathered once per forward. While tracing, each layer converts
+        # (Dynamo in torch 2.11 cannot trace id() of a tuple; the compiled graph dedupes the gathers anyway).
+        if torch.compiler.is_compiling():
+            return convert(obj)
         key = (id(obj), call.stage)
         hit = call.memo.get(key)
         if hit is None or hit[0] is not obj:
