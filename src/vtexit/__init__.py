@@ -20,6 +20,7 @@ from vtexit.methods.pdrop import PDropConfig, pdrop
 from vtexit.methods.pool import PoolConfig, pool
 from vtexit.methods.random_drop import RandomDropConfig, random_drop
 from vtexit.methods.registry import apply, apply_policy, config_from_dict, method_configs
+from vtexit.methods.visionzip import VisionZipConfig, visionzip
 from vtexit.methods.vtw import (
     CalibrationResult,
     VTWConfig,
@@ -43,6 +44,8 @@ __all__ = [
     "hybrid",
     "PoolConfig",
     "pool",
+    "VisionZipConfig",
+    "visionzip",
     "DyVTEConfig",
     "DyVTEGates",
     "DyVTEHandle",

@@ -160,6 +160,7 @@ class ScheduleEngine:
             # A partial (not a bound method) so that copy.deepcopy of the model copies the forward's owner too.
             module.forward = partial(forward, module)
             self._replaced.append(module)
+        hooks.extend(self.policy.outer_hooks(self.model))
         self.model._vtexit_engine = self
         forget_compiled_call(self.model)  # a deep copy's may still run the model it was copied from
         forget_compiled_graphs()

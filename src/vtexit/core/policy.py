@@ -14,7 +14,8 @@ Optionally a policy
   * renumbers positions after a drop (``renumber_positions``), as PyramidDrop does; VTW keeps original positions;
   * replaces attention/MLP forwards (:meth:`replacements`), for in-layer methods; the patch handle restores them;
   * merges dropped tokens into kept ones at an event (:meth:`merge`), e.g. pooling;
-  * declares a schedule known from the prompt alone (``withdraw_media_at``), which compiles without graph breaks.
+  * declares a schedule known from the prompt alone (``withdraw_media_at``), which compiles without graph breaks;
+  * hooks modules outside the decoder layers (:meth:`outer_hooks`), e.g. the vision tower (VisionZip).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from vtexit.core.layout import Layout, gather_sequence
 
@@ -110,6 +112,11 @@ class Policy:
     def modules(self) -> dict[str, nn.Module]:
         """Modules the method owns (e.g. gates); they follow the model's device and dtype."""
         return {}
+
+    def outer_hooks(self, model: nn.Module) -> list[RemovableHandle]:
+        """Register hooks on modules outside the decoder layers (e.g. the vision tower) and return their handles; the
+        patch removes them with its own. Called once, after every refusal, when the patch attaches."""
+        return []
 
     def replacements(self, engine: ScheduleEngine) -> dict[nn.Module, Callable]:
         """Replacement forwards ``{module: forward(module, *args, **kwargs)}`` for in-layer methods.

@@ -108,6 +108,7 @@ MARKERS = {
     "yopo": "P",
     "divprune": "h",
     "hybrid": "p",
+    "visionzip": "v",
 }
 SPARE_MARKERS = ("v", "<", ">", "p", "h", "8", "d")
 

@@ -31,6 +31,7 @@ from vtexit.evaluation.report import RESULT_COLUMNS, result_cells
 from vtexit.methods.base import MethodConfig
 from vtexit.methods.divprune.policy import DivPrunePolicy
 from vtexit.methods.registry import apply, config_from_dict
+from vtexit.methods.visionzip.tower import find_selected_layer
 from vtexit.methods.vtw.config import valid_layer_range
 
 BASELINE = {"method": "none"}
@@ -41,10 +42,9 @@ def default_grid(model: nn.Module) -> list[dict[str, Any]]:
     """The built-in budgets for a model of N decoder layers (positions scale with N).
 
     VTW at K = N/2, 3N/4, 4N/5; FastV, the random drop and DART at layer 2 (FastV's and DART's K) keeping 1/2 and
-    1/4; PyramidDrop
-    with stages at N/4, N/2, 3N/4 (8/16/24 for 32 layers, as in its paper) keeping 1/2 and 1/4 per stage; DivPrune
-    before the language model keeping 1/2 and 1/4, and 2 x 2 pooling of the visual grid, where the model allows it
-    (see :func:`reduces_prompt`).
+    1/4; PyramidDrop with stages at N/4, N/2, 3N/4 (8/16/24 for 32 layers, as in its paper) keeping 1/2 and 1/4 per
+    stage; before the language model, where the model allows it (see :func:`reduces_prompt`), DivPrune keeping 1/2
+    and 1/4, VisionZip keeping 1/2 and 1/4 (a LLaVA-1.5 layout with a CLS tower) and 2 x 2 pooling of the visual grid.
     """
     low, n = valid_layer_range(model)
     last = n - 1
@@ -62,6 +62,8 @@ def default_grid(model: nn.Module) -> list[dict[str, Any]]:
     grid += [{"method": "dart", "layer": early, "keep": keep} for keep in (0.5, 0.25)]
     if reduces_prompt(model):
         grid += [{"method": "divprune", "keep": keep} for keep in (0.5, 0.25)]
+        if zips_images(model):
+            grid += [{"method": "visionzip", "keep": keep} for keep in (0.5, 0.25)]
         if family_for(model).visual_grid is not None:
             grid.append({"method": "pool", "stride": 2})  # a quarter of the visual tokens
     return grid
@@ -71,6 +73,15 @@ def reduces_prompt(model: nn.Module) -> bool:
     """Whether pre-LLM methods (DivPrune) can shorten this model's prompt: 1D rotary positions, no hybrid layers."""
     try:
         ScheduleEngine(model, DivPrunePolicy(0.5)).check_policy()
+    except ValueError:
+        return False
+    return True
+
+
+def zips_images(model: nn.Module) -> bool:
+    """Whether VisionZip can read this model's vision tower (LLaVA-1.5 layout, a tower with a CLS token)."""
+    try:
+        find_selected_layer(model, family_for(model).name)
     except ValueError:
         return False
     return True

@@ -46,6 +46,9 @@ def method_configs() -> dict[str, type[MethodConfig]]:
     from vtexit.methods.dart.config import DARTConfig
 
     configs[DARTConfig.method] = DARTConfig
+    from vtexit.methods.visionzip.config import VisionZipConfig
+
+    configs[VisionZipConfig.method] = VisionZipConfig
     return configs
 
 

@@ -12,7 +12,7 @@ from vtexit.core.policy import Policy
 from vtexit.methods.base import MethodConfig
 from vtexit.methods.hybrid.policy import HybridPolicy
 
-PRE_LLM_METHODS = ("divprune", "pool")
+PRE_LLM_METHODS = ("divprune", "pool", "visionzip")
 
 
 @dataclass(frozen=True)

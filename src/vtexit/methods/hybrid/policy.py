@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from vtexit.core.policy import Policy, PrefillView
 
@@ -43,3 +44,6 @@ class HybridPolicy(Policy):
 
     def modules(self) -> dict[str, nn.Module]:
         return {**self.pre.modules(), **self.then.modules()}
+
+    def outer_hooks(self, model: nn.Module) -> list[RemovableHandle]:
+        return [*self.pre.outer_hooks(model), *self.then.outer_hooks(model)]

@@ -1,0 +1,50 @@
+"""VisionZip's settings: the kept fraction of each image's visual tokens, and the contextual tokens' share of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import ClassVar
+
+from torch import nn
+
+from vtexit.core.families import FamilySpec
+from vtexit.core.policy import Policy
+from vtexit.methods.base import MethodConfig
+from vtexit.methods.fastv.ranking import check_keep
+from vtexit.methods.visionzip.policy import VisionZipPolicy
+from vtexit.methods.visionzip.tower import find_selected_layer
+
+PAPER_CONTEXTUAL_SHARE = 10 / 64  # 54 + 10, 108 + 20 and 162 + 30 tokens of LLaVA-1.5's 576 (VisionZip, Table 1)
+
+
+def split_tokens(patches: int, keep: float, contextual_share: float) -> tuple[int, int]:
+    """(dominant, contextual) tokens per image: round half up of ``keep`` x ``patches`` in all (at least one), of which
+    round half up of ``contextual_share`` x that are contextual; the dominant ones (CLS included) are at least one."""
+    tokens = max(1, int(Fraction(keep).limit_denominator(10**6) * patches + Fraction(1, 2)))
+    contextual = min(tokens - 1, int(Fraction(contextual_share).limit_denominator(10**6) * tokens + Fraction(1, 2)))
+    return tokens - contextual, contextual
+
+
+@dataclass(frozen=True)
+class VisionZipConfig(MethodConfig):
+    """Before the language model, each image keeps ``keep`` of its visual tokens: dominant ones (the CLS token and
+    the patches it attends to most in the projector's vision-tower layer) and ``contextual_share`` of them as
+    contextual tokens (the other tokens merged by key similarity). ``keep=64/576`` on LLaVA-1.5 gives the paper's
+    54 + 10. LLaVA-1.5-style models with a CLIP or DINOv2 tower and 1D rotary positions."""
+
+    method: ClassVar[str] = "visionzip"
+    keep: float
+    contextual_share: float = PAPER_CONTEXTUAL_SHARE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keep", check_keep(self.keep))
+        share = self.contextual_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+            raise ValueError(f"contextual_share must be a number in [0, 1), got {share!r}")
+        object.__setattr__(self, "contextual_share", float(share))
+
+    def build_policy(self, model: nn.Module, family: FamilySpec) -> Policy:
+        layer = find_selected_layer(model, family.name)
+        dominant, contextual = split_tokens(layer.patches, self.keep, self.contextual_share)
+        return VisionZipPolicy(layer, dominant, contextual)

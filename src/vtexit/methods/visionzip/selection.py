@@ -1,0 +1,56 @@
+"""VisionZip's token rule (Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models",
+arXiv 2412.04467), on one vision-tower layer's outputs, for every image at once:
+
+* **Dominant tokens**: the CLS token and the ``dominant - 1`` patches the CLS token attends to most (attention summed
+  over heads), in their original order.
+* **Contextual tokens**: of the remaining tokens, every ``remaining // contextual``-th (the first ``contextual`` of
+  them) is a target; every other remaining token joins the target whose key (mean over heads) is most cosine-similar,
+  and each target becomes the mean of itself and the tokens that joined it.
+
+The result is ``[dominant..., contextual...]`` per image: what the projector then maps into the language model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+
+def dominant_indices(cls_attention: torch.Tensor, dominant: int) -> torch.Tensor:
+    """(images, dominant) ascending token indices: 0 (CLS) and the ``dominant - 1`` patches with the highest
+    ``cls_attention`` (images, patches)."""
+    top = cls_attention.topk(dominant - 1, dim=1).indices + 1
+    cls = torch.zeros_like(top[:, :1])
+    return torch.cat([cls, top], dim=1).sort(dim=1).values
+
+
+def visionzip_tokens(
+    features: torch.Tensor, cls_attention: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int
+) -> torch.Tensor:
+    """(images, dominant + contextual, dim) VisionZip's tokens.
+
+    ``features`` (images, 1 + patches, dim): the layer's output, CLS first; ``cls_attention`` (images, patches): the
+    CLS token's attention to each patch; ``keys`` (images, 1 + patches, head_dim): the layer's keys, mean over heads.
+    """
+    images, tokens, dim = features.shape
+    chosen = dominant_indices(cls_attention, dominant)
+    kept = features.gather(1, chosen.unsqueeze(-1).expand(-1, -1, dim))
+    if contextual == 0:
+        return kept
+    is_rest = torch.ones(images, tokens, dtype=torch.bool, device=features.device).scatter(1, chosen, False)
+    rest = is_rest.nonzero()[:, 1].view(images, tokens - dominant)  # ascending per image
+    remaining = rest.shape[1]
+    step = max(1, remaining // contextual)
+    is_target = torch.zeros(remaining, dtype=torch.bool, device=features.device)
+    is_target[torch.arange(0, remaining, step, device=features.device)[:contextual]] = True
+    targets, others = rest[:, is_target], rest[:, ~is_target]
+    unit = F.normalize(keys.float(), dim=-1)
+    similarity = _rows(unit, others) @ _rows(unit, targets).transpose(1, 2)  # (images, others, targets)
+    joins = F.one_hot(similarity.argmax(dim=2), contextual).float()
+    summed = joins.transpose(1, 2) @ _rows(features.float(), others) + _rows(features.float(), targets)
+    merged = summed / (1 + joins.sum(dim=1)).unsqueeze(-1)
+    return torch.cat([kept, merged.to(features.dtype)], dim=1)
+
+
+def _rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return values.gather(1, index.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
