@@ -83,3 +83,12 @@ def test_hybrid_settings_are_checked_before_the_model_is_touched(llava):
     assert vtexit.patch_of(model) is None
     config = vtexit.HybridConfig(pre=PRE, then={"method": "fastv", "layer": 2, "keep": 0.5})
     assert vtexit.config_from_dict(config.to_dict()) == config
+
+
+def test_hybrid_from_flat_dotted_settings_as_model_args_give_them():
+    flat = {"method": "hybrid", "pre.method": "divprune", "pre.keep": "0.3", "then.method": "vtw", "then.layer": "2"}
+    assert vtexit.config_from_dict(flat) == vtexit.HybridConfig(pre=PRE, then={"method": "vtw", "layer": 2})
+    with pytest.raises(ValueError, match="given both as a value and as pre"):
+        vtexit.config_from_dict({**flat, "pre": "divprune"})
+    with pytest.raises(ValueError, match="a name on each side of the dot"):
+        vtexit.config_from_dict({**flat, "then.": "2"})

@@ -211,3 +211,8 @@ def test_plugin_refuses_bad_model_arguments(setup):
         VTExitLMM(pretrained=folder, method="divprune", keep="2")
     lmm = VTExitLMM(pretrained=folder, method="divprune", keep="0.25")  # a pre-LLM method, as model_args give it
     assert lmm.method_config == vtexit.DivPruneConfig(keep=0.25) and vtexit.patch_of(lmm.model) is lmm.handle
+    hybrid = {"pre.method": "divprune", "pre.keep": 0.25, "then.method": "vtw", "then.layer": 2}  # dotted model_args
+    lmm.handle.remove()
+    lmm = VTExitLMM(pretrained=folder, method="hybrid", **hybrid)
+    expected = vtexit.HybridConfig(pre={"method": "divprune", "keep": 0.25}, then={"method": "vtw", "layer": 2})
+    assert lmm.method_config == expected and vtexit.patch_of(lmm.model) is lmm.handle

@@ -52,9 +52,30 @@ def method_configs() -> dict[str, type[MethodConfig]]:
     return configs
 
 
+def nest_dotted(settings: dict[str, Any]) -> dict[str, Any]:
+    """``{"pre.method": "divprune", "pre.keep": "0.25"}`` -> ``{"pre": {"method": "divprune", "keep": "0.25"}}``: how
+    flat ``key=value`` settings (lmms-eval's ``--model_args``) name the steps of a hybrid."""
+    nested: dict[str, Any] = {}
+    for key, value in settings.items():
+        head, dot, rest = key.partition(".")
+        if not dot:
+            if isinstance(nested.get(key), dict):
+                raise ValueError(f"setting {key!r} is given both as a value and as {key}.<name> settings")
+            nested[key] = value
+            continue
+        if not head or not rest:
+            raise ValueError(f"setting {key!r} needs a name on each side of the dot (e.g. pre.keep)")
+        group = nested.setdefault(head, {})
+        if not isinstance(group, dict):
+            raise ValueError(f"setting {key!r} conflicts with {head}={group!r}")
+        group[rest] = value
+    return {k: nest_dotted(v) if isinstance(v, dict) and any("." in x for x in v) else v for k, v in nested.items()}
+
+
 def config_from_dict(data: dict[str, Any]) -> MethodConfig:
-    """``{"method": "vtw", "layer": 16}`` (values may be strings) -> the method's config."""
-    data = dict(data)
+    """``{"method": "vtw", "layer": 16}`` (values may be strings) -> the method's config. Dotted keys nest
+    (``"pre.keep"``: see :func:`nest_dotted`)."""
+    data = nest_dotted(dict(data))
     name = data.pop("method", None)
     configs = method_configs()
     if name not in configs:

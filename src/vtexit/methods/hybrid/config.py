@@ -36,7 +36,9 @@ class HybridConfig(MethodConfig):
                 f"then must be an in-LLM schedule method (vtw, dyvte, fastv, pdrop, random_drop), got "
                 f"{self.then['method']!r}"
             )
-        self.steps()  # each step's own checks
+        pre, then = self.steps()  # each step's own checks
+        object.__setattr__(self, "pre", pre.to_dict())  # settings given as text (a CLI, model_args) as values
+        object.__setattr__(self, "then", then.to_dict())
 
     def steps(self) -> tuple[MethodConfig, MethodConfig]:
         from vtexit.methods.registry import config_from_dict
