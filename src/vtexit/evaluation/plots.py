@@ -108,9 +108,12 @@ MARKERS = {
     "yopo": "P",
     "divprune": "h",
     "hybrid": "p",
-    "visionzip": "v",
+    "dart": "v",
+    "pool": "<",
+    "visionzip": ">",
 }
-SPARE_MARKERS = ("v", "<", ">", "p", "h", "8", "d")
+LABEL_ALL_UP_TO = 12  # a plot with more points labels its Pareto front only (the table names every point)
+SPARE_MARKERS = ("8", "d", "H", "X", "P", "h")
 
 
 def _beats(q: ParetoPoint, p: ParetoPoint) -> bool:
@@ -164,13 +167,15 @@ def plot_pareto(
     points: Sequence[ParetoPoint], path: str | Path, title: str = "", saved: str = "prefill FLOPs saved"
 ) -> Path:
     """Accuracy against the share of cost saved (``saved`` names it: prefill FLOPs by default), one marker (and
-    colour) per method, each point labelled with its settings, the Pareto front (points no other beats on both axes)
-    as a dashed staircase."""
+    colour) per method, each point labelled with its settings (only those on the front when there are more than
+    ``LABEL_ALL_UP_TO``), the Pareto front (points no other beats on both axes) as a dashed staircase."""
     fig = Figure(figsize=(8, 5.4))
     ax = fig.subplots()
     spare = iter(SPARE_MARKERS * 4)
     cycle = iter(f"C{i}" for i in range(100))
     labels = []
+    front = pareto_front(points)
+    labelled = front if len(points) > LABEL_ALL_UP_TO else points
     for method in dict.fromkeys(p.method for p in points):
         mine = [p for p in points if p.method == method]
         colour = "black" if method == "none" else next(cycle)
@@ -184,12 +189,11 @@ def plot_pareto(
             label="unpatched" if method == "none" else method,
             zorder=3,
         )
-        for p in mine:
+        for p in (p for p in mine if p in labelled):
             text = p.label.split(" ", 1)[1] if p.label.startswith(method + " ") else p.label
             if method == "hybrid":  # "pre=(divprune keep=0.5) then=(vtw layer=24)" -> "divprune keep=0.5 + vtw ..."
                 text = text.removeprefix("pre=(").removesuffix(")").replace(") then=(", " + ")
             labels.append((100 * p.flops_saved, 100 * p.accuracy, text, colour))
-    front = pareto_front(points)
     ax.step(
         [100 * p.flops_saved for p in front],
         [100 * p.accuracy for p in front],

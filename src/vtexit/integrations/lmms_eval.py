@@ -6,7 +6,8 @@
 ``vtexit evaluate --model PATH`` loads it); without it, vtexit's default model. ``method`` names any registered
 method and every other model argument is one of its settings (``vtexit.config_from_dict``); no method runs the
 model unpatched. A hybrid names its steps' settings with dots:
-``method=hybrid,pre.method=divprune,pre.keep=0.25,then.method=vtw,then.layer=8``. Generation is greedy, batched (``--batch_size``) with left padding, in the task's document order.
+``method=hybrid,pre.method=divprune,pre.keep=0.25,then.method=vtw,then.layer=8``. Generation is greedy, batched
+(``--batch_size``) with left padding, in the task's document order.
 
 lmms-eval finds this class through the ``lmms_eval.models`` entry point (``manifest``). The module imports only
 lmms-eval's model base; vtexit's core never imports lmms-eval.
