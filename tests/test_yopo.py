@@ -41,6 +41,12 @@ def _strategies(case) -> dict[str, dict]:
         "ffn": dict(ffn_ratio=2, _neurons=ffn // 2),
         "drop": dict(layer_drop=2),
         "all": dict(window=3, heads=active, layer_drop=3, ffn_ratio=3, _neurons=round(ffn / 3)),
+        # The window as one compiled FlexAttention call (the CUDA default) instead of tiles of SDPA.
+        "window-flex": dict(window=3, window_kernel="flex"),
+        "window5-flex": dict(window=5, window_kernel="flex"),
+        "all-flex": dict(
+            window=3, heads=active, layer_drop=3, ffn_ratio=3, _neurons=round(ffn / 3), window_kernel="flex"
+        ),
     }
 
 
@@ -86,6 +92,7 @@ MATRIX = [
 MATRIX += [(f, "eager", s) for f in ("llava", "qwen2_vl") for s in ("heads-zero", "all")]
 MATRIX += [("qwen2_5_vl", "sdpa", s) for s in ("window", "all")]
 MATRIX += [("llava-11x11", "sdpa", s) for s in ("window5", "all")]
+MATRIX += [("llava", "sdpa", "window-flex"), ("qwen2_vl", "sdpa", "all-flex"), ("llava-11x11", "sdpa", "window5-flex")]
 
 
 def _check(case, settings, name, inputs=None):
@@ -224,6 +231,7 @@ def test_config_round_trips_and_refuses_bad_settings(tmp_path):
         (dict(ffn_ratio=0.5), "ffn_ratio"),
         (dict(ffn_ratio=float("nan")), "ffn_ratio"),
         (dict(pruned_text="drop"), "pruned_text"),
+        (dict(window=3, window_kernel="triton"), "window_kernel"),
         (dict(heads=[[1, 2]]), "heads"),
     ]
     for settings, name in bad:

@@ -26,6 +26,7 @@ from vtexit.core.engine import ScheduleEngine
 from vtexit.core.layout import gather_sequence
 from vtexit.core.transformers_compat import rotary_function, take_cache, with_cache
 from vtexit.methods.yopo import sliced
+from vtexit.methods.yopo.flex_window import FlexWindow, compiled_flex_attention, flex_window, flex_window_attention
 from vtexit.methods.yopo.rows import QueryRows, RowBlock, call_rows
 from vtexit.methods.yopo.window import Tiles, tiled_attention, tiles
 
@@ -80,11 +81,14 @@ class YOPOAttention:
         plans: dict[int, HeadPlan],
         window: int | None,
         pruned_text: str,
+        window_kernel: str = "auto",
     ):
         self.engine = engine
         self.plans = plans
         self.window = window
         self.pruned_text = pruned_text
+        self.window_kernel = window_kernel
+        self._flex_kernels: dict[str, object] = {}  # device type -> FlexAttention compiled for it, on first use
 
     # ------------------------------------------------------------------------------------------- entry
     @eager_under_compile
@@ -181,6 +185,10 @@ class YOPOAttention:
             if self.window is None:
                 allowed = engine.call_memo("yopo visual mask", lambda: _causal_rows(visual, layout.valid))
                 attended = F.scaled_dot_product_attention(query, key_a, value_a, attn_mask=allowed, scale=scale)
+            elif self._uses_flex(hidden.device):
+                attended = flex_window_attention(
+                    query, key_a, value_a, self._flex_window(rows, layout), scale, self._flex(hidden.device)
+                )
             else:
                 attended = tiled_attention(query, key_a, value_a, self._tiles(rows, layout), scale)
             in_features = module.o_proj.in_features
@@ -188,9 +196,26 @@ class YOPOAttention:
             out = visual.scatter(out, projected)
         computed = None
         if self.window is not None and visual.slots.shape[1]:
-            computed = self._tiles(rows, layout).computed_keys
+            window = self._flex_window(rows, layout) if self._uses_flex(hidden.device) else self._tiles(rows, layout)
+            computed = window.computed_keys
         engine.record_fraction(module.layer_idx, heads=heads / plan.active.numel(), visual_keys=computed)
         return out[:, :length]
+
+    def _uses_flex(self, device: torch.device) -> bool:
+        """The window's kernel: FlexAttention ("flex"; "auto" on CUDA) or tiles of SDPA ("tiles"; "auto" elsewhere)."""
+        return self.window_kernel == "flex" or (self.window_kernel == "auto" and device.type == "cuda")
+
+    def _flex(self, device: torch.device):
+        if device.type not in self._flex_kernels:
+            self._flex_kernels[device.type] = compiled_flex_attention(device)
+        return self._flex_kernels[device.type]
+
+    def _flex_window(self, rows: QueryRows, layout) -> FlexWindow:
+        engine = self.engine
+        return engine.call_memo(
+            "yopo flex window",
+            lambda: flex_window(rows, engine.media_grid(), layout.index, layout.valid, self.window),
+        )
 
     def _tiles(self, rows: QueryRows, layout) -> Tiles:
         engine = self.engine

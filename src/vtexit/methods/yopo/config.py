@@ -17,6 +17,7 @@ from vtexit.methods.vtw.config import check_layer
 from vtexit.methods.yopo.heads import HeadMask
 
 PRUNED_TEXT = ("renormalise", "zero")
+WINDOW_KERNELS = ("auto", "flex", "tiles")  # auto: FlexAttention on CUDA, tiles of SDPA elsewhere
 
 
 def _as_head_rows(heads: object) -> tuple[tuple[bool, ...], ...] | None:
@@ -48,6 +49,8 @@ class YOPOConfig(MethodConfig):
     (:func:`vtexit.calibrate_heads`); in pruned heads text queries see no visual key (``pruned_text="renormalise"``)
     or weight them 0 after the softmax as the public simulation does (``"zero"``). ``layer_drop``: withdraw every
     visual token before this layer (VTW). ``ffn_ratio``: visual rows use the first m / r FFN neurons.
+    ``window_kernel``: the window's kernel, ``"flex"`` (one compiled FlexAttention call per layer with a block mask
+    built once per prefill), ``"tiles"`` (SDPA over tiles of the grid) or ``"auto"`` (flex on CUDA, else tiles).
     """
 
     method: ClassVar[str] = "yopo"
@@ -56,6 +59,7 @@ class YOPOConfig(MethodConfig):
     layer_drop: int | None = None
     ffn_ratio: float | None = None
     pruned_text: str = "renormalise"
+    window_kernel: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "heads", _as_head_rows(self.heads))
@@ -73,6 +77,8 @@ class YOPOConfig(MethodConfig):
                 f"ffn_ratio must be a finite number >= 1 (visual rows use m / ffn_ratio neurons), "
                 f"got {self.ffn_ratio!r}"
             )
+        if self.window_kernel not in WINDOW_KERNELS:
+            raise ValueError(f"window_kernel must be one of {WINDOW_KERNELS}, got {self.window_kernel!r}")
         if self.pruned_text not in PRUNED_TEXT:
             raise ValueError(f"pruned_text must be one of {PRUNED_TEXT}, got {self.pruned_text!r}")
 

@@ -69,7 +69,8 @@ class YOPOPolicy(Policy):
             raise ValueError(
                 f"window / heads are not supported for {self.family.name}: its media blocks attend both ways"
             )
-        attention = YOPOAttention(engine, self.head_plans, self.config.window, self.config.pruned_text)
+        config = self.config
+        attention = YOPOAttention(engine, self.head_plans, config.window, config.pruned_text, config.window_kernel)
         out: dict[nn.Module, Callable] = {module: attention.forward for module in self.attention_modules.values()}
         if self.mlp_modules:
             mlp = YOPOMLP(engine, self.neurons)
