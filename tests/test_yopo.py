@@ -44,6 +44,14 @@ def _strategies(case) -> dict[str, dict]:
         # The window as one compiled FlexAttention call (the CUDA default) instead of tiles of SDPA.
         "window-flex": dict(window=3, window_kernel="flex"),
         "window5-flex": dict(window=5, window_kernel="flex"),
+        # Dense execution (what a small prefill on CUDA runs): full rows, the rules as masks.
+        "window-dense": dict(window=3, dense_below=10**9),
+        "heads-dense": dict(heads=active, dense_below=10**9),
+        "heads-zero-dense": dict(heads=active, pruned_text="zero", dense_below=10**9),
+        "ffn-dense": dict(ffn_ratio=2, _neurons=ffn // 2, dense_below=10**9),
+        "all-dense": dict(
+            window=3, heads=active, layer_drop=3, ffn_ratio=3, _neurons=round(ffn / 3), dense_below=10**9
+        ),
         "all-flex": dict(
             window=3, heads=active, layer_drop=3, ffn_ratio=3, _neurons=round(ffn / 3), window_kernel="flex"
         ),
@@ -93,6 +101,9 @@ MATRIX += [(f, "eager", s) for f in ("llava", "qwen2_vl") for s in ("heads-zero"
 MATRIX += [("qwen2_5_vl", "sdpa", s) for s in ("window", "all")]
 MATRIX += [("llava-11x11", "sdpa", s) for s in ("window5", "all")]
 MATRIX += [("llava", "sdpa", "window-flex"), ("qwen2_vl", "sdpa", "all-flex"), ("llava-11x11", "sdpa", "window5-flex")]
+DENSE = ("window-dense", "heads-dense", "ffn-dense", "all-dense")
+MATRIX += [(f, "sdpa", s) for f in ("llava", "qwen2_vl") for s in DENSE]
+MATRIX += [("llava", "eager", "heads-zero-dense"), ("llava-11x11", "sdpa", "all-dense")]
 
 
 def _check(case, settings, name, inputs=None):
@@ -200,6 +211,21 @@ def test_cost_records_count_what_ran():
     assert len(flops) == len(vtw_flops) == 3
     for ours, withdrawal, has_image in zip(flops, vtw_flops, media.any(1).tolist(), strict=True):
         assert (ours.prefill < withdrawal.prefill) if has_image else (ours.prefill == withdrawal.prefill)
+
+
+@torch.no_grad()
+def test_dense_execution_records_the_unpatched_cost():
+    case = build_tiny("llava", num_layers=LAYERS)
+    inputs = family_batch(case)
+    settings = {k: v for k, v in _strategies(case)["all-dense"].items() if k != "layer_drop"}
+    shape = DecoderShape.from_model(case.model)
+    with vtexit.yopo(case.model, _config(settings)) as handle:
+        case.model(**inputs)
+        dense = run_flops(shape, handle.last_cost)
+    with vtexit.baseline(case.model) as handle:
+        case.model(**inputs)
+        unpatched = run_flops(shape, handle.last_cost)
+    assert [f.prefill for f in dense] == [f.prefill for f in unpatched]
 
 
 def test_deepcopy_of_a_yopo_patched_model_has_its_own_patch():

@@ -26,6 +26,8 @@ from vtexit.core.engine import ScheduleEngine
 from vtexit.core.layout import gather_sequence
 from vtexit.core.transformers_compat import rotary_function, take_cache, with_cache
 from vtexit.methods.yopo import sliced
+from vtexit.methods.yopo.dense import DenseHeadMasks, dense_mask, pruned_visual_rows
+from vtexit.methods.yopo.execution import runs_split
 from vtexit.methods.yopo.flex_window import FlexWindow, compiled_flex_attention, flex_window, flex_window_attention
 from vtexit.methods.yopo.rows import QueryRows, RowBlock, call_rows
 from vtexit.methods.yopo.window import Tiles, tiled_attention, tiles
@@ -82,12 +84,14 @@ class YOPOAttention:
         window: int | None,
         pruned_text: str,
         window_kernel: str = "auto",
+        dense_below: int | None = None,
     ):
         self.engine = engine
         self.plans = plans
         self.window = window
         self.pruned_text = pruned_text
         self.window_kernel = window_kernel
+        self.dense_below = dense_below
         self._flex_kernels: dict[str, object] = {}  # device type -> FlexAttention compiled for it, on first use
 
     # ------------------------------------------------------------------------------------------- entry
@@ -106,6 +110,8 @@ class YOPOAttention:
         mode = self.engine.call_mode()
         plan = self.plans[module.layer_idx].on(hidden_states.device)
         if mode == "prefill":
+            if not runs_split(self.engine, hidden_states.device, self.dense_below):
+                return self._dense(module, plan, hidden_states, position_embeddings, cache), None
             return self._prefill(module, plan, hidden_states, position_embeddings, cache), None
         if mode == "decode" and plan.pruned:
             return self._text_only(module, plan, hidden_states, position_embeddings, attention_mask, cache), None
@@ -200,6 +206,38 @@ class YOPOAttention:
             computed = window.computed_keys
         engine.record_fraction(module.layer_idx, heads=heads / plan.active.numel(), visual_keys=computed)
         return out[:, :length]
+
+    def _dense(self, module, plan: HeadPlan, hidden, position_embeddings, cache) -> torch.Tensor:
+        """The same attention over the full rows, the rules as masks: nothing is saved, no rows are gathered."""
+        engine = self.engine
+        layout, media = engine.current_layout(), engine.current_media()
+        cos, sin = position_embeddings
+        query = self._heads(module, module.q_proj(hidden), "q_norm")
+        key = self._heads(module, module.k_proj(hidden), "k_norm")
+        query, key = rotary_function(module)(query, key, cos, sin)  # one call for both, as the module does
+        value = self._heads(module, module.v_proj(hidden))
+        if cache is not None:
+            key, value = cache.update(key, value, module.layer_idx)
+            key, value = key[:, :, : hidden.shape[1]], value[:, :, : hidden.shape[1]]
+        grid = engine.media_grid() if self.window is not None else None
+        allowed = engine.call_memo(
+            "yopo dense mask", lambda: dense_mask(media, layout.valid, grid, layout.index, self.window)
+        )
+        if plan.pruned and self.pruned_text == "renormalise":
+            # Per layer only a choice between two masks made once per call: few kernels, as the unpatched layer.
+            masks = engine.call_memo("yopo dense head masks", lambda: DenseHeadMasks.of(allowed, media, query.dtype))
+            per_head = plan.active.view(1, -1, 1, 1)
+            mask = torch.where(per_head, masks.allowed, masks.text_keys)
+            attended = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=mask, scale=module.scaling, enable_gqa=True
+            )
+            attended = attended * torch.where(per_head, masks.ones, masks.text_rows)
+        else:
+            attended = self._attend(query, key, value, allowed, plan, media, module.scaling)
+            if plan.pruned:
+                attended = attended * pruned_visual_rows(media, plan.active).to(attended.dtype)
+        engine.record_fraction(module.layer_idx, heads=1.0)
+        return module.o_proj(_merge_heads(attended))
 
     def _uses_flex(self, device: torch.device) -> bool:
         """The window's kernel: FlexAttention ("flex"; "auto" on CUDA) or tiles of SDPA ("tiles"; "auto" elsewhere)."""

@@ -51,6 +51,9 @@ class YOPOConfig(MethodConfig):
     visual token before this layer (VTW). ``ffn_ratio``: visual rows use the first m / r FFN neurons.
     ``window_kernel``: the window's kernel, ``"flex"`` (one compiled FlexAttention call per layer with a block mask
     built once per prefill), ``"tiles"`` (SDPA over tiles of the grid) or ``"auto"`` (flex on CUDA, else tiles).
+    ``dense_below``: a prefill with fewer visual rows (batch x widest row) runs window / heads / FFN densely, the
+    rules as masks (the same function, nothing saved; :mod:`vtexit.methods.yopo.execution`); None: 2048 on CUDA,
+    0 (always split) elsewhere.
     """
 
     method: ClassVar[str] = "yopo"
@@ -60,6 +63,7 @@ class YOPOConfig(MethodConfig):
     ffn_ratio: float | None = None
     pruned_text: str = "renormalise"
     window_kernel: str = "auto"
+    dense_below: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "heads", _as_head_rows(self.heads))
@@ -77,6 +81,10 @@ class YOPOConfig(MethodConfig):
                 f"ffn_ratio must be a finite number >= 1 (visual rows use m / ffn_ratio neurons), "
                 f"got {self.ffn_ratio!r}"
             )
+        if self.dense_below is not None and (
+            isinstance(self.dense_below, bool) or not isinstance(self.dense_below, int) or self.dense_below < 0
+        ):
+            raise ValueError(f"dense_below must be None or an int >= 0 (visual rows), got {self.dense_below!r}")
         if self.window_kernel not in WINDOW_KERNELS:
             raise ValueError(f"window_kernel must be one of {WINDOW_KERNELS}, got {self.window_kernel!r}")
         if self.pruned_text not in PRUNED_TEXT:

@@ -13,6 +13,7 @@ from torch import nn
 from vtexit.core.compiled import eager_under_compile
 from vtexit.core.engine import ScheduleEngine
 from vtexit.methods.yopo import sliced
+from vtexit.methods.yopo.execution import runs_split
 from vtexit.methods.yopo.rows import call_rows
 
 
@@ -27,15 +28,18 @@ def check_mlp(module: nn.Module) -> None:
 class YOPOMLP:
     """Replacement MLP forwards of one patched model."""
 
-    def __init__(self, engine: ScheduleEngine, neurons: int):
+    def __init__(self, engine: ScheduleEngine, neurons: int, dense_below: int | None = None):
         self.engine = engine
         self.neurons = neurons
+        self.dense_below = dense_below
 
     @eager_under_compile
     def forward(self, layer_idx: int, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         engine = self.engine
         if engine.call_mode() != "prefill":
             return type(module).forward(module, hidden)
+        if not runs_split(engine, hidden.device, self.dense_below):
+            return self._dense(layer_idx, module, hidden)
         rows = call_rows(engine)
         batch, length, _ = hidden.shape
         out = hidden.new_zeros(batch, length + 1, module.down_proj.out_features)
@@ -48,3 +52,12 @@ class YOPOMLP:
         out = rows.visual.scatter(out, down)
         engine.record_fraction(layer_idx, ffn=n / module.down_proj.in_features)
         return out[:, :length]
+
+    def _dense(self, layer_idx: int, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The same FFN over the full rows: visual rows' neurons past the first m / r zeroed, nothing saved."""
+        inner = module.act_fn(module.gate_proj(hidden)) * module.up_proj(hidden)
+        engine = self.engine
+        text = engine.call_memo("yopo dense text rows", lambda: (~engine.current_media()).unsqueeze(-1).to(inner.dtype))
+        inner[..., self.neurons :] *= text
+        engine.record_fraction(layer_idx, ffn=1.0)
+        return module.down_proj(inner)

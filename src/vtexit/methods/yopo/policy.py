@@ -70,9 +70,11 @@ class YOPOPolicy(Policy):
                 f"window / heads are not supported for {self.family.name}: its media blocks attend both ways"
             )
         config = self.config
-        attention = YOPOAttention(engine, self.head_plans, config.window, config.pruned_text, config.window_kernel)
+        attention = YOPOAttention(
+            engine, self.head_plans, config.window, config.pruned_text, config.window_kernel, config.dense_below
+        )
         out: dict[nn.Module, Callable] = {module: attention.forward for module in self.attention_modules.values()}
         if self.mlp_modules:
-            mlp = YOPOMLP(engine, self.neurons)
+            mlp = YOPOMLP(engine, self.neurons, config.dense_below)
             out.update({module: partial(mlp.forward, i) for i, module in self.mlp_modules.items()})
         return out

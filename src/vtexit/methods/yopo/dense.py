@@ -1,0 +1,56 @@
+"""YOPO's rules as masks over the full rows, for the dense execution (see :mod:`vtexit.methods.yopo.execution`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vtexit.core.grids import VisualGrid
+
+
+def dense_mask(
+    media: torch.Tensor, valid: torch.Tensor, grid: VisualGrid | None, index: torch.Tensor, size: int | None
+) -> torch.Tensor:
+    """(batch, 1, length, length) bool: which keys each query slot reads. Text queries: the valid keys up to their own
+    slot. Visual queries: the same, or under a window of side ``size``: every earlier text key and the visual keys of
+    their w x w neighbourhood on their own frame (``grid`` per original position, ``index`` slots -> positions). Pad
+    queries read every valid key (their results are dropped)."""
+    length = media.shape[1]
+    slots = torch.arange(length, device=media.device)
+    allowed = (slots.view(1, 1, -1) <= slots.view(1, -1, 1)) & valid.unsqueeze(1)
+    if size is not None:
+        radius = (size - 1) // 2
+        frame, row, col = (g.gather(1, index) for g in (grid.frame, grid.row, grid.col))
+        visual = media & valid
+        frame = torch.where(visual, frame, -1)
+        near = (frame.unsqueeze(2) == frame.unsqueeze(1)) & visual.unsqueeze(1)
+        near &= (row.unsqueeze(2) - row.unsqueeze(1)).abs() <= radius
+        near &= (col.unsqueeze(2) - col.unsqueeze(1)).abs() <= radius
+        earlier_text = (slots.view(1, 1, -1) < slots.view(1, -1, 1)) & (valid & ~media).unsqueeze(1)
+        allowed = torch.where(visual.unsqueeze(2), near | earlier_text, allowed)
+    allowed |= ~valid.unsqueeze(2) & valid.unsqueeze(1)
+    return allowed.unsqueeze(1)
+
+
+def pruned_visual_rows(media: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, length, 1): 0 where a visual query row sits in a head pruned for visual tokens, else 1."""
+    return (active.view(1, -1, 1, 1) | ~media.view(media.shape[0], 1, -1, 1)).to(torch.int8)
+
+
+@dataclass(frozen=True)
+class DenseHeadMasks:
+    """What a dense layer with heads pruned for visual tokens chooses between, per head (made once per call)."""
+
+    allowed: torch.Tensor  # (batch, 1, L, L): an active head's mask
+    text_keys: torch.Tensor  # (batch, 1, L, L): a pruned head's: no visual key (a row left with none reads all)
+    text_rows: torch.Tensor  # (batch, 1, L, 1): a pruned head's output scale: 0 at visual query rows, else 1
+    ones: torch.Tensor  # (1, 1, 1, 1): an active head's output scale
+
+    @classmethod
+    def of(cls, allowed: torch.Tensor, media: torch.Tensor, dtype: torch.dtype) -> DenseHeadMasks:
+        batch, length = media.shape
+        text_keys = allowed & ~media.view(batch, 1, 1, length)
+        text_keys |= ~text_keys.any(-1, keepdim=True)
+        text_rows = (~media).view(batch, 1, length, 1).to(dtype)
+        return cls(allowed, text_keys, text_rows, text_rows.new_ones(1, 1, 1, 1))

@@ -1,0 +1,35 @@
+"""Split or dense: how a prefill runs YOPO's in-layer strategies.
+
+*Split* (the saving): visual and text rows are gathered apart and the visual rows compute only what YOPO keeps (active
+heads, the window's keys, the first FFN neurons). That costs extra kernels and host work per layer, which only pays
+when there are enough visual rows: on an H200 (2026-12-04, LLaVA-1.5-7B shape, bf16, batch 1, 576 visual tokens)
+every split strategy ran slower than no YOPO (0.34x-0.67x). *Dense*: every row runs the module's full products and the
+pruned parts are masked out (pruned heads' visual outputs and unused neurons zeroed, the window as an attention
+mask): the same function, nothing saved, about the kernels of the unpatched model. Cost records say which ran.
+
+A call runs split when it holds at least ``dense_below`` visual rows (batch x its widest row's visual tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vtexit.methods.yopo.rows import call_rows
+
+# Visual rows per call below which the default runs dense, per device type. CUDA: from the one GPU measurement above
+# (576 visual rows lost in every strategy); benchmarks/bench_yopo.py prints split and dense at 576, 2304 and batch 16
+# so that a GPU run can move it. CPU: split always (0.87-1.00 of the FLOPs ratio at 576, README).
+DENSE_BELOW = {"cuda": 2048}
+
+
+def dense_below_for(device: torch.device, dense_below: int | None) -> int:
+    """The threshold in force on ``device``: the config's, else the device type's default."""
+    return DENSE_BELOW.get(device.type, 0) if dense_below is None else dense_below
+
+
+def runs_split(engine, device: torch.device, dense_below: int | None) -> bool:
+    """Whether this thread's prefill runs split (decided once per call; the row blocks' one host read)."""
+    limit = dense_below_for(device, dense_below)
+    if limit == 0:
+        return True
+    return engine.call_memo("yopo split", lambda: call_rows(engine).visual.slots.numel() >= limit)
