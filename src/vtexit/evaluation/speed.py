@@ -132,7 +132,9 @@ def _compiled_rows(model, inputs, configs, repeats, forward, flops, backend, mod
     rows = []
     layers = list(family_for(model).resolve(model).layers) if mode == "regional" else []
     for layer in layers:
-        layer.forward = torch.compile(layer.forward, backend=backend)
+        # Static shapes: after a withdrawal the layers see a second sequence length, and automatic dynamic shapes
+        # would then recompile every layer (those before K too) to one dynamic-length graph the baseline never used.
+        layer.forward = torch.compile(layer.forward, backend=backend, dynamic=False)
     options = dict(mode="reduce-overhead") if mode == "reduce-overhead" else {}
     compiled = model if mode == "regional" else torch.compile(model, backend=backend, **options)
     try:
