@@ -69,6 +69,30 @@ def reduced_prompt(case, inputs: dict, keep: float) -> tuple[torch.Tensor, torch
     return left_pad(rows)
 
 
+def rebuild_rows(embeds: torch.Tensor, inputs: dict, media: torch.Tensor, visual) -> tuple[list, list]:
+    """Walk each row's real tokens by hand: a text token is kept as it is; the k-th visual token of row ``b`` (at
+    position ``i``) becomes the embeddings ``visual(b, i, k)`` returns (none: dropped). Per row the rebuilt
+    embeddings and, for each, whether it is visual."""
+    rows, flags = [], []
+    for b in range(embeds.shape[0]):
+        real = inputs["attention_mask"][b].bool()
+        kept, is_visual, seen = [], [], 0
+        for i in range(embeds.shape[1]):
+            if not real[i]:
+                continue
+            if not media[b, i]:
+                kept.append(embeds[b, i])
+                is_visual.append(False)
+                continue
+            new = list(visual(b, i, seen))
+            seen += 1
+            kept.extend(new)
+            is_visual.extend([True] * len(new))
+        rows.append(torch.stack(kept))
+        flags.append(is_visual)
+    return rows, flags
+
+
 def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of (length_b, hidden) embeddings left-padded with zero vectors into one batch, and its attention mask."""
     longest = max(len(r) for r in rows)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from reduced_prompt import check_against_reduced_prompt, greedy_case, layer0_inputs, left_pad
+from reduced_prompt import check_against_reduced_prompt, greedy_case, layer0_inputs, left_pad, rebuild_rows
 from reference import record_layer_inputs, scheduled_logits
 
 import vtexit
@@ -20,35 +20,24 @@ def _pooled_prompt(case, inputs: dict, stride: int, flags: list | None = None) -
     tokens in a row is image k, a square grid in row-major order. ``flags``, if given, receives per row whether each
     kept token is visual."""
     embeds = layer0_inputs(case.model, inputs)
-    media = case.media_mask(inputs)
     side = math.isqrt(case.model.config.image_seq_length)
-    rows = []
-    for b in range(embeds.shape[0]):
-        real = inputs["attention_mask"][b].bool()
-        kept, seen, is_media = [], 0, []
-        for i in range(embeds.shape[1]):
-            if not real[i]:
-                continue
-            if not media[b, i]:
-                kept.append(embeds[b, i])
-                is_media.append(False)
-                continue
-            local = seen % (side * side)
-            start = i - local  # the image's first token
-            seen += 1
-            r, c = divmod(local, side)
-            if r % stride or c % stride:
-                continue
-            block = [
-                embeds[b, start + rr * side + cc]
-                for rr in range(r, min(r + stride, side))
-                for cc in range(c, min(c + stride, side))
-            ]
-            kept.append(torch.stack(block).float().mean(0).to(embeds.dtype))
-            is_media.append(True)
-        rows.append(torch.stack(kept))
-        if flags is not None:
-            flags.append(is_media)
+
+    def pooled(b: int, i: int, seen: int) -> list[torch.Tensor]:
+        local = seen % (side * side)
+        start = i - local  # the image's first token
+        r, c = divmod(local, side)
+        if r % stride or c % stride:
+            return []
+        block = [
+            embeds[b, start + rr * side + cc]
+            for rr in range(r, min(r + stride, side))
+            for cc in range(c, min(c + stride, side))
+        ]
+        return [torch.stack(block).float().mean(0).to(embeds.dtype)]
+
+    rows, is_visual = rebuild_rows(embeds, inputs, case.media_mask(inputs), pooled)
+    if flags is not None:
+        flags.extend(is_visual)
     return left_pad(rows)
 
 

@@ -10,7 +10,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from reduced_prompt import check_against_reduced_prompt, layer0_inputs, left_pad
+from reduced_prompt import check_against_reduced_prompt, layer0_inputs, left_pad, rebuild_rows
 from reference import record_layer_inputs, scheduled_logits
 from transformers import Dinov2Config, LlavaConfig, LlavaForConditionalGeneration
 
@@ -100,25 +100,13 @@ def reduced_prompt(case, inputs: dict, keep: float, share: float):
     projected = model.model.multi_modal_projector(torch.tensor(np.stack(zipped), dtype=torch.float32))
     embeds = layer0_inputs(case.model, inputs)
     media = case.media_mask(inputs) & inputs["attention_mask"].bool()
-    rows, flags, image = [], [], 0
-    for b in range(embeds.shape[0]):
-        real = inputs["attention_mask"][b].bool()
-        parts, visual, seen_media = [], [], 0
-        for i in range(embeds.shape[1]):
-            if not real[i]:
-                continue
-            if not media[b, i]:
-                parts.append(embeds[b, i])
-                visual.append(False)
-                continue
-            if seen_media % patches == 0:
-                parts.extend(projected[image])
-                visual.extend([True] * len(projected[image]))
-                image += 1
-            seen_media += 1
-        rows.append(torch.stack(parts))
-        flags.append(visual)
-    assert image == features.shape[0]
+    images = iter(projected)  # the batch's images in order, each row's in its order
+
+    def zipped_image(b: int, i: int, seen: int) -> list[torch.Tensor]:
+        return list(next(images)) if seen % patches == 0 else []  # an image's first token brings its zipped tokens
+
+    rows, flags = rebuild_rows(embeds, inputs, media, zipped_image)
+    assert next(images, None) is None
     return (*left_pad(rows), flags)
 
 
