@@ -14,6 +14,7 @@ from yopo_reference import hand_grid, simulate
 
 import vtexit
 from vtexit.core.flops import DecoderShape, run_flops
+from vtexit.methods.yopo.rows import split_rows
 from vtexit.testing.tiny_models import build_tiny
 
 NEW_TOKENS = 4
@@ -396,3 +397,23 @@ def test_host_syncs_do_not_grow_with_layers():
             patched_steps = syncs(generate(4)) - syncs(generate(2))
         assert patched_steps == syncs(generate(4)) - syncs(generate(2))  # unpatched: the same per decode step
     assert counts[4] == counts[8] <= 2
+
+
+@pytest.mark.parametrize("images_per_row, text_len", [([1], [6]), ([1, 1], [5, 5])])
+def test_visual_rows_in_one_run_are_sliced_and_exact(images_per_row, text_len):
+    """One image per row at the same slots (batch 1, or rows laid out alike): the visual block is a slice of the
+    sequence (no gathers); against the simulation as everywhere else."""
+    case = _case("llava", "sdpa")
+    inputs = case.inputs(images_per_row, text_len=text_len)
+    valid = inputs["attention_mask"].bool()
+    media = case.media_mask(inputs) & valid
+    first = [int(row.nonzero()[0]) for row in media]
+    assert split_rows(media, valid).visual.run == first[0] == first[-1]
+    assert split_rows(*_media_and_valid(case, family_batch(case))).visual.run is None
+    for name in ("window", "heads", "ffn", "all", "window-flex"):
+        _check(case, _strategies(case)[name], name, inputs)
+
+
+def _media_and_valid(case, inputs):
+    valid = inputs["attention_mask"].bool()
+    return case.media_mask(inputs) & valid, valid

@@ -23,10 +23,9 @@ from torch.nn import functional as F
 
 from vtexit.core.compiled import eager_under_compile
 from vtexit.core.engine import ScheduleEngine
-from vtexit.core.layout import gather_sequence
 from vtexit.core.transformers_compat import rotary_function, take_cache, with_cache
 from vtexit.methods.yopo import sliced
-from vtexit.methods.yopo.dense import DenseHeadMasks, dense_mask, pruned_visual_rows
+from vtexit.methods.yopo.dense import DenseHeadMasks, dense_mask, pruned_visual_rows, without_visual_keys
 from vtexit.methods.yopo.execution import runs_split
 from vtexit.methods.yopo.flex_window import FlexWindow, compiled_flex_attention, flex_window, flex_window_attention
 from vtexit.methods.yopo.rows import QueryRows, RowBlock, call_rows
@@ -176,7 +175,12 @@ class YOPOAttention:
         text = rows.text
         query = self._query_rows(module, hidden, text, cos, sin)
         allowed = engine.call_memo("yopo text mask", lambda: _causal_rows(text, layout.valid))
-        attended = self._attend(query, key, value, allowed, plan, rows.media, scale)
+        if plan.pruned and self.pruned_text == "renormalise":  # per layer a choice between two masks of the call
+            text_keys = engine.call_memo("yopo text rows' text keys", lambda: without_visual_keys(allowed, rows.media))
+            mask = torch.where(plan.active.view(1, -1, 1, 1), allowed, text_keys)
+            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
+        else:
+            attended = self._attend(query, key, value, allowed, plan, rows.media, scale)
         out = text.scatter(out, module.o_proj(_merge_heads(attended)))
 
         # Visual rows: only the heads active for visual tokens.
@@ -261,11 +265,14 @@ class YOPOAttention:
 
     def _query_rows(self, module, hidden, block: RowBlock, cos, sin, rows_q=None) -> torch.Tensor:
         """Queries of a block's rows (only the q_proj outputs ``rows_q`` when given: the active heads)."""
-        index = block.gather_index
         picked = block.gather(hidden)
         projected = module.q_proj(picked) if rows_q is None else sliced.outputs(module.q_proj, picked, rows_q)
         query = self._heads(module, projected, "q_norm")
-        return self._rotate(module, query, gather_sequence(cos, index, -2), gather_sequence(sin, index, -2))
+        # Every layer of a prefill gets the same cos/sin: their rows for this block are taken once per call.
+        cos_b, sin_b = self.engine.call_memo(
+            ("yopo rotary rows", id(block), id(cos)), lambda: (block.positions(cos, -2), block.positions(sin, -2))
+        )
+        return self._rotate(module, query, cos_b, sin_b)
 
     # ------------------------------------------------------------------------------------------- decode
     def _text_only(self, module, plan: HeadPlan, hidden, position_embeddings, attention_mask, cache):

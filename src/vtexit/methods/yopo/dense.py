@@ -50,7 +50,13 @@ class DenseHeadMasks:
     @classmethod
     def of(cls, allowed: torch.Tensor, media: torch.Tensor, dtype: torch.dtype) -> DenseHeadMasks:
         batch, length = media.shape
-        text_keys = allowed & ~media.view(batch, 1, 1, length)
-        text_keys |= ~text_keys.any(-1, keepdim=True)
         text_rows = (~media).view(batch, 1, length, 1).to(dtype)
-        return cls(allowed, text_keys, text_rows, text_rows.new_ones(1, 1, 1, 1))
+        return cls(allowed, without_visual_keys(allowed, media), text_rows, text_rows.new_ones(1, 1, 1, 1))
+
+
+def without_visual_keys(allowed: torch.Tensor, media: torch.Tensor) -> torch.Tensor:
+    """``allowed`` (batch, 1, queries, length) with the visual keys (``media`` (batch, length)) taken out: a pruned
+    head's mask for text queries (``pruned_text="renormalise"``). A row left with no key reads every key (only pad
+    rows and visual rows can be, and their results are dropped or zeroed)."""
+    kept = allowed & ~media.view(media.shape[0], 1, 1, media.shape[1])
+    return kept | ~kept.any(-1, keepdim=True)

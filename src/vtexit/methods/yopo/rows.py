@@ -17,23 +17,32 @@ from vtexit.core.layout import gather_sequence
 
 @dataclass(frozen=True)
 class RowBlock:
-    """Slots of one kind per batch row, left-aligned in original order; pad entries hold ``length``."""
+    """Slots of one kind per batch row, left-aligned in original order; pad entries hold ``length``.
+
+    ``run``: when every row's entries are the same run of slots ``run .. run + n - 1`` (one image at batch 1, or
+    rows laid out alike), gathers and scatters become slices: no index kernels, no copies in."""
 
     slots: torch.Tensor  # (batch, n) long
     valid: torch.Tensor  # (batch, n) bool
-
-    @property
-    def gather_index(self) -> torch.Tensor:
-        """Slots safe to gather with (pad entries read slot 0; their results are dropped)."""
-        return self.slots.masked_fill(~self.valid, 0)
+    gather_index: torch.Tensor  # (batch, n) long: slots safe to gather with (pad entries read slot 0, dropped later)
+    run: int | None = None
 
     def gather(self, states: torch.Tensor) -> torch.Tensor:
         """(batch, n, ...) rows of ``states`` (batch, length, ...)."""
-        return gather_sequence(states, self.gather_index, 1)
+        return self.positions(states, 1)
+
+    def positions(self, tensor: torch.Tensor, seq_dim: int) -> torch.Tensor:
+        """``tensor`` at the block's slots along ``seq_dim`` (rotary cos/sin too: see ``gather_sequence``)."""
+        if self.run is not None:
+            return tensor.narrow(seq_dim, self.run, self.slots.shape[1])
+        return gather_sequence(tensor, self.gather_index, seq_dim)
 
     def scatter(self, out: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """``out`` (batch, length + 1, dim) with ``values`` (batch, n, dim) written at the block's slots (pad entries
         land in the dummy last column)."""
+        if self.run is not None:
+            out.narrow(1, self.run, values.shape[1]).copy_(values)
+            return out
         index = self.slots.unsqueeze(-1).expand(-1, -1, out.shape[-1])
         return out.scatter(1, index, values.to(out.dtype))
 
@@ -54,13 +63,23 @@ def call_rows(engine) -> QueryRows:
 def split_rows(media: torch.Tensor, valid: torch.Tensor) -> QueryRows:
     """Visual (``media``) and text (valid, not media) slots of each row as padded blocks."""
     text = valid & ~media
-    width_visual, width_text = (int(n) for n in torch.stack([media.sum(1).max(), text.sum(1).max()]).tolist())
+    visual_count, text_count = media.sum(1), text.sum(1)
+    first = media.long().argmax(1)
+    slots = torch.arange(media.shape[1], device=media.device)
+    in_run = (slots >= first.unsqueeze(1)) & (slots < (first + visual_count).unsqueeze(1))
+    # One run at the same slots in every row: the rows' media flags equal one row's run.
+    same_run = (media == in_run).all() & (first == first[0]).all() & (visual_count == visual_count[0]).all()
+    width_visual, width_text, is_run, start = (
+        int(n) for n in torch.stack([visual_count.max(), text_count.max(), same_run.long(), first[0]]).tolist()
+    )
     length = media.shape[1]
-    return QueryRows(_block(media, width_visual, length), _block(text, width_text, length), length, media)
+    visual = _block(media, width_visual, length, start if is_run and width_visual else None)
+    return QueryRows(visual, _block(text, width_text, length), length, media)
 
 
-def _block(selected: torch.Tensor, width: int, length: int) -> RowBlock:
+def _block(selected: torch.Tensor, width: int, length: int, run: int | None = None) -> RowBlock:
     # A stable sort of the negated flags puts the selected slots first, in their original order.
     order = torch.sort((~selected).to(torch.int8), dim=1, stable=True).indices[:, :width]
     valid = torch.arange(width, device=selected.device).unsqueeze(0) < selected.sum(1, keepdim=True)
-    return RowBlock(slots=order.masked_fill(~valid, length), valid=valid)
+    slots, index = order.masked_fill(~valid, length), order.masked_fill(~valid, 0)
+    return RowBlock(slots=slots, valid=valid, gather_index=index, run=run)
