@@ -54,9 +54,15 @@ def test_withdrawn_logits_and_generate_on_cuda_match_the_cpu(case):
         case.model.to("cpu")
 
 
+# How YOPO runs on CUDA: split with the FlexAttention window (compiled), split with tiles, and the default at this
+# size (dense: fewer visual rows than dense_below). The CPU reference runs split with tiles.
+EXECUTIONS = {"split-flex": dict(dense_below=0), "split-tiles": dict(dense_below=0, window_kernel="tiles"), "dense": {}}
+
+
 @torch.no_grad()
+@pytest.mark.parametrize("execution", EXECUTIONS)
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_yopo_on_cuda_matches_the_cpu(family):
+def test_yopo_on_cuda_matches_the_cpu(family, execution):
     from vtexit.testing.tiny_models import build_tiny
 
     case = build_tiny(family, num_layers=4)
@@ -64,7 +70,7 @@ def test_yopo_on_cuda_matches_the_cpu(family):
     heads = case.model.config.get_text_config().num_attention_heads
     active = torch.ones(4, heads, dtype=torch.bool)
     active[2:, ::2] = False
-    config = vtexit.YOPOConfig(window=3, heads=active, layer_drop=3, ffn_ratio=2)
+    config = vtexit.YOPOConfig(window=3, heads=active, layer_drop=3, ffn_ratio=2, **EXECUTIONS[execution])
     media_ids = sorted(set(inputs["input_ids"][case.media_mask(inputs)].tolist()))
     generate = dict(max_new_tokens=4, do_sample=False, suppress_tokens=media_ids)
     with vtexit.yopo(case.model, config):
@@ -75,7 +81,11 @@ def test_yopo_on_cuda_matches_the_cpu(family):
         with vtexit.yopo(model, config) as handle:
             torch.testing.assert_close(model(**cuda_inputs).logits.cpu(), logits, atol=1e-4, rtol=1e-4)
             assert torch.equal(model.generate(**cuda_inputs, **generate).cpu(), tokens)
-            assert handle.last_cost.prefill.layers[0].visual_keys.device.type == "cuda"
+            first = handle.last_cost.prefill.layers[0]
+            if execution == "dense":
+                assert first.head_fraction == 1.0 and first.ffn_fraction == 1.0  # the full computation ran
+            else:
+                assert first.visual_keys.device.type == "cuda"
     finally:
         case.model.to("cpu")
 
