@@ -168,9 +168,6 @@ class YOPOAttention:
         # A prefill fills an empty cache from its first slot (a static cache returns its whole buffer).
         key, value = key[:, :, : hidden.shape[1]], value[:, :, : hidden.shape[1]]
         scale = module.scaling
-        batch, length, _ = hidden.shape
-        out = hidden.new_zeros(batch, length + 1, module.o_proj.out_features)
-
         # Text rows: every head.
         text = rows.text
         query = self._query_rows(module, hidden, text, cos, sin)
@@ -181,7 +178,7 @@ class YOPOAttention:
             attended = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
         else:
             attended = self._attend(query, key, value, allowed, plan, rows.media, scale)
-        out = text.scatter(out, module.o_proj(_merge_heads(attended)))
+        text_out, visual_out = module.o_proj(_merge_heads(attended)), None
 
         # Visual rows: only the heads active for visual tokens.
         visual = rows.visual
@@ -202,14 +199,13 @@ class YOPOAttention:
             else:
                 attended = tiled_attention(query, key_a, value_a, self._tiles(rows, layout), scale)
             in_features = module.o_proj.in_features
-            projected = sliced.inputs(module.o_proj, _merge_heads(attended), rows_q, in_features)
-            out = visual.scatter(out, projected)
+            visual_out = sliced.inputs(module.o_proj, _merge_heads(attended), rows_q, in_features)
         computed = None
         if self.window is not None and visual.slots.shape[1]:
             window = self._flex_window(rows, layout) if self._uses_flex(hidden.device) else self._tiles(rows, layout)
             computed = window.computed_keys
         engine.record_fraction(module.layer_idx, heads=heads / plan.active.numel(), visual_keys=computed)
-        return out[:, :length]
+        return rows.assemble(text_out, visual_out)
 
     def _dense(self, module, plan: HeadPlan, hidden, position_embeddings, cache) -> torch.Tensor:
         """The same attention over the full rows, the rules as masks: nothing is saved, no rows are gathered."""

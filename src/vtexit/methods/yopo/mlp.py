@@ -41,17 +41,14 @@ class YOPOMLP:
         if not runs_split(engine, hidden.device, self.dense_below):
             return self._dense(layer_idx, module, hidden)
         rows = call_rows(engine)
-        batch, length, _ = hidden.shape
-        out = hidden.new_zeros(batch, length + 1, module.down_proj.out_features)
-        out = rows.text.scatter(out, type(module).forward(module, rows.text.gather(hidden)))
+        text = type(module).forward(module, rows.text.gather(hidden))
         visual = rows.visual.gather(hidden)
         n = self.neurons
         first = slice(0, n)
         gate, up = sliced.outputs(module.gate_proj, visual, first), sliced.outputs(module.up_proj, visual, first)
         down = sliced.inputs(module.down_proj, module.act_fn(gate) * up, first, module.down_proj.in_features)
-        out = rows.visual.scatter(out, down)
         engine.record_fraction(layer_idx, ffn=n / module.down_proj.in_features)
-        return out[:, :length]
+        return rows.assemble(text, down)
 
     def _dense(self, layer_idx: int, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """The same FFN over the full rows: visual rows' neurons past the first m / r zeroed, nothing saved."""

@@ -53,6 +53,22 @@ class QueryRows:
     text: RowBlock
     length: int
     media: torch.Tensor  # (batch, length) bool: the slots' media flags the blocks were split by
+    unpadded: bool = False  # no pad slot in any row
+
+    def assemble(self, text: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
+        """(batch, length, dim): the text block's rows ``text`` (batch, n_text, dim) and the visual block's ``visual``
+        (None: zeros) back at their slots. Rows without padding around one visual run are one concatenation: the
+        text block is then the slots before the run and those after it."""
+        run = self.visual.run
+        if run is not None and self.unpadded:
+            if visual is None:
+                visual = text.new_zeros(text.shape[0], self.visual.slots.shape[1], text.shape[-1])
+            return torch.cat([text[:, :run], visual.to(text.dtype), text[:, run:]], dim=1)
+        out = text.new_zeros(text.shape[0], self.length + 1, text.shape[-1])
+        out = self.text.scatter(out, text)
+        if visual is not None:
+            out = self.visual.scatter(out, visual)
+        return out[:, : self.length]
 
 
 def call_rows(engine) -> QueryRows:
@@ -69,12 +85,11 @@ def split_rows(media: torch.Tensor, valid: torch.Tensor) -> QueryRows:
     in_run = (slots >= first.unsqueeze(1)) & (slots < (first + visual_count).unsqueeze(1))
     # One run at the same slots in every row: the rows' media flags equal one row's run.
     same_run = (media == in_run).all() & (first == first[0]).all() & (visual_count == visual_count[0]).all()
-    width_visual, width_text, is_run, start = (
-        int(n) for n in torch.stack([visual_count.max(), text_count.max(), same_run.long(), first[0]]).tolist()
-    )
+    read = torch.stack([visual_count.max(), text_count.max(), same_run.long(), first[0], valid.all().long()])
+    width_visual, width_text, is_run, start, unpadded = (int(n) for n in read.tolist())
     length = media.shape[1]
     visual = _block(media, width_visual, length, start if is_run and width_visual else None)
-    return QueryRows(visual, _block(text, width_text, length), length, media)
+    return QueryRows(visual, _block(text, width_text, length), length, media, bool(unpadded))
 
 
 def _block(selected: torch.Tensor, width: int, length: int, run: int | None = None) -> RowBlock:
