@@ -26,19 +26,21 @@ def max_min_diverse(features: torch.Tensor, candidates: torch.Tensor, count: tor
     """(batch, n) bool: for each row, ``count[b]`` of its ``candidates`` chosen by the greedy max-min rule above.
 
     ``features`` (batch, n, dim); ``candidates`` (batch, n) bool; ``count`` (batch,) long, at most the row's
-    candidates."""
+    candidates. Each step is a few kernels (a GPU runs one step per kept token): rows past their count keep picking,
+    and those picks are discarded at the end."""
     batch, n = candidates.shape
     distance = cosine_distances(features)
     far = torch.finfo(distance.dtype).max
     others = candidates.unsqueeze(1) & ~torch.eye(n, dtype=torch.bool, device=candidates.device)
     nearest = distance.masked_fill(~others, far).amin(dim=2)  # a lone candidate is "far" from everything
-    rows = torch.arange(batch, device=candidates.device)
-    selected = torch.zeros_like(candidates)
+    blocked = torch.zeros_like(nearest).masked_fill(~candidates, float("-inf"))  # -inf: not (or no longer) pickable
+    steps = int(count.max()) if batch else 0
+    picks = [torch.zeros(batch, 0, dtype=torch.long, device=candidates.device)]
     to_selected = torch.full_like(nearest, far)
-    for step in range(int(count.max()) if batch else 0):
-        score = nearest if step == 0 else to_selected
-        pick = score.masked_fill(~candidates | selected, -1.0).argmax(dim=1)  # the first of equal maxima
-        active = step < count
-        selected[rows, pick] |= active
-        to_selected = torch.where(active.unsqueeze(1), torch.minimum(to_selected, distance[rows, pick]), to_selected)
-    return selected
+    for step in range(steps):
+        pick = ((nearest if step == 0 else to_selected) + blocked).argmax(dim=1, keepdim=True)  # first of equal maxima
+        blocked.scatter_(1, pick, float("-inf"))
+        picks.append(pick)
+        to_selected = torch.minimum(to_selected, distance.gather(1, pick.unsqueeze(-1).expand(-1, 1, n)).squeeze(1))
+    taken = (torch.arange(steps, device=candidates.device) < count.unsqueeze(1)).float()
+    return torch.zeros(batch, n, device=candidates.device).scatter_add_(1, torch.cat(picks, dim=1), taken) > 0
