@@ -141,6 +141,8 @@ def test_window_on_video_frames():
     case = _case("qwen2_vl", "sdpa")
     inputs = case.inputs(images_per_row=[0, 1, 0], videos_per_row=[1, 1, 0], text_len=[5, 4, 6])
     _check(case, dict(window=3), "video", inputs)
+    _check(case, dict(window=3, window_kernel="flex"), "video, FlexAttention", inputs)
+    _check(case, dict(window=3, dense_below=10**9), "video, dense", inputs)
 
 
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "internvl", "idefics3", "qwen3_vl"])
