@@ -25,7 +25,7 @@ from vtexit.core.compiled import eager_under_compile
 from vtexit.core.engine import ScheduleEngine
 from vtexit.core.transformers_compat import rotary_function, take_cache, with_cache
 from vtexit.methods.yopo import sliced
-from vtexit.methods.yopo.dense import DenseHeadMasks, dense_mask, pruned_visual_rows, without_visual_keys
+from vtexit.methods.yopo.dense import DenseHeadMasks, dense_mask, without_visual_keys
 from vtexit.methods.yopo.execution import runs_split
 from vtexit.methods.yopo.flex_window import FlexWindow, compiled_flex_attention, flex_window, flex_window_attention
 from vtexit.methods.yopo.rows import QueryRows, RowBlock, call_rows
@@ -183,6 +183,10 @@ class YOPOAttention:
         # Visual rows: only the heads active for visual tokens.
         visual = rows.visual
         heads = len(plan.active_index)
+        flex = self._uses_flex(hidden.device)
+        window = None
+        if self.window is not None and visual.slots.shape[1]:
+            window = self._flex_window(rows, layout) if flex else self._tiles(rows, layout)
         if heads and visual.slots.shape[1]:
             rows_q = (
                 plan.active_index.view(-1, 1) * module.head_dim + torch.arange(module.head_dim, device=hidden.device)
@@ -192,18 +196,13 @@ class YOPOAttention:
             if self.window is None:
                 allowed = engine.call_memo("yopo visual mask", lambda: _causal_rows(visual, layout.valid))
                 attended = F.scaled_dot_product_attention(query, key_a, value_a, attn_mask=allowed, scale=scale)
-            elif self._uses_flex(hidden.device):
-                attended = flex_window_attention(
-                    query, key_a, value_a, self._flex_window(rows, layout), scale, self._flex(hidden.device)
-                )
+            elif flex:
+                attended = flex_window_attention(query, key_a, value_a, window, scale, self._flex(hidden.device))
             else:
-                attended = tiled_attention(query, key_a, value_a, self._tiles(rows, layout), scale)
+                attended = tiled_attention(query, key_a, value_a, window, scale)
             in_features = module.o_proj.in_features
             visual_out = sliced.inputs(module.o_proj, _merge_heads(attended), rows_q, in_features)
-        computed = None
-        if self.window is not None and visual.slots.shape[1]:
-            window = self._flex_window(rows, layout) if self._uses_flex(hidden.device) else self._tiles(rows, layout)
-            computed = window.computed_keys
+        computed = None if window is None else window.computed_keys
         engine.record_fraction(module.layer_idx, heads=heads / plan.active.numel(), visual_keys=computed)
         return rows.assemble(text_out, visual_out)
 
@@ -223,19 +222,20 @@ class YOPOAttention:
         allowed = engine.call_memo(
             "yopo dense mask", lambda: dense_mask(media, layout.valid, grid, layout.index, self.window)
         )
-        if plan.pruned and self.pruned_text == "renormalise":
-            # Per layer only a choice between two masks made once per call: few kernels, as the unpatched layer.
+        if not plan.pruned:
+            attended = self._attend(query, key, value, allowed, plan, media, module.scaling)
+        else:
+            # Per layer only choices between tensors made once per call: few kernels, as the unpatched layer.
             masks = engine.call_memo("yopo dense head masks", lambda: DenseHeadMasks.of(allowed, media, query.dtype))
             per_head = plan.active.view(1, -1, 1, 1)
-            mask = torch.where(per_head, masks.allowed, masks.text_keys)
-            attended = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=mask, scale=module.scaling, enable_gqa=True
-            )
-            attended = attended * torch.where(per_head, masks.ones, masks.text_rows)
-        else:
-            attended = self._attend(query, key, value, allowed, plan, media, module.scaling)
-            if plan.pruned:
-                attended = attended * pruned_visual_rows(media, plan.active).to(attended.dtype)
+            if self.pruned_text == "renormalise":
+                mask = torch.where(per_head, masks.allowed, masks.text_keys)
+                attended = F.scaled_dot_product_attention(
+                    query, key, value, attn_mask=mask, scale=module.scaling, enable_gqa=True
+                )
+            else:
+                attended = self._attend(query, key, value, allowed, plan, media, module.scaling)
+            attended = attended * torch.where(per_head, 1.0, masks.text_rows)  # pruned heads' visual rows: 0
         engine.record_fraction(module.layer_idx, heads=1.0)
         return module.o_proj(_merge_heads(attended))
 

@@ -33,11 +33,6 @@ def dense_mask(
     return allowed.unsqueeze(1)
 
 
-def pruned_visual_rows(media: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """(batch, heads, length, 1): 0 where a visual query row sits in a head pruned for visual tokens, else 1."""
-    return (active.view(1, -1, 1, 1) | ~media.view(media.shape[0], 1, -1, 1)).to(torch.int8)
-
-
 @dataclass(frozen=True)
 class DenseHeadMasks:
     """What a dense layer with heads pruned for visual tokens chooses between, per head (made once per call)."""
@@ -45,13 +40,12 @@ class DenseHeadMasks:
     allowed: torch.Tensor  # (batch, 1, L, L): an active head's mask
     text_keys: torch.Tensor  # (batch, 1, L, L): a pruned head's: no visual key (a row left with none reads all)
     text_rows: torch.Tensor  # (batch, 1, L, 1): a pruned head's output scale: 0 at visual query rows, else 1
-    ones: torch.Tensor  # (1, 1, 1, 1): an active head's output scale
 
     @classmethod
     def of(cls, allowed: torch.Tensor, media: torch.Tensor, dtype: torch.dtype) -> DenseHeadMasks:
         batch, length = media.shape
         text_rows = (~media).view(batch, 1, length, 1).to(dtype)
-        return cls(allowed, without_visual_keys(allowed, media), text_rows, text_rows.new_ones(1, 1, 1, 1))
+        return cls(allowed, without_visual_keys(allowed, media), text_rows)
 
 
 def without_visual_keys(allowed: torch.Tensor, media: torch.Tensor) -> torch.Tensor:
