@@ -6,12 +6,13 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from vtexit.core.families import FamilySpec
 from vtexit.core.policy import Policy
 from vtexit.methods.base import MethodConfig
-from vtexit.methods.fastv.ranking import check_keep
+from vtexit.methods.fastv.ranking import MAX_DENOMINATOR, check_keep, keep_counts
 from vtexit.methods.visionzip.policy import VisionZipPolicy
 from vtexit.methods.visionzip.tower import find_selected_layer
 
@@ -21,8 +22,9 @@ PAPER_CONTEXTUAL_SHARE = 10 / 64  # 54 + 10, 108 + 20 and 162 + 30 tokens of LLa
 def split_tokens(patches: int, keep: float, contextual_share: float) -> tuple[int, int]:
     """(dominant, contextual) tokens per image: round half up of ``keep`` x ``patches`` in all (at least one), of which
     round half up of ``contextual_share`` x that are contextual; the dominant ones (CLS included) are at least one."""
-    tokens = max(1, int(Fraction(keep).limit_denominator(10**6) * patches + Fraction(1, 2)))
-    contextual = min(tokens - 1, int(Fraction(contextual_share).limit_denominator(10**6) * tokens + Fraction(1, 2)))
+    tokens = int(keep_counts(torch.tensor([patches]), keep))  # FastV's count rule, as every method's keep
+    share = Fraction(contextual_share).limit_denominator(MAX_DENOMINATOR)
+    contextual = min(tokens - 1, int(share * tokens + Fraction(1, 2)))
     return tokens - contextual, contextual
 
 
