@@ -33,20 +33,50 @@ SHAPES = {
 }
 
 
+def _gib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**30:.2f}"
+
+
 def _static_table(rows, title: str) -> Table:
     table = Table(title=title)
-    for name in ("config", "decode ms/token", "vs no vtexit", "peak GiB", "KV MiB held"):
+    columns = ["config", "decode ms/token", "vs no vtexit", "peak GiB", "dynamic-cache peak GiB", "static / dynamic",
+               "KV MiB held", "CUDA graph skips"]
+    for name in columns:
         table.add_column(name, justify="right")
     base = next(row for row in rows if row.layer is None)
     for row in rows:
+        both = row.peak_bytes is not None and row.dynamic_peak_bytes is not None
         table.add_row(
             "no vtexit" if row.layer is None else f"VTW K={row.layer}",
             f"{1e3 * row.decode_token_s:.2f}",
             f"{row.decode_token_s / base.decode_token_s:.3f}x",
-            "-" if row.peak_bytes is None else f"{row.peak_bytes / 2**30:.2f}",
+            _gib(row.peak_bytes),
+            _gib(row.dynamic_peak_bytes),
+            f"{row.peak_bytes / row.dynamic_peak_bytes:.3f}" if both else "-",
             "-" if row.kv_bytes is None else f"{row.kv_bytes / 2**20:.1f}",
+            str(row.cudagraph_skips),
         )
     return table
+
+
+def static_target_misses(rows, *, visual: int, batch: int) -> list[str]:
+    """Issue 19's static-cache targets this table can check (GPU shapes): every K within 1.05x of transformers' own
+    decode; at batch 16 x 2304 visual, K=8 at most 0.7x of it and every peak within 10% of the dynamic cache's."""
+    base = next(row for row in rows if row.layer is None)
+    misses = []
+    for row in rows:
+        if row.layer is None:
+            continue
+        ratio = row.decode_token_s / base.decode_token_s
+        if ratio > 1.05:
+            misses.append(f"K={row.layer} decode {ratio:.3f}x > 1.05x")
+        if visual == 2304 and batch == 16 and row.layer == 8 and ratio > 0.7:
+            misses.append(f"K=8 decode {ratio:.3f}x > 0.7x")
+        if visual == 2304 and batch == 16 and row.peak_bytes is not None and row.dynamic_peak_bytes is not None:
+            share = row.peak_bytes / row.dynamic_peak_bytes
+            if share > 1.10:
+                misses.append(f"K={row.layer} peak {share:.3f} of the dynamic cache's > 1.10")
+    return misses
 
 
 def main() -> None:
@@ -99,7 +129,7 @@ def main() -> None:
                                         static_compiled_decode=[asdict(row) for row in static]))
             table = Table(title=f"{shape}, {tokens} visual + 64 text tokens, batch {batch}, {device} ({dtype})")
             for name in ("mode", "config", "prefill ms", "speedup", "FLOPs ratio", "speedup / FLOPs",
-                         "decode ms/token", "peak GiB", "KV MiB held"):
+                         "decode ms/token", "peak GiB", "KV MiB held", "CUDA graph skips"):
                 table.add_column(name, justify="right")
             for row in rows:
                 table.add_row(
@@ -110,8 +140,9 @@ def main() -> None:
                     f"{row['flops_ratio']:.2f}x",
                     f"{row['efficiency']:.2f}",
                     "-" if row["decode_token_s"] is None else f"{1e3 * row['decode_token_s']:.2f}",
-                    "-" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**30:.2f}",
+                    _gib(row["peak_bytes"]),
                     "-" if row["kv_bytes"] is None else f"{row['kv_bytes'] / 2**20:.1f}",
+                    "-" if row["cudagraph_skips"] is None else str(row["cudagraph_skips"]),
                 )
             if rows:
                 console.print(table)
@@ -121,6 +152,8 @@ def main() -> None:
             if static:
                 title = f"static cache + compiled decode, {tokens} visual, batch {batch} (target <= 1.05x)"
                 console.print(_static_table(static, title))
+                misses = static_target_misses(static, visual=tokens, batch=batch)
+                console.print("static-cache targets (set for the GPU shapes) missed: " + (", ".join(misses) or "none"))
         del model, case
         if cuda:
             torch.cuda.empty_cache()

@@ -8,6 +8,7 @@ import torch
 from conftest import family_batch
 
 import vtexit
+from vtexit.evaluation.speed import call_peak_bytes, cudagraph_skips, resident_bytes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -109,9 +110,18 @@ def test_static_cache_and_compiled_decode_on_cuda_match_the_cpu(family):
     try:
         cuda_inputs = _on(inputs, "cuda")
         torch._dynamo.reset()
+        before = cudagraph_skips()
+        model.generate(**cuda_inputs, cache_implementation="static", **generate)
+        unpatched_skips = cudagraph_skips() - before
+        del model._compiled_call  # the unpatched compiled decode; patching drops it too
+        torch._dynamo.reset()
+        before = cudagraph_skips()
         with vtexit.withdraw(model, layer=2):
             first = model.generate(**cuda_inputs, cache_implementation="static", **generate)
             assert hasattr(model, "_compiled_call")  # generate compiled its decode step on CUDA
+            # the patched decode runs under CUDA graphs wherever transformers' own does (a skip relaunches every
+            # kernel from the host at each step)
+            assert cudagraph_skips() - before == unpatched_skips == 0
             with torch._dynamo.config.patch(error_on_recompile=True):
                 second = model.generate(**cuda_inputs, cache_implementation="static", **generate)
         assert torch.equal(first.cpu(), expected)
@@ -119,3 +129,65 @@ def test_static_cache_and_compiled_decode_on_cuda_match_the_cpu(family):
     finally:
         case.model.to("cpu")
         torch._dynamo.reset()
+
+
+@torch.no_grad()
+def test_whole_model_compile_with_cuda_graphs_equals_eager():
+    """``torch.compile(model, mode="reduce-overhead")`` at batch 1 under VTW: every graph runs under CUDA graphs, as
+    the unpatched model's do, and the logits equal the eager patched model's (the traced plan's shapes are fixed)."""
+    from vtexit.testing.tiny_models import build_tiny
+
+    case = build_tiny("llava", num_layers=4)
+    model = case.model.to("cuda")
+    try:
+        inputs = _on(case.inputs([1], text_len=6), "cuda")
+        forward = dict(use_cache=False)
+        skips = {}
+        with vtexit.withdraw(model, layer=2):
+            eager = model(**inputs, **forward).logits
+        for name, patch in (("unpatched", None), ("patched", 2)):
+            torch._dynamo.reset()
+            handle = vtexit.withdraw(model, layer=patch) if patch is not None else None
+            try:
+                compiled = torch.compile(model, mode="reduce-overhead")
+                before = cudagraph_skips()
+                for _ in range(3):  # warm-up, record, replay
+                    logits = compiled(**inputs, **forward).logits.clone()
+                skips[name] = cudagraph_skips() - before
+            finally:
+                if handle is not None:
+                    handle.remove()
+        assert skips == {"unpatched": 0, "patched": 0}
+        torch.testing.assert_close(logits, eager, atol=1e-4, rtol=1e-4)
+    finally:
+        case.model.to("cpu")
+        torch._dynamo.reset()
+
+
+@torch.no_grad()
+def test_peak_memory_leaves_out_other_models_on_the_device():
+    """The benchmark's peak of a generate is the model's own weights plus what the call allocated: a second copy of
+    the weights on the device does not count, the cache it builds does."""
+    import copy
+
+    from vtexit.testing.tiny_models import build_tiny
+
+    case = build_tiny("llava", num_layers=4)
+    model = case.model.to("cuda")
+    other = copy.deepcopy(model)
+    try:
+        inputs = _on(case.inputs([1, 1], text_len=6), "cuda")
+        generate = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        out = model.generate(**inputs, **generate, return_dict_in_generate=True)
+        from vtexit.core.transformers_compat import kv_bytes_per_layer, output_cache
+
+        kv = sum(kv_bytes_per_layer(output_cache(out)))
+        del out
+        weights = resident_bytes(model)
+        copy_bytes = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in other.parameters()}.values())
+        peak = call_peak_bytes(lambda: model.generate(**inputs, **generate), model, torch.device("cuda"))
+        assert peak >= weights + kv  # the model's weights and the cache it built
+        assert peak <= torch.cuda.max_memory_allocated() - copy_bytes  # the copy's weights are left out
+    finally:
+        del other
+        case.model.to("cpu")

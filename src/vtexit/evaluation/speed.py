@@ -47,6 +47,33 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - begin
 
 
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters and buffers (tied tensors once)."""
+    tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def call_peak_bytes(fn: Callable[[], object], model: nn.Module, device: torch.device) -> int:
+    """Peak CUDA memory of ``model`` running ``fn``: its own weights plus the most the call allocated on top of what
+    was resident before it. Other models' weights on the device (the benchmark's patched copies) and memory kept
+    between calls (compiled graphs' pools) are left out, so a model's peak is comparable whatever else the process
+    holds."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before + resident_bytes(model)
+
+
+def cudagraph_skips() -> int:
+    """Compiled graphs so far that inductor ran without CUDA graphs although asked to (``mode="reduce-overhead"``;
+    on the CPU every one)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
 @dataclass(frozen=True)
 class SpeedRow:
     """One configuration: ``layer`` None is the model without vtexit."""
@@ -58,6 +85,7 @@ class SpeedRow:
     peak_bytes: int | None  # peak device memory of a generate call (CUDA only)
     prefill_flops: int
     kv_bytes: int | None = None  # bytes of the dynamic cache's keys and values after a generate, eager only
+    cudagraph_skips: int | None = None  # "reduce-overhead": compiled graphs of its warm-up run without CUDA graphs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,12 +133,11 @@ def measure_speed(
                     flops[config] = sum(r.prefill for r in flops_per_row(shape, run, inputs))
                     out = model.generate(**inputs, **generate, return_dict_in_generate=True)
                     kv[config] = sum(kv_bytes_per_layer(output_cache(out)))
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
+                    del out
+                    if device.type == "cuda":
+                        peak[config] = call_peak_bytes(lambda: model.generate(**inputs, **generate), model, device)
                 short = time_call(lambda: model.generate(**inputs, **first_token), device)
                 full = time_call(lambda: model.generate(**inputs, **generate), device)
-                if device.type == "cuda":
-                    peak[config] = torch.cuda.max_memory_allocated(device)
             finally:
                 if handle is not None:
                     handle.remove()
@@ -141,13 +168,16 @@ def _compiled_rows(model, inputs, configs, repeats, forward, flops, backend, mod
         for config in configs:
             handle = withdraw(model, layer=config) if config is not None else None
             try:
+                before = cudagraph_skips()
                 for _ in range(2):  # trace and warm up
                     compiled(**inputs, **forward)
+                skips = cudagraph_skips() - before if mode == "reduce-overhead" else None
                 times = [time_call(lambda: compiled(**inputs, **forward), device) for _ in range(repeats)]
             finally:
                 if handle is not None:
                     handle.remove()
-            rows.append(SpeedRow(COMPILE_MODES[mode], config, statistics.median(times), None, None, flops[config]))
+            rows.append(SpeedRow(COMPILE_MODES[mode], config, statistics.median(times), None, None, flops[config],
+                                 cudagraph_skips=skips))
     finally:
         for layer in layers:
             del layer.forward
@@ -160,8 +190,10 @@ class StaticDecodeRow:
 
     layer: int | None
     decode_token_s: float  # median seconds per generated token
-    peak_bytes: int | None  # peak device memory of a generate call (CUDA only)
+    peak_bytes: int | None  # peak CUDA memory of a static-cache generate (see call_peak_bytes; None on the CPU)
     kv_bytes: int | None = None  # bytes of the static cache's key/value buffers after a generate
+    dynamic_peak_bytes: int | None = None  # the same generate on the default dynamic cache, eager (CUDA only)
+    cudagraph_skips: int = 0  # compiled graphs of its warm-up run without CUDA graphs (CUDA: should be 0)
 
 
 @torch.no_grad()
@@ -174,12 +206,13 @@ def measure_static_decode(
     new_tokens: int = 16,
 ) -> list[StaticDecodeRow]:
     """Decode ms/token with ``cache_implementation="static"`` and transformers' own compiled decode (forced on the
-    CPU too), for the model without vtexit and VTW at each K, interleaved within each repeat.
+    CPU too), for the model without vtexit and VTW at each K, interleaved within each repeat; on CUDA also the peak
+    memory of that generate and of the same generate on the dynamic cache.
 
     Patching or removing a patch makes every compiled graph trace again, so each K runs on a copy of the model
-    patched once before anything compiles (one more copy of the weights per K); after two warm-up generates per
-    configuration nothing retraces. Per-token time is the difference between a ``new_tokens`` and a one-token
-    generate (the prefill cancels out)."""
+    patched once before anything compiles (one more copy of the weights per K, which the peaks leave out); after two
+    warm-up generates per configuration nothing retraces. Per-token time is the difference between a ``new_tokens``
+    and a one-token generate (the prefill cancels out)."""
     from transformers import CompileConfig
 
     device = inputs["input_ids"].device
@@ -188,6 +221,7 @@ def measure_static_decode(
     generate = dict(do_sample=False, cache_implementation="static", compile_config=compile_config)
     full = dict(generate, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
     one = dict(generate, min_new_tokens=1, max_new_tokens=1)
+    dynamic = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
     models: dict[int | None, nn.Module] = {None: model}
     handles = []
     try:
@@ -195,28 +229,35 @@ def measure_static_decode(
             models[layer] = copy.deepcopy(model)
             handles.append(withdraw(models[layer], layer=layer))
         kv: dict[int | None, int] = {}
+        skips: dict[int | None, int] = {}
+        peak: dict[int | None, int | None] = {c: None for c in models}
+        dynamic_peak: dict[int | None, int | None] = {c: None for c in models}
         for config, candidate in models.items():
+            before = cudagraph_skips()
             for _ in range(2):
                 candidate.generate(**inputs, **full)
+            skips[config] = cudagraph_skips() - before
             out = candidate.generate(**inputs, **full, return_dict_in_generate=True)
             kv[config] = sum(kv_bytes_per_layer(output_cache(out)))
+            del out
+            if device.type == "cuda":
+                peak[config] = call_peak_bytes(partial(candidate.generate, **inputs, **full), candidate, device)
+                dynamic_peak[config] = call_peak_bytes(partial(candidate.generate, **inputs, **dynamic), candidate,
+                                                       device)
         per_token: dict[int | None, list[float]] = {c: [] for c in models}
-        peak: dict[int | None, int | None] = {c: None for c in models}
         for r in range(repeats):
             order = list(models) if r % 2 == 0 else list(reversed(models))
             for config in order:
                 candidate = models[config]
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
                 long = time_call(partial(candidate.generate, **inputs, **full), device)
                 short = time_call(partial(candidate.generate, **inputs, **one), device)
                 per_token[config].append((long - short) / (new_tokens - 1))
-                if device.type == "cuda":
-                    peak[config] = torch.cuda.max_memory_allocated(device)
     finally:
         for handle in handles:
             handle.remove()
-    return [StaticDecodeRow(c, statistics.median(per_token[c]), peak[c], kv[c]) for c in models]
+    return [
+        StaticDecodeRow(c, statistics.median(per_token[c]), peak[c], kv[c], dynamic_peak[c], skips[c]) for c in models
+    ]
 
 
 def speed_ratios(rows: Sequence[SpeedRow]) -> list[dict]:
