@@ -3,17 +3,38 @@
 # whole-model, CUDA-graph and regional compilation and the static-cache decode).
 # Runs with the Python on PATH (its own torch >= 2.6 with CUDA, transformers 5.x), from a source checkout, offline:
 #   bash scripts/gpu_check.sh [extra benchmark args]      (or: make gpu-check)
+#   GPU_OUT=dir (default out/gpu): where each step's output goes; STEP_TIMEOUT=seconds (default 900) per step.
 # Without a CUDA device the tests skip and the benchmark runs its small CPU shape.
-set -euo pipefail
+# Every step runs even when one before it fails or times out (a device session is short: keep what each one
+# measured); the script exits non-zero if any step did.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
+OUT_DIR="${GPU_OUT:-out/gpu}"
+STEP_TIMEOUT="${STEP_TIMEOUT:-900}"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-mkdir -p out/gpu
-# The runs nothing has measured on a GPU yet come first (a device session is short; each step's output is kept):
-# YOPO's dense / FlexAttention / split rows, then VTW's batch-1 modes with static-shape regional compilation, then the
-# full VTW tables (batch 1 and 16, 576 and 2304, static decode).
-"$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py | tee out/gpu/tests.txt
-"$PYTHON" benchmarks/bench_yopo.py | tee out/gpu/yopo.txt
-"$PYTHON" benchmarks/bench_speed.py --compile-mode regional,reduce-overhead --batch 1 --visual 576 --no-static \
-    --out out/gpu/speed_batch1_modes.json | tee out/gpu/speed_batch1_modes.txt
-"$PYTHON" benchmarks/bench_speed.py --out out/gpu/speed.json "$@" | tee out/gpu/speed.txt
+mkdir -p "$OUT_DIR"
+failed=()
+
+step() {  # step NAME COMMAND...: run it under the timeout, its output beside the others
+    local name=$1
+    shift
+    echo "== $name: $*"
+    timeout "$STEP_TIMEOUT" "$@" 2>&1 | tee "$OUT_DIR/$name.txt"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || { echo "== $name failed (exit $rc)"; failed+=("$name"); }
+}
+
+# The runs nothing has measured on a GPU yet come first: YOPO's dense / FlexAttention / split rows, then VTW's batch-1
+# modes with static-shape regional compilation and CUDA graphs, then the full VTW tables (batch 1 and 16, 576 and
+# 2304, static decode with each model's own peak beside the dynamic cache's).
+step tests "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py
+step yopo "$PYTHON" benchmarks/bench_yopo.py
+step speed_batch1_modes "$PYTHON" benchmarks/bench_speed.py --compile-mode regional,reduce-overhead --batch 1 \
+    --visual 576 --no-static --out "$OUT_DIR/speed_batch1_modes.json"
+step speed "$PYTHON" benchmarks/bench_speed.py --out "$OUT_DIR/speed.json" "$@"
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "failed: ${failed[*]}"
+    exit 1
+fi
+echo "all steps passed"
