@@ -3,16 +3,21 @@ as well): one per prefill, one per compaction event, none per decode step. The u
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import vtexit
 
 
-def _syncs(fn) -> int:
+def _count(fn, op: str) -> int:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return sum(event.count for event in prof.key_averages() if event.key == "aten::_local_scalar_dense")
+    return sum(event.count for event in prof.key_averages() if event.key == op)
+
+
+def _syncs(fn) -> int:
+    return _count(fn, "aten::_local_scalar_dense")
 
 
 class _TwoEvents(vtexit.Policy):
@@ -75,3 +80,48 @@ def test_read_checks_reads_every_pattern_in_one_counted_sync():
             assert read_checks(checks) == list(bits)
     checks = [torch.tensor(True), torch.tensor(False), torch.tensor(True)]
     assert _syncs(lambda: read_checks(checks)) == 1
+
+
+@torch.no_grad()
+def test_yopo_dense_prefill_reads_once_and_builds_no_row_blocks(llava4):
+    """YOPO's choice between split and dense rides on the prefill's one read (Policy.prefill_checks): a dense
+    prefill adds that read only and never builds the split path's row blocks (their sorts, and their widths' read,
+    which ``tolist`` makes without a profiler record)."""
+    model = llava4.model
+    inputs = llava4.inputs([1, 2], text_len=[5, 3])
+    prefill, sorts = _syncs(lambda: model(**inputs)), _count(lambda: model(**inputs), "aten::sort")
+    for dense_below in (10**9, 1):
+        with vtexit.yopo(model, vtexit.YOPOConfig(ffn_ratio=2, dense_below=dense_below)) as handle:
+            assert _syncs(lambda: model(**inputs)) == prefill + 1
+            dense = handle.last_cost.prefill.layers[0].ffn_fraction == 1.0  # dense ran the full FFN
+            assert dense == (dense_below > 1)
+            assert (_count(lambda: model(**inputs), "aten::sort") == sorts) == dense
+
+
+class _AsksTooMuch(vtexit.Policy):
+    def __init__(self, names):
+        self.names = names
+
+    def prefill_checks(self, media, layout):
+        return {name: media.any() for name in self.names}
+
+
+@torch.no_grad()
+def test_policy_prefill_checks_are_bounded_and_named(llava4):
+    from vtexit.core.policy import PREFILL_CHECKS
+
+    model = llava4.model
+    inputs = llava4.inputs([1], text_len=4)
+    for names in ([f"c{i}" for i in range(PREFILL_CHECKS + 1)], ["media"]):
+        with vtexit.apply_policy(model, _AsksTooMuch(names)):
+            try:
+                model(**inputs)
+            except ValueError as error:
+                assert "prefill_checks" in str(error)
+            else:
+                raise AssertionError(f"{names} was accepted")
+    with vtexit.apply_policy(model, _AsksTooMuch(["a", "b"])):
+        model(**inputs)
+        engine = model._vtexit_engine
+        with pytest.raises(ValueError, match="no prefill check"):
+            engine.prefill_check("a")  # outside the call

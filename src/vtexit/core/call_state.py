@@ -69,6 +69,7 @@ class CallState:
     key_states: dict[int, torch.Tensor] = field(default_factory=dict)
     policy_state: dict = field(default_factory=dict)
     memo: dict = field(default_factory=dict)
+    checks: dict[str, bool] = field(default_factory=dict)  # the policy's prefill checks, as read
     # A schedule planned before the first layer (Policy.withdraw_media_at): event layer -> (layout after it, the
     # slot of the previous layout each new slot comes from). None: the policy is asked at each layer.
     planned: dict[int, tuple[Layout, torch.Tensor]] | None = None

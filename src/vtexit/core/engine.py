@@ -44,7 +44,7 @@ from vtexit.core.host_read import read_checks
 from vtexit.core.layout import Layout, gather_sequence
 from vtexit.core.loss import kept_positions_loss
 from vtexit.core.masks import layer_types, media_block_ids, rebuild_mask
-from vtexit.core.policy import Policy, PrefillView
+from vtexit.core.policy import PREFILL_CHECKS, Policy, PrefillView
 from vtexit.core.static_cache import (
     StaticPlan,
     attach_plan,
@@ -445,24 +445,31 @@ class ScheduleEngine:
         layout = Layout.full(padding, batch, length, input_ids.device, self._positions(batch, length, input_ids.device))
         # The one host read of a prefill, with as few kernels as can be (host time counts at batch 1): is there media;
         # on a static cache, is it filled. Whether a row ends in media is read with the first compaction event (one
-        # read either way), or here when in-layer forwards change visual rows from the first layer on.
-        checks = [media.any()]
-        early_end_check = bool(self._replaced)
-        if early_end_check:
-            checks.append(_ends_in_media(media, layout))
+        # read either way), or here when in-layer forwards change visual rows from the first layer on. The policy's
+        # own questions about the prompt ride along (Policy.prefill_checks).
+        checks = {"media": media.any()}
+        if self._replaced:
+            checks["ends in media"] = _ends_in_media(media, layout)
         filled = cache.get_seq_length() if static else 0  # an int 0 before a static cache's first use
         if isinstance(filled, torch.Tensor):
-            checks.append(filled > 0)
-        read = read_checks(checks)
-        if isinstance(filled, torch.Tensor) and read[-1]:
+            checks["filled"] = filled > 0
+        asked = self.policy.prefill_checks(media, layout)
+        if len(asked) > PREFILL_CHECKS or set(asked) & set(checks):
+            raise ValueError(
+                f"{type(self.policy).__name__}.prefill_checks returned {sorted(asked)}: at most {PREFILL_CHECKS} "
+                f"checks, none named {sorted(checks)}"
+            )
+        checks.update(asked)
+        read = dict(zip(checks, read_checks(list(checks.values())), strict=True))
+        if read.get("filled"):
             raise ValueError(
                 "media inputs arrived with a non-empty static cache: a new prompt on a filled cache (reset() it "
                 "first), or chunked prefill with media after the first chunk (not supported by vtexit)"
             )
-        if not read[0]:
+        if not read["media"]:
             self._untouched_prefill(cache if static else None)
             return
-        if early_end_check and read[1]:
+        if read.get("ends in media"):
             raise _ends_in_media_error()
         block_ids = None
         if self.family.media_blocks is not None and kwargs.get(self.family.media_blocks) is not None:
@@ -477,6 +484,7 @@ class ScheduleEngine:
             stage_of_layer=[-1] * self.num_layers,
             grid_inputs={"input_ids": input_ids, **{name: kwargs.get(name) for name in self.family.grid_inputs}},
             use_cache=kwargs.get("use_cache"),
+            checks={name: read[name] for name in asked},
         )
         if self._planned_withdrawal is not None:
             # Planned now (the event's one host read, with the last-token check), so that decoder layers compiled
@@ -797,11 +805,24 @@ class ScheduleEngine:
     # ----------------------------------------------------------------------------------------- for methods
     def current_media(self) -> torch.Tensor | None:
         """Media flags (batch, length) of the slots the running layer holds in this thread's prefill; None during
-        decode (every new token is text) or outside a patched call. For replacement forwards."""
+        decode (every new token is text) or outside a patched call. For replacement forwards (made once per layout:
+        every layer between two events reuses it)."""
         call = self._call
         if call is None or call.mode != "prefill":
             return None
-        return call.media.gather(1, call.layout.index) & call.layout.valid
+        layout, media = call.memo.get("current media", (None, None))
+        if layout is not call.layout:
+            layout, media = call.layout, call.media.gather(1, call.layout.index) & call.layout.valid
+            call.memo["current media"] = (layout, media)
+        return media
+
+    def prefill_check(self, name: str) -> bool:
+        """The value of the policy's prefill check ``name`` (:meth:`Policy.prefill_checks`) in this thread's prefill,
+        read with the prefill's one host read."""
+        call = self._call
+        if call is None or call.mode != "prefill" or name not in call.checks:
+            raise ValueError(f"no prefill check {name!r} in this call (the policy's prefill_checks names them)")
+        return call.checks[name]
 
     def current_layout(self) -> Layout | None:
         """The slots the running layer holds in this thread's prefill (None outside a prefill)."""

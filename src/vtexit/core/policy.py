@@ -15,7 +15,9 @@ Optionally a policy
   * replaces attention/MLP forwards (:meth:`replacements`), for in-layer methods; the patch handle restores them;
   * merges dropped tokens into kept ones at an event (:meth:`merge`), e.g. pooling;
   * declares a schedule known from the prompt alone (``withdraw_media_at``), which compiles without graph breaks;
-  * hooks modules outside the decoder layers (:meth:`outer_hooks`), e.g. the vision tower (VisionZip).
+  * hooks modules outside the decoder layers (:meth:`outer_hooks`), e.g. the vision tower (VisionZip);
+  * asks yes/no questions of the prompt in the prefill's one host read (:meth:`prefill_checks`), e.g. whether YOPO
+    runs split or dense, instead of a host read of its own.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from vtexit.core.layout import Layout, gather_sequence
 
 if TYPE_CHECKING:
     from vtexit.core.engine import ScheduleEngine
+
+
+PREFILL_CHECKS = 4  # checks a policy may add to the prefill's host read (the engine's own take the rest of its 8)
 
 
 @dataclass
@@ -117,6 +122,12 @@ class Policy:
         """Register hooks on modules outside the decoder layers (e.g. the vision tower) and return their handles; the
         patch removes them with its own. Called once, after every refusal, when the patch attaches."""
         return []
+
+    def prefill_checks(self, media: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
+        """Named 0-dim bool tensors about a prefill with media (``media`` (batch, length) bool, its full ``layout``)
+        that the engine reads with the prefill's one host read (at most ``PREFILL_CHECKS`` of them); their values are
+        ``engine.prefill_check(name)`` during the call. Tensor ops only."""
+        return {}
 
     def replacements(self, engine: ScheduleEngine) -> dict[nn.Module, Callable]:
         """Replacement forwards ``{module: forward(module, *args, **kwargs)}`` for in-layer methods.

@@ -47,3 +47,6 @@ class HybridPolicy(Policy):
 
     def outer_hooks(self, model: nn.Module) -> list[RemovableHandle]:
         return [*self.pre.outer_hooks(model), *self.then.outer_hooks(model)]
+
+    def prefill_checks(self, media: torch.Tensor, layout) -> dict[str, torch.Tensor]:
+        return {**self.pre.prefill_checks(media, layout), **self.then.prefill_checks(media, layout)}

@@ -7,14 +7,16 @@ every split strategy ran slower than no YOPO (0.34x-0.67x). *Dense*: every row r
 pruned parts are masked out (pruned heads' visual outputs and unused neurons zeroed, the window as an attention
 mask): the same function, nothing saved, about the kernels of the unpatched model. Cost records say which ran.
 
-A call runs split when it holds at least ``dense_below`` visual rows (batch x its widest row's visual tokens).
+A call runs split when it holds at least ``dense_below`` visual rows (batch x its widest row's visual tokens). The
+engine reads that with the prefill's one host read (:meth:`YOPOPolicy.prefill_checks`), so a dense call builds no row
+blocks and reads nothing more.
 """
 
 from __future__ import annotations
 
 import torch
 
-from vtexit.methods.yopo.rows import call_rows
+SPLIT_CHECK = "yopo split"
 
 # Visual rows per call below which the default runs dense, per device type. CUDA: from the one GPU measurement above
 # (576 visual rows lost in every strategy); benchmarks/bench_yopo.py prints split and dense at 576, 2304 and batch 16
@@ -27,9 +29,15 @@ def dense_below_for(device: torch.device, dense_below: int | None) -> int:
     return DENSE_BELOW.get(device.type, 0) if dense_below is None else dense_below
 
 
-def runs_split(engine, device: torch.device, dense_below: int | None) -> bool:
-    """Whether this thread's prefill runs split (decided once per call; the row blocks' one host read)."""
-    limit = dense_below_for(device, dense_below)
+def split_check(media: torch.Tensor, dense_below: int | None) -> torch.Tensor | None:
+    """0-dim bool: whether a prefill with ``media`` (batch, length) runs split; None when it always does."""
+    limit = dense_below_for(media.device, dense_below)
     if limit == 0:
-        return True
-    return engine.call_memo("yopo split", lambda: call_rows(engine).visual.slots.numel() >= limit)
+        return None
+    batch = media.shape[0]
+    return media.sum(1).amax() >= -(-limit // batch)  # batch x widest row >= limit, in integers
+
+
+def runs_split(engine, device: torch.device, dense_below: int | None) -> bool:
+    """Whether this thread's prefill runs split (decided once per call, in the prefill's read)."""
+    return dense_below_for(device, dense_below) == 0 or engine.prefill_check(SPLIT_CHECK)

@@ -55,6 +55,6 @@ class YOPOMLP:
         inner = module.act_fn(module.gate_proj(hidden)) * module.up_proj(hidden)
         engine = self.engine
         text = engine.call_memo("yopo dense text rows", lambda: (~engine.current_media()).unsqueeze(-1).to(inner.dtype))
-        inner[..., self.neurons :] *= text
+        inner[..., self.neurons :].mul_(text)  # in place through the view: no write-back copy
         engine.record_fraction(layer_idx, ffn=1.0)
         return module.down_proj(inner)

@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from vtexit.core.families import FamilySpec
+from vtexit.core.layout import Layout
 from vtexit.core.policy import Policy, PrefillView
 from vtexit.methods.yopo.attention import HeadPlan, YOPOAttention, check_attention
+from vtexit.methods.yopo.execution import SPLIT_CHECK, split_check
 from vtexit.methods.yopo.mlp import YOPOMLP, check_mlp
 
 if TYPE_CHECKING:
@@ -63,6 +65,12 @@ class YOPOPolicy(Policy):
         if view.layer_idx != self.layer_drop:
             return None
         return view.text
+
+    def prefill_checks(self, media: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
+        if not (self.attention_modules or self.mlp_modules):
+            return {}
+        check = split_check(media, self.config.dense_below)
+        return {} if check is None else {SPLIT_CHECK: check}
 
     def replacements(self, engine: ScheduleEngine) -> dict[nn.Module, Callable]:
         if self.family.media_blocks is not None and self.attention_modules:
