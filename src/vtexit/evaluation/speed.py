@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import copy
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -82,7 +83,7 @@ class SpeedRow:
     layer: int | None
     prefill_s: float  # median forward without cache, last-token logits only
     decode_token_s: float | None  # median ms per generated token (dynamic cache), eager only
-    peak_bytes: int | None  # peak device memory of a generate call (CUDA only)
+    peak_bytes: int | None  # peak CUDA memory of a generate (see call_peak_bytes; None on the CPU)
     prefill_flops: int
     kv_bytes: int | None = None  # bytes of the dynamic cache's keys and values after a generate, eager only
     cudagraph_skips: int | None = None  # "reduce-overhead": compiled graphs of its warm-up run without CUDA graphs
@@ -196,6 +197,33 @@ class StaticDecodeRow:
     cudagraph_skips: int = 0  # compiled graphs of its warm-up run without CUDA graphs (CUDA: should be 0)
 
 
+def static_generate_kwargs(new_tokens: int) -> dict:
+    """``generate`` settings for exactly ``new_tokens`` greedy tokens on a static cache with transformers' compiled
+    decode, forced on the CPU too (transformers compiles it only on accelerators by default)."""
+    from transformers import CompileConfig
+
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True
+    return dict(do_sample=False, cache_implementation="static", compile_config=compile_config,
+                min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+
+
+@contextmanager
+def patched_copies(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int | None, nn.Module]]:
+    """``{None: model, K: a copy of model under VTW at K, ...}``, the copies patched before anything compiles:
+    patching or removing a patch makes compiled graphs trace again, so each K gets a model of its own."""
+    models: dict[int | None, nn.Module] = {None: model}
+    handles = []
+    try:
+        for layer in layers:
+            models[layer] = copy.deepcopy(model)
+            handles.append(withdraw(models[layer], layer=layer))
+        yield models
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def measure_static_decode(
     model: nn.Module,
@@ -213,21 +241,10 @@ def measure_static_decode(
     patched once before anything compiles (one more copy of the weights per K, which the peaks leave out); after two
     warm-up generates per configuration nothing retraces. Per-token time is the difference between a ``new_tokens``
     and a one-token generate (the prefill cancels out)."""
-    from transformers import CompileConfig
-
     device = inputs["input_ids"].device
-    compile_config = CompileConfig()
-    compile_config._compile_all_devices = True  # the same compiled decode on the CPU as on accelerators
-    generate = dict(do_sample=False, cache_implementation="static", compile_config=compile_config)
-    full = dict(generate, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
-    one = dict(generate, min_new_tokens=1, max_new_tokens=1)
+    full, one = static_generate_kwargs(new_tokens), static_generate_kwargs(1)
     dynamic = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
-    models: dict[int | None, nn.Module] = {None: model}
-    handles = []
-    try:
-        for layer in layers:
-            models[layer] = copy.deepcopy(model)
-            handles.append(withdraw(models[layer], layer=layer))
+    with patched_copies(model, layers) as models:
         kv: dict[int | None, int] = {}
         skips: dict[int | None, int] = {}
         peak: dict[int | None, int | None] = {c: None for c in models}
@@ -252,9 +269,6 @@ def measure_static_decode(
                 long = time_call(partial(candidate.generate, **inputs, **full), device)
                 short = time_call(partial(candidate.generate, **inputs, **one), device)
                 per_token[config].append((long - short) / (new_tokens - 1))
-    finally:
-        for handle in handles:
-            handle.remove()
     return [
         StaticDecodeRow(c, statistics.median(per_token[c]), peak[c], kv[c], dynamic_peak[c], skips[c]) for c in models
     ]

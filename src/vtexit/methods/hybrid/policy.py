@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from vtexit.core.layout import Layout
 from vtexit.core.policy import Policy, PrefillView
 
 
@@ -48,5 +49,5 @@ class HybridPolicy(Policy):
     def outer_hooks(self, model: nn.Module) -> list[RemovableHandle]:
         return [*self.pre.outer_hooks(model), *self.then.outer_hooks(model)]
 
-    def prefill_checks(self, media: torch.Tensor, layout) -> dict[str, torch.Tensor]:
+    def prefill_checks(self, media: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
         return {**self.pre.prefill_checks(media, layout), **self.then.prefill_checks(media, layout)}
