@@ -33,6 +33,35 @@ SHAPES = {
 }
 
 
+def build_model(shape: dict, visual: int, device: torch.device, dtype: torch.dtype):
+    """A random LLaVA-shaped model built on ``device`` (a 7B shape never lives on the host) and its case."""
+    with torch.device(device):
+        case = build_llava_shaped(image_tokens=visual, **shape)
+    model = case.model.to(dtype).eval()
+    model.generation_config.eos_token_id = None  # generate exactly the tokens asked for
+    return model, case
+
+
+def batch_inputs(case, batch: int, device: torch.device, dtype: torch.dtype, text_len: int = 64) -> dict:
+    """``batch`` rows of one image and ``text_len`` text tokens each, on ``device``, pixels in ``dtype``."""
+    inputs = {k: v.to(device) for k, v in case.inputs([1] * batch, text_len=text_len).items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs
+
+
+def results_header(device: torch.device, shape: str, dtype: torch.dtype) -> dict:
+    """What a results file says about the run: the device, the date, torch, the shape and dtype."""
+    cuda = device.type == "cuda"
+    return dict(device=torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+                date=date.today().isoformat(), torch=torch.__version__, shape=shape, dtype=str(dtype), runs=[])
+
+
+def write_results(path: Path, results: dict, console: Console) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    console.print(f"wrote {path}")
+
+
 def _gib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**30:.2f}"
 
@@ -108,16 +137,11 @@ def main() -> None:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     console = Console(width=170)
-    results = dict(device=torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
-                   date=date.today().isoformat(), torch=torch.__version__, shape=shape, dtype=str(dtype), runs=[])
+    results = results_header(device, shape, dtype)
     for tokens in visual:
-        with torch.device(device):
-            case = build_llava_shaped(image_tokens=tokens, **SHAPES[shape])
-        model = case.model.to(dtype).eval()
-        model.generation_config.eos_token_id = None
+        model, case = build_model(SHAPES[shape], tokens, device, dtype)
         for batch in batches:
-            inputs = {k: v.to(device) for k, v in case.inputs([1] * batch, text_len=64).items()}
-            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            inputs = batch_inputs(case, batch, device, dtype)
             rows = [] if args.static_only else speed_ratios(
                 measure_speed(model, inputs, layers, repeats=args.repeats, new_tokens=args.new_tokens,
                               compiled=not args.no_compile, compile_mode=args.compile_mode.split(","))
@@ -157,9 +181,7 @@ def main() -> None:
         del model, case
         if cuda:
             torch.cuda.empty_cache()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
-    console.print(f"wrote {args.out}")
+    write_results(args.out, results, console)
 
 
 if __name__ == "__main__":

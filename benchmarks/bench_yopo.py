@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_speed import SHAPES  # LLaVA-1.5-7B's language model, as the VTW GPU benchmark uses
+from bench_speed import SHAPES, batch_inputs, build_model  # LLaVA-1.5-7B's language model, as for VTW
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -30,7 +30,6 @@ from rich.table import Table
 import vtexit
 from vtexit.core.flops import FORMULA
 from vtexit.evaluation.speed import NOISE_MARGIN, MethodSpeed, measure_methods
-from vtexit.testing.tiny_models import build_llava_shaped
 
 TARGET_GPU, TARGET_CPU = 0.80, 0.85  # speedup / FLOPs ratio at 2304 and at batch 16 (CUDA); everywhere on the CPU
 ALWAYS_DENSE = 10**9
@@ -113,11 +112,8 @@ def main() -> None:
     if cuda and args.big_batch > 1:
         runs.append((576, args.big_batch, every))
     for tokens, batch, which in runs:
-        with torch.device(device):
-            case = build_llava_shaped(image_tokens=tokens, **shape)
-        model = case.model.to(dtype).eval()
-        inputs = {k: v.to(device) for k, v in case.inputs([1] * batch, text_len=args.text_tokens).items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        model, case = build_model(shape, tokens, device, dtype)
+        inputs = batch_inputs(case, batch, device, dtype, text_len=args.text_tokens)
         configs = _configs(model, inputs, which, cuda)
         rows = measure_methods(model, inputs, configs, repeats=args.repeats)
         text = model.config.text_config

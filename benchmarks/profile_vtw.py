@@ -11,23 +11,15 @@ is (then only fewer kernels or CUDA graphs help). On the CPU it runs a small sha
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 from dataclasses import asdict
-from datetime import date
 from pathlib import Path
 
 import torch
+from bench_speed import SHAPES, batch_inputs, build_model, results_header, write_results
 from rich.console import Console
 from rich.table import Table
 
 from vtexit.evaluation.device_profile import DeviceProfile, profile_prefill, profile_static_decode
-from vtexit.testing.tiny_models import build_llava_shaped
-
-SHAPES = {
-    "7b": dict(hidden_size=4096, num_layers=32, num_heads=32, intermediate_size=11008, vocab_size=32000),
-    "small": dict(hidden_size=256, num_layers=8, num_heads=8, intermediate_size=688, vocab_size=4096),
-}
 
 
 def _tables(rows: list[DeviceProfile], title: str) -> list[Table]:
@@ -73,17 +65,12 @@ def main() -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     modes = [m for m in args.compile_mode.split(",") if m and m != "none"]
     console = Console(width=170)
-    results = dict(device=torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
-                   date=date.today().isoformat(), torch=torch.__version__, shape=shape, dtype=str(dtype), runs=[])
+    results = results_header(device, shape, dtype)
     runs = [("prefill", args.prefill_visual or (576 if cuda else 64), 1),
             ("decode", args.decode_visual or (2304 if cuda else 64), args.decode_batch or (16 if cuda else 4))]
     for kind, visual, batch in runs:
-        with torch.device(device):
-            case = build_llava_shaped(image_tokens=visual, **SHAPES[shape])
-        model = case.model.to(dtype).eval()
-        model.generation_config.eos_token_id = None
-        inputs = {k: v.to(device) for k, v in case.inputs([1] * batch, text_len=64).items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        model, case = build_model(SHAPES[shape], visual, device, dtype)
+        inputs = batch_inputs(case, batch, device, dtype)
         if kind == "prefill":
             groups = [profile_prefill(model, inputs, layers)]
             groups += [profile_prefill(model, inputs, layers, compile_mode=mode) for mode in modes]
@@ -98,9 +85,7 @@ def main() -> None:
         torch._dynamo.reset()
         if cuda:
             torch.cuda.empty_cache()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
-    console.print(f"wrote {args.out}")
+    write_results(args.out, results, console)
 
 
 if __name__ == "__main__":
