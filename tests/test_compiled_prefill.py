@@ -141,3 +141,63 @@ def test_whole_llava_compiles_to_one_graph_as_unpatched(monkeypatch):
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs, **NO_CACHE).logits
     torch.testing.assert_close(compiled, eager)
+
+
+def _cudagraph_blockers(run) -> tuple[int, list[str]]:
+    """The forward graphs ``run(backend)`` compiles, and the ops in them that inductor's own check finds would keep
+    CUDA graphs (``mode="reduce-overhead"``) off: data-dependent shapes and ops marked unsafe. The check reads the
+    graph, not the device, so the CPU sees what a GPU would refuse; a graph break (an op run eagerly between graphs)
+    shows as one more graph."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    utils = pytest.importorskip("torch._inductor.utils")
+    if not hasattr(utils, "get_first_incompatible_cudagraph_node"):
+        pytest.skip("this torch has no get_first_incompatible_cudagraph_node")
+    found, graphs = [], []
+
+    def forward_compiler(gm, example_inputs):
+        graphs.append(gm)
+        node = utils.get_first_incompatible_cudagraph_node(gm)
+        if node is not None:
+            found.append(str(node.target))
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        run(aot_autograd(fw_compiler=forward_compiler))
+    finally:
+        torch._dynamo.reset()
+    assert graphs, "nothing was compiled"
+    return len(graphs), found
+
+
+@torch.no_grad()
+def test_compiled_prefill_and_static_decode_have_no_cuda_graph_blockers():
+    """CUDA graphs need fixed shapes and no host reads: the traced batch-1 prefill and the static-cache decode step
+    under VTW contain no op that would keep them off, as the unpatched model's graphs contain none
+    (``tests/test_gpu.py`` runs both with CUDA graphs on a GPU)."""
+    from transformers import CompileConfig
+
+    case = build_tiny("llava", num_layers=4)
+    model = case.model
+    model.generation_config.eos_token_id = None
+    single, batch = case.inputs([1], text_len=6), case.inputs([1, 2], text_len=[5, 3])
+    model(**single, **NO_CACHE)  # transformers installs its output hooks at the first call
+
+    def prefill(backend):
+        torch.compile(model, backend=backend)(**single, **NO_CACHE)
+
+    def decode(backend):
+        config = CompileConfig(backend=backend)
+        config._compile_all_devices = True  # transformers' compiled decode, on the CPU too
+        model.__dict__.pop("_compiled_call", None)
+        model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False, cache_implementation="static",
+                       compile_config=config)
+        model.__dict__.pop("_compiled_call", None)
+
+    unpatched = [_cudagraph_blockers(prefill), _cudagraph_blockers(decode)]
+    with vtexit.withdraw(model, layer=2):
+        patched = [_cudagraph_blockers(prefill), _cudagraph_blockers(decode)]
+    assert patched == unpatched
+    assert unpatched[1] == (1, [])  # transformers' decode step: one graph, nothing blocking CUDA graphs
+    assert not unpatched[0][1]
