@@ -123,5 +123,5 @@ def test_policy_prefill_checks_are_bounded_and_named(llava4):
     with vtexit.apply_policy(model, _AsksTooMuch(["a", "b"])):
         model(**inputs)
         engine = model._vtexit_engine
-        with pytest.raises(ValueError, match="no prefill check"):
+        with pytest.raises(ValueError, match="outside a prefill"):
             engine.prefill_check("a")  # outside the call

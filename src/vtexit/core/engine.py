@@ -816,13 +816,13 @@ class ScheduleEngine:
             call.memo["current media"] = (layout, media)
         return media
 
-    def prefill_check(self, name: str) -> bool:
+    def prefill_check(self, name: str) -> bool | None:
         """The value of the policy's prefill check ``name`` (:meth:`Policy.prefill_checks`) in this thread's prefill,
-        read with the prefill's one host read."""
+        read with the prefill's one host read; None when the policy did not ask it in this call."""
         call = self._call
-        if call is None or call.mode != "prefill" or name not in call.checks:
-            raise ValueError(f"no prefill check {name!r} in this call (the policy's prefill_checks names them)")
-        return call.checks[name]
+        if call is None or call.mode != "prefill":
+            raise ValueError(f"prefill check {name!r} asked outside a prefill of this patch")
+        return call.checks.get(name)
 
     def current_layout(self) -> Layout | None:
         """The slots the running layer holds in this thread's prefill (None outside a prefill)."""

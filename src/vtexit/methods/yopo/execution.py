@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-SPLIT_CHECK = "yopo split"
+from vtexit.methods.yopo.rows import call_rows
 
 # Visual rows per call below which the default runs dense, per device type. CUDA: from the one GPU measurement above
 # (576 visual rows lost in every strategy); benchmarks/bench_yopo.py prints split and dense at 576, 2304 and batch 16
@@ -29,15 +29,27 @@ def dense_below_for(device: torch.device, dense_below: int | None) -> int:
     return DENSE_BELOW.get(device.type, 0) if dense_below is None else dense_below
 
 
-def split_check(media: torch.Tensor, dense_below: int | None) -> torch.Tensor | None:
-    """0-dim bool: whether a prefill with ``media`` (batch, length) runs split; None when it always does."""
+def split_check_name(limit: int) -> str:
+    return f"yopo split at {limit} visual rows"
+
+
+def split_checks(media: torch.Tensor, dense_below: int | None) -> dict[str, torch.Tensor]:
+    """For the prefill's read: whether a prefill with ``media`` (batch, length) holds enough visual rows to run split
+    on the device ``media`` is on (none when it always does)."""
     limit = dense_below_for(media.device, dense_below)
     if limit == 0:
-        return None
+        return {}
     batch = media.shape[0]
-    return media.sum(1).amax() >= -(-limit // batch)  # batch x widest row >= limit, in integers
+    return {split_check_name(limit): media.sum(1).amax() >= -(-limit // batch)}  # batch x widest row >= limit
 
 
 def runs_split(engine, device: torch.device, dense_below: int | None) -> bool:
-    """Whether this thread's prefill runs split (decided once per call, in the prefill's read)."""
-    return dense_below_for(device, dense_below) == 0 or engine.prefill_check(SPLIT_CHECK)
+    """Whether this thread's prefill runs split on ``device`` (decided once per call, in the prefill's read; a layer
+    on another kind of device than the prompt, e.g. offloaded, counts the row blocks instead)."""
+    limit = dense_below_for(device, dense_below)
+    if limit == 0:
+        return True
+    split = engine.prefill_check(split_check_name(limit))
+    if split is None:
+        split = engine.call_memo(("yopo split", limit), lambda: call_rows(engine).visual.slots.numel() >= limit)
+    return split

@@ -14,7 +14,7 @@ from vtexit.core.families import FamilySpec
 from vtexit.core.layout import Layout
 from vtexit.core.policy import Policy, PrefillView
 from vtexit.methods.yopo.attention import HeadPlan, YOPOAttention, check_attention
-from vtexit.methods.yopo.execution import SPLIT_CHECK, split_check
+from vtexit.methods.yopo.execution import split_checks
 from vtexit.methods.yopo.mlp import YOPOMLP, check_mlp
 
 if TYPE_CHECKING:
@@ -69,8 +69,7 @@ class YOPOPolicy(Policy):
     def prefill_checks(self, media: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
         if not (self.attention_modules or self.mlp_modules):
             return {}
-        check = split_check(media, self.config.dense_below)
-        return {} if check is None else {SPLIT_CHECK: check}
+        return split_checks(media, self.config.dense_below)
 
     def replacements(self, engine: ScheduleEngine) -> dict[nn.Module, Callable]:
         if self.family.media_blocks is not None and self.attention_modules:
