@@ -25,7 +25,7 @@ from vtexit.core.compiled import eager_under_compile
 from vtexit.core.engine import ScheduleEngine
 from vtexit.core.transformers_compat import rotary_function, take_cache, with_cache
 from vtexit.methods.yopo import sliced
-from vtexit.methods.yopo.dense import DenseHeadMasks, dense_mask, without_visual_keys
+from vtexit.methods.yopo.dense import DenseHeadMasks, additive_mask, dense_mask, without_visual_keys
 from vtexit.methods.yopo.execution import runs_split
 from vtexit.methods.yopo.flex_window import FlexWindow, compiled_flex_attention, flex_window, flex_window_attention
 from vtexit.methods.yopo.rows import QueryRows, RowBlock, call_rows
@@ -172,10 +172,16 @@ class YOPOAttention:
         text = rows.text
         query = self._query_rows(module, hidden, text, cos, sin)
         allowed = engine.call_memo("yopo text mask", lambda: _causal_rows(text, layout.valid))
-        if plan.pruned and self.pruned_text == "renormalise":  # per layer a choice between two masks of the call
-            text_keys = engine.call_memo("yopo text rows' text keys", lambda: without_visual_keys(allowed, rows.media))
-            mask = torch.where(plan.active.view(1, -1, 1, 1), allowed, text_keys)
-            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
+        if not plan.pruned or self.pruned_text == "renormalise":
+            bias = self._bias("yopo text mask", allowed, query.dtype)
+            if plan.pruned:  # per layer a choice between two masks of the call
+                text_keys = engine.call_memo(
+                    "yopo text rows' text keys", lambda: without_visual_keys(allowed, rows.media)
+                )
+                bias = torch.where(
+                    plan.active.view(1, -1, 1, 1), bias, self._bias("yopo text rows' text keys", text_keys, query.dtype)
+                )
+            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale, enable_gqa=True)
         else:
             attended = self._attend(query, key, value, allowed, plan, rows.media, scale)
         text_out, visual_out = module.o_proj(_merge_heads(attended)), None
@@ -195,11 +201,13 @@ class YOPOAttention:
             key_a, value_a = key.index_select(1, plan.kv_index), value.index_select(1, plan.kv_index)
             if self.window is None:
                 allowed = engine.call_memo("yopo visual mask", lambda: _causal_rows(visual, layout.valid))
-                attended = F.scaled_dot_product_attention(query, key_a, value_a, attn_mask=allowed, scale=scale)
+                bias = self._bias("yopo visual mask", allowed, query.dtype)
+                attended = F.scaled_dot_product_attention(query, key_a, value_a, attn_mask=bias, scale=scale)
             elif flex:
                 attended = flex_window_attention(query, key_a, value_a, window, scale, self._flex(hidden.device))
             else:
-                attended = tiled_attention(query, key_a, value_a, window, scale)
+                bias = self._bias("yopo tiles", window.allowed, query.dtype)
+                attended = tiled_attention(query, key_a, value_a, window, scale, bias)
             in_features = module.o_proj.in_features
             visual_out = sliced.inputs(module.o_proj, _merge_heads(attended), rows_q, in_features)
         computed = None if window is None else window.computed_keys
@@ -223,7 +231,10 @@ class YOPOAttention:
             "yopo dense mask", lambda: dense_mask(media, layout.valid, grid, layout.index, self.window)
         )
         if not plan.pruned:
-            attended = self._attend(query, key, value, allowed, plan, media, module.scaling)
+            bias = self._bias("yopo dense mask", allowed, query.dtype)
+            attended = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=bias, scale=module.scaling, enable_gqa=True
+            )
         else:
             # Per layer only choices between tensors made once per call: few kernels, as the unpatched layer.
             masks = engine.call_memo("yopo dense head masks", lambda: DenseHeadMasks.of(allowed, media, query.dtype))
@@ -238,6 +249,10 @@ class YOPOAttention:
             attended = attended * torch.where(per_head, 1.0, masks.text_rows)  # pruned heads' visual rows: 0
         engine.record_fraction(module.layer_idx, heads=1.0)
         return module.o_proj(_merge_heads(attended))
+
+    def _bias(self, name: str, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The call's bool mask ``name`` as an additive one for queries of ``dtype``, made once per call."""
+        return self.engine.call_memo((name, "additive", dtype), lambda: additive_mask(allowed, dtype))
 
     def _uses_flex(self, device: torch.device) -> bool:
         """The window's kernel: FlexAttention ("flex"; "auto" on CUDA) or tiles of SDPA ("tiles"; "auto" elsewhere)."""

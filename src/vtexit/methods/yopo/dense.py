@@ -33,19 +33,27 @@ def dense_mask(
     return allowed.unsqueeze(1)
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``allowed`` (bool) as the additive mask SDPA makes of a boolean one (0 where allowed, -inf elsewhere; the same
+    result to the bit), made once per call rather than inside every layer's SDPA call (two kernels each)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
 @dataclass(frozen=True)
 class DenseHeadMasks:
     """What a dense layer with heads pruned for visual tokens chooses between, per head (made once per call)."""
 
-    allowed: torch.Tensor  # (batch, 1, L, L): an active head's mask
-    text_keys: torch.Tensor  # (batch, 1, L, L): a pruned head's: no visual key (a row left with none reads all)
+    allowed: torch.Tensor  # (batch, 1, L, L) additive: an active head's mask
+    text_keys: torch.Tensor  # (batch, 1, L, L) additive: a pruned head's, no visual key (a row left with none: all)
     text_rows: torch.Tensor  # (batch, 1, L, 1): a pruned head's output scale: 0 at visual query rows, else 1
 
     @classmethod
     def of(cls, allowed: torch.Tensor, media: torch.Tensor, dtype: torch.dtype) -> DenseHeadMasks:
+        """From the bool mask ``allowed``, for queries of ``dtype``."""
         batch, length = media.shape
         text_rows = (~media).view(batch, 1, length, 1).to(dtype)
-        return cls(allowed, without_visual_keys(allowed, media), text_rows)
+        text_keys = without_visual_keys(allowed, media)
+        return cls(additive_mask(allowed, dtype), additive_mask(text_keys, dtype), text_rows)
 
 
 def without_visual_keys(allowed: torch.Tensor, media: torch.Tensor) -> torch.Tensor:

@@ -104,8 +104,16 @@ def tiles(rows: QueryRows, grid: VisualGrid, index: torch.Tensor, size: int) -> 
     )
 
 
-def tiled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, t: Tiles, scale: float):
-    """Visual queries (batch, heads, V, dim) over their tiles' keys (keys/values: (batch, heads, length, dim))."""
+def tiled_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    t: Tiles,
+    scale: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Visual queries (batch, heads, V, dim) over their tiles' keys (keys/values: (batch, heads, length, dim));
+    ``mask``: ``t.allowed`` as an additive mask made once per call (default: ``t.allowed`` itself)."""
     batch, heads, width_v, dim = query.shape
     flat_q = query.transpose(1, 2).reshape(batch * width_v, heads, dim)
     flat_q = torch.cat([flat_q, flat_q.new_zeros(1, heads, dim)])  # the pad entry
@@ -113,7 +121,7 @@ def tiled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     flat_v = value.transpose(1, 2).reshape(-1, heads, dim)
     q = flat_q[t.queries].transpose(1, 2)  # (tiles, heads, TILE^2, dim)
     k, v = flat_k[t.keys].transpose(1, 2), flat_v[t.keys].transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=t.allowed, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=t.allowed if mask is None else mask, scale=scale)
     placed = flat_q.new_zeros(batch * width_v + 1, heads, dim)
     placed = placed.index_copy(0, t.queries.flatten(), out.transpose(1, 2).reshape(-1, heads, dim))
     return placed[:-1].view(batch, width_v, heads, dim).transpose(1, 2)
