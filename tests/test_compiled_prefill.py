@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import vtexit
+from vtexit.core.transformers_compat import forget_compiled_call
 from vtexit.testing.tiny_models import build_tiny
 
 NO_CACHE = dict(use_cache=False)
@@ -190,10 +191,10 @@ def test_compiled_prefill_and_static_decode_have_no_cuda_graph_blockers():
     def decode(backend):
         config = CompileConfig(backend=backend)
         config._compile_all_devices = True  # transformers' compiled decode, on the CPU too
-        model.__dict__.pop("_compiled_call", None)
+        forget_compiled_call(model)
         model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False, cache_implementation="static",
                        compile_config=config)
-        model.__dict__.pop("_compiled_call", None)
+        forget_compiled_call(model)
 
     unpatched = [_cudagraph_blockers(prefill), _cudagraph_blockers(decode)]
     with vtexit.withdraw(model, layer=2):

@@ -8,6 +8,7 @@ import torch
 from conftest import family_batch
 
 import vtexit
+from vtexit.core.transformers_compat import forget_compiled_call
 from vtexit.evaluation.speed import call_peak_bytes, cudagraph_skips, resident_bytes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -113,7 +114,7 @@ def test_static_cache_and_compiled_decode_on_cuda_match_the_cpu(family):
         before = cudagraph_skips()
         model.generate(**cuda_inputs, cache_implementation="static", **generate)
         unpatched_skips = cudagraph_skips() - before
-        del model._compiled_call  # the unpatched compiled decode; patching drops it too
+        forget_compiled_call(model)  # the unpatched compiled decode (patching drops it too)
         torch._dynamo.reset()
         before = cudagraph_skips()
         with vtexit.withdraw(model, layer=2):
