@@ -806,7 +806,7 @@ class ScheduleEngine:
     def current_media(self) -> torch.Tensor | None:
         """Media flags (batch, length) of the slots the running layer holds in this thread's prefill; None during
         decode (every new token is text) or outside a patched call. For replacement forwards (made once per layout:
-        every layer between two events reuses it)."""
+        every layer between two events gets the same tensor, so do not modify it in place)."""
         call = self._call
         if call is None or call.mode != "prefill":
             return None
