@@ -20,6 +20,7 @@ from rich.table import Table
 from torch.profiler import ProfilerActivity, profile
 
 import vtexit
+from vtexit.evaluation.device_profile import is_top_level_op
 from vtexit.testing.tiny_models import build_llava_shaped
 
 ALWAYS_DENSE = 10**9
@@ -30,17 +31,8 @@ def _counts(fn: Callable[[], object]) -> tuple[int, int, int]:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     events = [e for e in prof.events() if e.name.startswith("aten::")]
-
-    def top_level(event) -> bool:
-        parent = event.cpu_parent
-        while parent is not None:
-            if parent.name.startswith("aten::"):
-                return False
-            parent = parent.cpu_parent
-        return True
-
     return (
-        sum(1 for e in events if top_level(e)),
+        sum(1 for e in events if is_top_level_op(e)),
         sum(1 for e in events if e.name == "aten::where"),
         sum(1 for e in events if e.name == "aten::_local_scalar_dense"),
     )

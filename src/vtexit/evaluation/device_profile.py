@@ -51,7 +51,8 @@ class DeviceProfile:
         return None if self.busy_s is None else self.busy_s / self.wall_s
 
 
-def _is_top_level_op(event) -> bool:
+def is_top_level_op(event) -> bool:
+    """A CPU-side aten operator called from Python, not from inside another operator (``mm`` inside ``linear``)."""
     if not event.name.startswith("aten::") or event.device_type != DeviceType.CPU:
         return False
     parent = event.cpu_parent
@@ -72,7 +73,7 @@ def kernel_totals(fn: Callable[[], object], device: torch.device) -> dict[str, t
             torch.cuda.synchronize(device)
     totals: dict[str, list] = defaultdict(lambda: [0, 0.0])
     for event in prof.events():
-        kernel = event.device_type == DeviceType.CUDA if device.type == "cuda" else _is_top_level_op(event)
+        kernel = event.device_type == DeviceType.CUDA if device.type == "cuda" else is_top_level_op(event)
         if kernel:
             totals[event.name][0] += 1
             totals[event.name][1] += event.time_range.elapsed_us() / 1e6
