@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import vtexit
-from vtexit.core.transformers_compat import forget_compiled_call
+from vtexit.core.transformers_compat import compiled_decode_config, forget_compiled_call
 from vtexit.testing.tiny_models import build_tiny
 
 NO_CACHE = dict(use_cache=False)
@@ -177,8 +177,6 @@ def test_compiled_prefill_and_static_decode_have_no_cuda_graph_blockers():
     """CUDA graphs need fixed shapes and no host reads: the traced batch-1 prefill and the static-cache decode step
     under VTW contain no op that would keep them off, as the unpatched model's graphs contain none
     (``tests/test_gpu.py`` runs both with CUDA graphs on a GPU)."""
-    from transformers import CompileConfig
-
     case = build_tiny("llava", num_layers=4)
     model = case.model
     model.generation_config.eos_token_id = None
@@ -189,11 +187,9 @@ def test_compiled_prefill_and_static_decode_have_no_cuda_graph_blockers():
         torch.compile(model, backend=backend)(**single, **NO_CACHE)
 
     def decode(backend):
-        config = CompileConfig(backend=backend)
-        config._compile_all_devices = True  # transformers' compiled decode, on the CPU too
         forget_compiled_call(model)
         model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False, cache_implementation="static",
-                       compile_config=config)
+                       compile_config=compiled_decode_config(backend=backend))
         forget_compiled_call(model)
 
     unpatched = [_cudagraph_blockers(prefill), _cudagraph_blockers(decode)]

@@ -17,16 +17,14 @@ from reference import greedy_no_cache
 from transformers import CompileConfig, StaticCache
 
 import vtexit
-from vtexit.core.transformers_compat import cache_kwargs
+from vtexit.core.transformers_compat import cache_kwargs, compiled_decode_config
 from vtexit.testing.tiny_models import build_tiny
 
 NEW_TOKENS = 4
 
 
 def _compiled_decode(fullgraph: bool = True) -> CompileConfig:
-    config = CompileConfig(backend="eager", mode=None, fullgraph=fullgraph)
-    config._compile_all_devices = True  # transformers compiles decode only on accelerators unless told
-    return config
+    return compiled_decode_config(backend="eager", mode=None, fullgraph=fullgraph)
 
 
 def _generate(model, inputs, **kwargs):

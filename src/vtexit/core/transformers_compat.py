@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from packaging.version import Version
 from torch import nn
+from transformers import CompileConfig
 from transformers.cache_utils import Cache, StaticLayer
 from transformers.generation.utils import MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL
 from transformers.masking_utils import (
@@ -38,6 +39,7 @@ __all__ = [
     "cache_kwargs",
     "causal_mask",
     "check_tested_version",
+    "compiled_decode_config",
     "find_cache",
     "forget_compiled_call",
     "kv_bytes_per_layer",
@@ -227,6 +229,15 @@ def forget_compiled_call(model: nn.Module) -> None:
     """Drop the compiled forward generate kept on ``model`` (it is made again, for this model, on next use)."""
     model.__dict__.pop("_compiled_call", None)
     model.__dict__.pop("_last_compile_config", None)
+
+
+# ``CompileConfig._compile_all_devices`` (private, 5.17-5.25): generate compiles its decode step only on accelerators
+#   unless it is set; vtexit's benchmarks and tests set it to run the same compiled decode on the CPU.
+def compiled_decode_config(**options) -> CompileConfig:
+    """A ``CompileConfig(**options)`` that generate compiles with on every device, the CPU included."""
+    config = CompileConfig(**options)
+    config._compile_all_devices = True
+    return config
 
 
 # ------------------------------------------------------------------------------------------------ rotary

@@ -20,7 +20,7 @@ from torch import nn
 
 from vtexit.core.families import family_for
 from vtexit.core.flops import DecoderShape, flops_per_row
-from vtexit.core.transformers_compat import kv_bytes_per_layer, output_cache
+from vtexit.core.transformers_compat import compiled_decode_config, kv_bytes_per_layer, output_cache
 from vtexit.methods.base import MethodConfig
 from vtexit.methods.registry import apply
 from vtexit.methods.vtw import withdraw
@@ -200,11 +200,7 @@ class StaticDecodeRow:
 def static_generate_kwargs(new_tokens: int) -> dict:
     """``generate`` settings for exactly ``new_tokens`` greedy tokens on a static cache with transformers' compiled
     decode, forced on the CPU too (transformers compiles it only on accelerators by default)."""
-    from transformers import CompileConfig
-
-    compile_config = CompileConfig()
-    compile_config._compile_all_devices = True
-    return dict(do_sample=False, cache_implementation="static", compile_config=compile_config,
+    return dict(do_sample=False, cache_implementation="static", compile_config=compiled_decode_config(),
                 min_new_tokens=new_tokens, max_new_tokens=new_tokens)
 
 
