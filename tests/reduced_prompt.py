@@ -113,10 +113,13 @@ def greedy_case(name: str):
 
 
 @torch.no_grad()
-def check_against_reduced_prompt(model, inputs: dict, embeds: torch.Tensor, mask: torch.Tensor, patch, steps: int):
+def check_against_reduced_prompt(
+    model, inputs: dict, embeds: torch.Tensor, mask: torch.Tensor, patch, steps: int, **cache
+):
     """The model under ``patch(model)`` (a handle used as a context) against the unpatched model on the reduced
     prompt ``embeds`` / ``mask``: the kept slots' logits (positions differ by a constant per padded row, which rotary
-    attention does not see), every layer's token count, and a cached generate's tokens and per-step logits."""
+    attention does not see), every layer's token count, and a cached generate's tokens and per-step logits (the
+    patched generate with ``cache``, e.g. ``cache_implementation="static"``; the reference's is dynamic)."""
     reference = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
     generate = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True)
     generate.update(return_dict_in_generate=True)
@@ -125,7 +128,7 @@ def check_against_reduced_prompt(model, inputs: dict, embeds: torch.Tensor, mask
         logits = model(**inputs, use_cache=False).logits
         layout = handle.last_layout
         tokens = handle.last_cost.tokens_per_layer()
-        result = model.generate(**inputs, **generate)
+        result = model.generate(**inputs, **generate, **cache)
     assert layout.valid.sum(1).tolist() == mask.sum(1).tolist()
     torch.testing.assert_close(logits[layout.valid], reference[mask.bool()], atol=2e-5, rtol=1e-4)
     assert tokens.tolist() == [mask.sum(1).tolist()] * len(tokens)  # every layer, layer 0 too

@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 from conftest import family_batch
+from reduced_prompt import keep_count
 from reference import greedy_no_cache
 from transformers import CompileConfig, StaticCache
 
@@ -65,6 +66,11 @@ METHODS = [
     vtexit.PDropConfig(layers=(1, 3), keep=0.25, renumber=True),
     vtexit.RandomDropConfig(layer=2, keep=0.5, seed=3),
     vtexit.YOPOConfig(layer_drop=2),
+    # Before the language model (layer 0 holds fewer slots than the prompt), alone and then withdrawn.
+    vtexit.DivPruneConfig(keep=0.3),
+    vtexit.PoolConfig(),
+    vtexit.VisionZipConfig(keep=0.5),
+    vtexit.HybridConfig(pre={"method": "divprune", "keep": 0.5}, then={"method": "vtw", "layer": 2}),
 ]
 
 
@@ -168,6 +174,28 @@ def test_static_buffers_of_withdrawn_layers_hold_only_kept_slots(llava):
     cache.reset()
     assert all(layer.max_cache_len == length + new for layer in cache.layers)
     assert all(layer.keys is None or layer.keys.shape[2] == length + new for layer in cache.layers)
+
+
+@torch.no_grad()
+def test_static_buffers_after_a_reduction_before_the_language_model(llava):
+    """By hand: after a DivPrune prefill every layer, layer 0 too, holds the longest row's kept slots (its text and
+    the rounded share of its visual tokens) in buffers sized for them plus the new tokens; ``reset()`` gives every
+    layer its full length back and the cache then serves the unpatched model."""
+    model = llava.model
+    inputs = llava.inputs([1, 2], text_len=[4, 6])
+    length, new = inputs["input_ids"].shape[1], NEW_TOKENS
+    cache = StaticCache(config=model.config, max_cache_len=length + new)
+    real = inputs["attention_mask"].bool()
+    media = llava.media_mask(inputs) & real
+    kept = max(int((real & ~media)[b].sum()) + keep_count(int(media[b].sum()), 0.3) for b in range(2))
+    with vtexit.divprune(model, keep=0.3):
+        model(**inputs, **cache_kwargs(model, cache), use_cache=True)
+    assert [int(layer.cumulative_length) for layer in cache.layers] == [kept] * len(cache.layers)
+    assert [layer.keys.shape[2] for layer in cache.layers] == [kept + new] * len(cache.layers)
+    cache.reset()
+    assert all(layer.max_cache_len == length + new for layer in cache.layers)
+    unpatched = _generate(model, inputs)
+    assert torch.equal(_generate(model, inputs, **cache_kwargs(model, cache)), unpatched)
 
 
 @torch.no_grad()

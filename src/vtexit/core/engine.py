@@ -51,6 +51,7 @@ from vtexit.core.static_cache import (
     build_plan,
     check_static_cache,
     drop_plan,
+    full_max_length,
     is_static,
     padding_from_prepared,
     plan_of,
@@ -536,7 +537,7 @@ class ScheduleEngine:
         """A call the patch leaves alone; on a static cache, the calls that continue it are marked untouched too."""
         self._local.last_layout = None
         if static_cache is not None:
-            attach_plan(static_cache, build_plan(self, None, static_cache.get_max_length(), self.num_layers))
+            attach_plan(static_cache, build_plan(self, None, full_max_length(static_cache), self.num_layers))
 
     @_eager
     def _core_post_hook_eager(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -567,7 +568,7 @@ class ScheduleEngine:
             with self._lock:
                 self._records[call.cache] = record
             if is_static(call.cache):
-                attach_plan(call.cache, build_plan(self, record, call.cache.get_max_length(), self.num_layers))
+                attach_plan(call.cache, build_plan(self, record, full_max_length(call.cache), self.num_layers))
 
     def _finish_prefill(self, call: CallState) -> RunCost:
         """What a prefill leaves to the caller: its layout (logits line up with it), policy state and cost record."""
@@ -668,11 +669,6 @@ class ScheduleEngine:
                     raise _ends_in_media_error()
                 event = (layout, source)
         if event is not None:
-            if layer_idx == 0 and call.static_prefill:
-                raise ValueError(
-                    "a method that shortens the prompt before the language model (an event before layer 0) does not "
-                    "support static caches yet; use the default dynamic cache"
-                )
             call.layout, source = event
             hidden = _compact_hidden(hidden, source, call.layout)
             if self.policy.renumbers_at(layer_idx):
@@ -785,10 +781,10 @@ class ScheduleEngine:
         memo = {} if memo is None else memo
         kwargs = dict(kwargs)
         key = ("static mask", stage)
-        if key not in memo:
-            memo[key] = plan.layer_mask(layer_idx, kwargs.get("attention_mask"))
-        kwargs["attention_mask"] = memo[key]
         hidden = args[0] if args else kwargs["hidden_states"]
+        if key not in memo:
+            memo[key] = plan.layer_mask(layer_idx, kwargs.get("attention_mask"), find_cache(kwargs), hidden.shape[1])
+        kwargs["attention_mask"] = memo[key]
         self._renumber_decode(memo, stage, plan.stages[stage].position_shift, hidden, kwargs)
         return args, kwargs
 

@@ -11,7 +11,10 @@ valid for any model again.
 A decode step gets one prepared mask for the full layers (generate builds it from layer 0's cache). The mask of a
 compacted layer is derived from it with fixed tensors made once after the prefill (a :class:`StaticPlan` kept on
 the cache): prompt slots take the stage's validity, later slots read the full mask's column ``L - L'`` further
-on. No per-step host work and no Python state, so the step traces into transformers' compiled decode.
+on. No per-step host work and no Python state, so the step traces into transformers' compiled decode. When the
+prompt was reduced before the language model, layer 0 is compacted too and generate's mask (built from layer 0's
+buffers) no longer lines up with the prompt's positions; each layer's mask is then built from the plan and the
+layer's own written length (a device tensor).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch.nn import functional as F
 
 from vtexit.core.call_state import PrefillRecord
 from vtexit.core.guards import forget_on_reset
-from vtexit.core.transformers_compat import Cache, StaticLayer, size_static_layer
+from vtexit.core.transformers_compat import Cache, StaticLayer, size_static_layer, static_layer_length
 
 PLAN_ATTRIBUTE = "_vtexit_static_plan"
 FULL_LENGTHS_ATTRIBUTE = "_vtexit_full_lengths"  # each layer's max_cache_len before vtexit sized it
@@ -36,6 +39,7 @@ SET_ASIDE_ATTRIBUTE = "_vtexit_set_aside"  # layer -> (keys, values): small buff
 class StaticStage:
     """How a compacted layer's decode mask is read from the full layers' mask (all on the cache's device)."""
 
+    slots: torch.Tensor  # (slots,) long: 0.. the stage's buffer length
     source: torch.Tensor  # (slots,) long: the full mask's column each slot of the stage's buffers reads
     from_full: torch.Tensor  # (slots,) bool: slots that read the full mask (decoded tokens)
     prompt_keys: torch.Tensor  # (batch, 1, 1, slots) bool: kept prompt slots (False elsewhere)
@@ -57,8 +61,18 @@ class StaticPlan:
         """Slots of each layer's static buffers (what a decode step attends over, masked)."""
         return tuple(self.max_cache_len if s < 0 else len(self.stages[s].source) for s in self.stage_of_layer)
 
-    def layer_mask(self, layer_idx: int, mask: torch.Tensor) -> torch.Tensor:
-        return stage_mask(self.stages[self.stage_of_layer[layer_idx]], mask)
+    @property
+    def reduces_prompt(self) -> bool:
+        """Layer 0 holds fewer slots than the prompt (a reduction before the language model): no layer is full."""
+        return self.stage_of_layer[0] >= 0
+
+    def layer_mask(self, layer_idx: int, mask: torch.Tensor | None, cache: Cache, queries: int) -> torch.Tensor:
+        """The decode mask of compacted layer ``layer_idx`` for ``queries`` new tokens, from generate's prepared
+        ``mask`` (or, when the prompt was reduced, from what the layer's buffers in ``cache`` hold)."""
+        stage = self.stages[self.stage_of_layer[layer_idx]]
+        if self.reduces_prompt:
+            return reduced_stage_mask(stage, mask, static_layer_length(cache.layers[layer_idx]), queries)
+        return stage_mask(stage, mask)
 
 
 def is_static(cache) -> bool:
@@ -91,6 +105,13 @@ def attach_plan(cache: Cache, plan: StaticPlan) -> None:
 
 def drop_plan(cache: Cache) -> None:
     cache.__dict__.pop(PLAN_ATTRIBUTE, None)
+
+
+def full_max_length(cache: Cache) -> int:
+    """The cache's ``max_cache_len`` as it was made (``get_max_length()`` reads layer 0, which a reduction before
+    the language model sizes down too)."""
+    full = cache.__dict__.get(FULL_LENGTHS_ATTRIBUTE)
+    return cache.get_max_length() if full is None else full[0]
 
 
 def size_compacted_layer(cache: Cache, layer_idx: int, kept_slots: int, prompt_length: int) -> None:
@@ -138,6 +159,7 @@ def build_plan(owner: Any, record: PrefillRecord | None, max_cache_len: int, num
         prompt_keys = F.pad(valid, (0, len(slots) - kept), value=False)
         stages.append(
             StaticStage(
+                slots=slots,
                 source=slots + withdrawn,
                 from_full=slots >= kept,
                 prompt_keys=prompt_keys[:, None, None, :],
@@ -149,17 +171,34 @@ def build_plan(owner: Any, record: PrefillRecord | None, max_cache_len: int, num
 
 def stage_mask(stage: StaticStage, mask: torch.Tensor | None) -> torch.Tensor:
     """The mask of a compacted layer from the full layers' prepared 4D mask (bool, or additive float)."""
+    _check_prepared(mask)
+    shifted = mask.index_select(-1, stage.source)
+    return torch.where(stage.from_full, shifted, _in_mask_dtype(stage.prompt_keys, mask.dtype))
+
+
+def reduced_stage_mask(
+    stage: StaticStage, mask: torch.Tensor | None, written: torch.Tensor, queries: int
+) -> torch.Tensor:
+    """The decode mask of a layer when layer 0 is compacted too. generate builds its mask from layer 0's buffers,
+    whose slots no longer line up with the prompt's positions, so only its dtype is used: kept prompt slots, then
+    the decoded slots up to each query's own (the ``written`` slots before this step, then one per query)."""
+    _check_prepared(mask)
+    last = written + torch.arange(queries, device=stage.slots.device).unsqueeze(1)  # (queries, 1): each query's slot
+    decoded = stage.from_full & (stage.slots <= last)  # (queries, slots)
+    return _in_mask_dtype(stage.prompt_keys | decoded, mask.dtype)
+
+
+def _check_prepared(mask: torch.Tensor | None) -> None:
     if mask is None or mask.ndim != 4:
         raise ValueError(
             "decoding on a static cache under vtexit needs the prepared 4D attention mask that generate builds for "
             "static caches (got none); call generate(..., cache_implementation='static') or pass a 2D attention_mask"
         )
-    shifted = mask.index_select(-1, stage.source)
-    if mask.dtype == torch.bool:
-        fixed = stage.prompt_keys
-    else:
-        fixed = (~stage.prompt_keys).to(mask.dtype) * torch.finfo(mask.dtype).min
-    return torch.where(stage.from_full, shifted, fixed)
+
+
+def _in_mask_dtype(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``allowed`` (bool) as a mask of ``dtype``: itself, or additive (0 where allowed, the dtype's min elsewhere)."""
+    return allowed if dtype == torch.bool else (~allowed).to(dtype) * torch.finfo(dtype).min
 
 
 def padding_from_prepared(mask, length: int) -> torch.Tensor | None:

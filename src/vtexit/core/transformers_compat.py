@@ -167,6 +167,11 @@ def kv_bytes_per_layer(cache: Cache) -> tuple[int, ...]:
 #   layer's first ``update`` (``lazy_initialization``, unless generate initialised them early, which it does only for
 #   chunked prefill); ``get_mask_sizes`` reports ``max_cache_len`` as the key length; ``is_initialized``;
 #   ``reset()`` zeroes the buffers and ``cumulative_length`` in place. Layers of one cache may differ in length.
+def static_layer_length(layer: StaticLayer) -> torch.Tensor:
+    """Slots a static layer has written (a 0-dim tensor on its device: reading it does not sync)."""
+    return layer.cumulative_length
+
+
 def size_static_layer(layer: StaticLayer, length: int) -> None:
     """Make a static layer hold ``length`` slots: set before its first write it is allocated at that size; a layer
     allocated at another size (a reused cache) gives its buffers up and is allocated again at its next write."""
