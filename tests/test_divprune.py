@@ -44,6 +44,16 @@ def test_divprune_equals_the_unpatched_model_on_the_reduced_prompt(case, images_
 
 
 @torch.no_grad()
+def test_divprune_on_a_static_cache_equals_the_unpatched_model_on_the_reduced_prompt(case):
+    """Every layer's static buffers hold the reduced prompt (layer 0 too, so generate's own decode mask no longer
+    fits them): the decode steps still give the reduced prompt's tokens and logits."""
+    inputs = case.inputs([1, 2, 0], text_len=[5, 3, 7])
+    embeds, mask = reduced_prompt(case, inputs, 0.3)
+    patch = lambda m: vtexit.divprune(m, keep=0.3)  # noqa: E731
+    check_against_reduced_prompt(case.model, inputs, embeds, mask, patch, steps=4, cache_implementation="static")
+
+
+@torch.no_grad()
 def test_divprune_shortens_the_kv_cache_of_every_layer():
     case = build_tiny("llava", num_layers=4)
     inputs = case.inputs([1], text_len=6)
@@ -64,12 +74,8 @@ def test_divprune_refuses_families_without_1d_positions(family):
 
 
 @torch.no_grad()
-def test_divprune_refuses_static_caches_and_bad_settings():
+def test_divprune_refuses_bad_settings():
     case = build_tiny("llava", num_layers=4)
-    inputs = case.inputs([1], text_len=6)
     with pytest.raises(ValueError, match="keep must be in"):
         vtexit.divprune(case.model, keep=1.5)
-    with vtexit.divprune(case.model, keep=0.5):
-        with pytest.raises(ValueError, match="static caches"):
-            case.model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
     assert vtexit.config_from_dict({"method": "divprune", "keep": "0.25"}) == vtexit.DivPruneConfig(keep=0.25)

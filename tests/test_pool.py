@@ -47,11 +47,12 @@ def llava():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("stride", [2, 3])
-def test_pool_equals_the_unpatched_model_on_the_pooled_prompt(llava, stride):
+@pytest.mark.parametrize("stride, cache", [(2, "dynamic"), (3, "dynamic"), (2, "static")])
+def test_pool_equals_the_unpatched_model_on_the_pooled_prompt(llava, stride, cache):
     inputs = llava.inputs([1, 2, 0], text_len=[5, 3, 7])
     embeds, mask = _pooled_prompt(llava, inputs, stride)
-    check_against_reduced_prompt(llava.model, inputs, embeds, mask, lambda m: vtexit.pool(m, stride=stride), steps=3)
+    patch = lambda m: vtexit.pool(m, stride=stride)  # noqa: E731
+    check_against_reduced_prompt(llava.model, inputs, embeds, mask, patch, steps=3, cache_implementation=cache)
 
 
 @torch.no_grad()
