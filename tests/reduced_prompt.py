@@ -1,6 +1,6 @@
 """An independent reference for pre-LLM reduction: DivPrune's greedy in float64 with plain loops, and the reduced
 prompt built by hand (the kept tokens' first-layer inputs of the unpatched model, left-padded), to feed the
-unpatched model as ``inputs_embeds``. Nothing in vtexit is used."""
+unpatched model as ``inputs_embeds``. Nothing in vtexit is used but the name of the cache keyword."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 
+from vtexit.core.transformers_compat import cache_kwargs
 from vtexit.testing.tiny_models import build_tiny
 
 
@@ -135,3 +136,16 @@ def check_against_reduced_prompt(
     assert result.sequences[:, inputs["input_ids"].shape[1] :].tolist() == reference_steps.sequences.tolist()
     for step, expected in zip(result.logits, reference_steps.logits, strict=True):
         torch.testing.assert_close(step, expected, atol=2e-5, rtol=1e-4)
+
+
+def decode_by_hand(model, prefill, cache, mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decode steps called one by one as a user's loop would, with ``attention_mask`` and no ``position_ids``
+    (transformers then numbers the new tokens itself), after ``prefill`` (its output) on ``cache``: the last logits
+    of the prefill and of each step, stacked."""
+    logits = [prefill.logits[:, -1]]
+    for _ in range(steps):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        token = logits[-1].argmax(-1, keepdim=True)
+        step = model(input_ids=token, attention_mask=mask, **cache_kwargs(model, cache), use_cache=True)
+        logits.append(step.logits[:, -1])
+    return torch.stack(logits)

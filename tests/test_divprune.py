@@ -6,9 +6,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reduced_prompt import check_against_reduced_prompt, greedy_by_hand, greedy_case, keep_count, reduced_prompt
+from reduced_prompt import (
+    check_against_reduced_prompt,
+    decode_by_hand,
+    greedy_by_hand,
+    greedy_case,
+    keep_count,
+    reduced_prompt,
+)
+from transformers import DynamicCache, StaticCache
 
 import vtexit
+from vtexit.core.transformers_compat import cache_kwargs, output_cache
 from vtexit.methods.divprune import max_min_diverse
 from vtexit.testing.tiny_models import build_tiny
 
@@ -51,6 +60,25 @@ def test_divprune_on_a_static_cache_equals_the_unpatched_model_on_the_reduced_pr
     embeds, mask = reduced_prompt(case, inputs, 0.3)
     patch = lambda m: vtexit.divprune(m, keep=0.3)  # noqa: E731
     check_against_reduced_prompt(case.model, inputs, embeds, mask, patch, steps=4, cache_implementation="static")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_decode_steps_called_by_hand_number_new_tokens_as_on_the_reduced_prompt(static):
+    """A loop of forward calls without ``position_ids``: transformers numbers new tokens from layer 0's cache, which
+    holds the reduced prompt; the unpatched model on the reduced prompt, run by the same loop, is the reference."""
+    case = greedy_case("llava")
+    model, steps = case.model, 3
+    inputs = case.inputs([1, 2, 0], text_len=[5, 3, 7])
+    embeds, mask = reduced_prompt(case, inputs, 0.3)
+    prefill = model(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
+    expected = decode_by_hand(model, prefill, output_cache(prefill), mask, steps)
+    with vtexit.divprune(model, keep=0.3):
+        length = inputs["input_ids"].shape[1] + steps + 1
+        cache = StaticCache(config=model.config, max_cache_len=length) if static else DynamicCache(config=model.config)
+        prefill = model(**inputs, **cache_kwargs(model, cache), use_cache=True)
+        logits = decode_by_hand(model, prefill, cache, inputs["attention_mask"], steps)
+    torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-4)
 
 
 @torch.no_grad()

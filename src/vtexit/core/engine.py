@@ -20,6 +20,7 @@ import copy
 import inspect
 import threading
 import weakref
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -62,6 +63,7 @@ from vtexit.core.transformers_compat import (
     check_tested_version,
     find_cache,
     forget_compiled_call,
+    static_layer_length,
     with_cache,
 )
 
@@ -303,9 +305,12 @@ class ScheduleEngine:
             return None
         return plan
 
-    def _core_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _core_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         if torch.compiler.is_compiling():
-            if self._traced_decode_plan(kwargs) is not None or self._traced_prefill(args, kwargs):
+            plan = self._traced_decode_plan(kwargs)
+            if plan is not None:
+                return _reduced_prompt_positions(plan.record, args, kwargs, lambda: _static_past_length(plan, kwargs))
+            if self._traced_prefill(args, kwargs):
                 return None
         return self._core_pre_hook_eager(module, args, kwargs)
 
@@ -399,7 +404,7 @@ class ScheduleEngine:
         call.planned = {self._planned_withdrawal: (kept, source)}
 
     @_eager
-    def _core_pre_hook_eager(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _core_pre_hook_eager(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         self._call = None
         self._local.last_call_layout = None
         cache = find_cache(kwargs)
@@ -411,7 +416,7 @@ class ScheduleEngine:
             plan = self._static_decode_plan(kwargs)
             if plan is not None:  # its prefill checked the cache
                 self._enter_static_decode(plan, input_ids, kwargs)
-                return
+                return _reduced_prompt_positions(plan.record, args, kwargs, lambda: _static_past_length(plan, kwargs))
             check_static_cache(cache)
             other = plan_of(cache)
             if other is not None and other.owner is not self and other.record is not None and other.record.compacted:
@@ -432,7 +437,10 @@ class ScheduleEngine:
             )
         elif isinstance(cache, Cache) and (past_length := cache.get_seq_length()) > 0:
             self._enter_continuation(cache, kwargs, input_ids, padding, past_length)
-            return
+            call = self._call
+            if call is None:
+                return None
+            return _reduced_prompt_positions(call.record, args, kwargs, lambda: call.past_length)
         if input_ids is None:
             if kwargs.get("inputs_embeds") is not None:
                 raise ValueError(
@@ -972,6 +980,31 @@ def _ends_in_media_error() -> ValueError:
         "Put text after the image (e.g. the chat template's generation prompt). With chunked prefill "
         "(generate(prefill_chunk_size=...)) a chunk can end inside an image: vtexit does not support chunked prefill."
     )
+
+
+def _reduced_prompt_positions(
+    record: PrefillRecord | None, args: tuple, kwargs: dict, past_length: Callable[[], int | torch.Tensor]
+) -> tuple | None:
+    """The core's arguments for a call continuing a prompt reduced before the language model, when the caller
+    passed no ``position_ids``: transformers would number the new tokens from layer 0's cache, which holds only the
+    reduced prompt, while the engine renumbers positions of the full prompt (as generate passes them). The new tokens
+    get the full prompt's next positions (``past_length()``: an int, or a 0-dim tensor on a static cache), as
+    transformers numbers an unpatched model's. None: nothing to change."""
+    if record is None or record.stage_of_layer[0] < 0 or kwargs.get("position_ids") is not None:
+        return None
+    tensor = kwargs.get("input_ids", args[0] if args else None)
+    tensor = tensor if tensor is not None else kwargs["inputs_embeds"]
+    kwargs = dict(kwargs)
+    kwargs["position_ids"] = (torch.arange(tensor.shape[1], device=tensor.device) + past_length()).unsqueeze(0)
+    return args, kwargs
+
+
+def _static_past_length(plan: StaticPlan, kwargs: dict) -> torch.Tensor:
+    """The full prompt's positions written so far on a static cache whose layer 0 holds a reduced prompt (a 0-dim
+    tensor; no host read)."""
+    record = plan.record
+    layer0 = record.stages[record.stage_of_layer[0]].layout.length
+    return static_layer_length(find_cache(kwargs).layers[0]) + (record.prompt_length - layer0)
 
 
 def _sequence_length(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> int:
