@@ -4,7 +4,8 @@ On CUDA: LLaVA-1.5-7B's language-model shape (hidden 4096, 32 layers, gated MLP 
 on the GPU, with 576 and 2304 visual tokens + 64 text tokens at batch 1 and 16. On the CPU: a small shape. It prints
 per configuration the prefill time, the speedup over the same mode's baseline against the FLOPs ratio (from cost
 records), decode ms/token, peak memory and the KV bytes the cache holds after a generate; then decode ms/token with
-a static cache and transformers' own compiled decode, without vtexit and under VTW (--static-layers), side by side.
+a static cache and transformers' own compiled decode, without vtexit and under VTW (--static-layers) or any other
+method (--static-method divprune:keep=0.25), side by side.
 Compile modes (--compile-mode, comma-separated): whole, reduce-overhead (CUDA graphs), regional. Writes everything
 to --out as JSON.
 
@@ -24,6 +25,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from vtexit.app.method_spec import parse_method_spec
 from vtexit.evaluation.speed import measure_speed, measure_static_decode, speed_ratios
 from vtexit.testing.tiny_models import build_llava_shaped
 
@@ -72,11 +74,11 @@ def _static_table(rows, title: str) -> Table:
                "KV MiB held", "CUDA graph skips"]
     for name in columns:
         table.add_column(name, justify="right")
-    base = next(row for row in rows if row.layer is None)
+    base = next(row for row in rows if row.is_baseline)
     for row in rows:
         both = row.peak_bytes is not None and row.dynamic_peak_bytes is not None
         table.add_row(
-            "no vtexit" if row.layer is None else f"VTW K={row.layer}",
+            row.label,
             f"{1e3 * row.decode_token_s:.2f}",
             f"{row.decode_token_s / base.decode_token_s:.3f}x",
             _gib(row.peak_bytes),
@@ -101,8 +103,9 @@ def compiled_prefill_target(rows: list[dict], *, visual: int, batch: int) -> str
 
 def static_target_misses(rows, *, visual: int, batch: int) -> list[str]:
     """Issue 19's static-cache targets this table can check (GPU shapes): every K within 1.05x of transformers' own
-    decode; at batch 16 x 2304 visual, K=8 at most 0.7x of it and every peak within 10% of the dynamic cache's."""
-    base = next(row for row in rows if row.layer is None)
+    decode; at batch 16 x 2304 visual, K=8 at most 0.7x of it and every peak within 10% of the dynamic cache's.
+    Rows of other methods are shown, not checked."""
+    base = next(row for row in rows if row.is_baseline)
     large = visual == 2304 and batch == 16
     misses = []
     for row in rows:
@@ -136,6 +139,9 @@ def main() -> None:
     parser.add_argument("--no-static", action="store_true", help="skip the static-cache + compiled decode runs")
     parser.add_argument("--static-layers", default=None, help="K for the static+compiled decode runs (default 8; 4)")
     parser.add_argument("--static-only", action="store_true", help="only the static-cache + compiled decode runs")
+    parser.add_argument("--static-method", action="append", default=[], metavar="SPEC",
+                        help="also time this method in the static-cache runs, as the CLI names it (e.g. "
+                             "divprune:keep=0.25); repeatable")
     parser.add_argument("--out", type=Path, default=Path("out/speed.json"))
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -145,6 +151,7 @@ def main() -> None:
     batches = [int(b) for b in (args.batch or ("1,16" if cuda else "1,4")).split(",")]
     layers = [int(k) for k in (args.layers or ("2,8,16,24" if shape == "7b" else "2,4,6")).split(",")]
     static_layers = [int(k) for k in (args.static_layers or ("8" if shape == "7b" else "4")).split(",")]
+    static_methods = {spec: parse_method_spec(spec) for spec in args.static_method}
     dtype = torch.bfloat16 if cuda else torch.float32
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -159,7 +166,7 @@ def main() -> None:
                               compiled=not args.no_compile, compile_mode=args.compile_mode.split(","))
             )
             static = [] if args.no_static else measure_static_decode(
-                model, inputs, static_layers, repeats=args.repeats, new_tokens=args.new_tokens
+                model, inputs, static_layers, methods=static_methods, repeats=args.repeats, new_tokens=args.new_tokens
             )
             results["runs"].append(dict(visual=tokens, batch=batch, rows=rows,
                                         static_compiled_decode=[asdict(row) for row in static]))

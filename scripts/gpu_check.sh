@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 OUT_DIR="${GPU_OUT:-out/gpu}"
 STEP_TIMEOUT="${STEP_TIMEOUT:-900}"
-GPU_STEPS="${GPU_STEPS:-tests yopo speed_batch1_modes profile speed}"
+GPU_STEPS="${GPU_STEPS:-tests yopo speed_batch1_modes profile speed static_methods}"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT_DIR"
 failed=()
@@ -31,13 +31,16 @@ step() {  # step NAME COMMAND...: run it under the timeout, its output beside th
 # The runs nothing has measured on a GPU yet come first: YOPO's dense / FlexAttention / split rows, then VTW's batch-1
 # modes with static-shape regional compilation and CUDA graphs, then where VTW's time goes (busy against wall time and
 # the top kernels: batch-1 prefill eager / compiled / CUDA graphs, static decode at 16 x 2304), then the full VTW
-# tables (batch 1 and 16, 576 and 2304, static decode with each model's own peak beside the dynamic cache's).
+# tables (batch 1 and 16, 576 and 2304, static decode with each model's own peak beside the dynamic cache's), then
+# static decode at 16 x 2304 under DivPrune (a reduction before the language model: every layer's cache shrinks).
 step tests "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py
 step yopo "$PYTHON" benchmarks/bench_yopo.py
 step speed_batch1_modes "$PYTHON" benchmarks/bench_speed.py --compile-mode regional,reduce-overhead --batch 1 \
     --visual 576 --no-static --out "$OUT_DIR/speed_batch1_modes.json"
 step profile "$PYTHON" benchmarks/profile_vtw.py --out "$OUT_DIR/profile.json"
 step speed "$PYTHON" benchmarks/bench_speed.py --out "$OUT_DIR/speed.json" "$@"
+step static_methods "$PYTHON" benchmarks/bench_speed.py --static-only --visual 2304 --batch 16 \
+    --static-method divprune:keep=0.25 --out "$OUT_DIR/static_methods.json"
 if [ ${#failed[@]} -gt 0 ]; then
     echo "failed: ${failed[*]}"
     exit 1

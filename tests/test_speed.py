@@ -4,7 +4,9 @@ measured, FLOPs come from the cost records, and impossible speedups are flagged.
 from __future__ import annotations
 
 import pytest
+from reduced_prompt import keep_count
 
+import vtexit
 from vtexit.core.flops import DecoderShape, count
 from vtexit.evaluation.speed import NOISE_MARGIN, SpeedRow, measure_speed, measure_static_decode, speed_ratios
 
@@ -40,8 +42,9 @@ def test_speedups_beyond_the_flops_bound_are_flagged():
 
 def test_measure_static_decode_uses_transformers_compiled_decode(llava4):
     inputs = llava4.inputs([1, 1], text_len=[5, 5])
-    rows = measure_static_decode(llava4.model, inputs, [2], repeats=1, new_tokens=3)
-    assert [r.layer for r in rows] == [None, 2]
+    methods = {"divprune keep=0.5": vtexit.DivPruneConfig(keep=0.5)}
+    rows = measure_static_decode(llava4.model, inputs, [2], methods=methods, repeats=1, new_tokens=3)
+    assert [(r.layer, r.method) for r in rows] == [(None, None), (2, None), (None, "divprune keep=0.5")]
     assert all(r.decode_token_s > 0 and r.peak_bytes is None and r.dynamic_peak_bytes is None for r in rows)
     # each configuration compiled its own decode: on the CPU inductor runs every compiled graph without CUDA graphs
     assert all(r.cudagraph_skips >= 1 for r in rows)
@@ -55,6 +58,10 @@ def test_measure_static_decode_uses_transformers_compiled_decode(llava4):
     assert rest == 0 and slots > inputs["input_ids"].shape[1]
     withdrawn = inputs["input_ids"].shape[1] - int((~llava4.media_mask(inputs)).sum(1).max())
     assert rows[1].kv_bytes == (n * slots - (n - 2) * withdrawn) * per_slot
+    # DivPrune keeps each row's text and half its visual tokens (rounded half up) in every layer, layer 0 too.
+    media = llava4.media_mask(inputs)
+    kept = max(int((~media[b]).sum()) + keep_count(int(media[b].sum()), 0.5) for b in range(media.shape[0]))
+    assert rows[2].kv_bytes == n * (slots - (inputs["input_ids"].shape[1] - kept)) * per_slot
     assert hasattr(llava4.model, "_compiled_call")  # generate compiled its decode step
     assert getattr(llava4.model, "_vtexit_engine", None) is None  # the caller's model was never patched
 

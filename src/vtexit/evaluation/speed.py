@@ -187,7 +187,8 @@ def _compiled_rows(model, inputs, configs, repeats, forward, flops, backend, mod
 
 @dataclass(frozen=True)
 class StaticDecodeRow:
-    """transformers' static cache + compiled decode, without vtexit (``layer`` None) or under VTW at ``layer``."""
+    """transformers' static cache + compiled decode: without vtexit (``layer`` and ``method`` None), under VTW at
+    ``layer``, or under the method config named ``method``."""
 
     layer: int | None
     decode_token_s: float  # median seconds per generated token
@@ -195,6 +196,17 @@ class StaticDecodeRow:
     kv_bytes: int | None = None  # bytes of the static cache's key/value buffers after a generate
     dynamic_peak_bytes: int | None = None  # the same generate on the default dynamic cache, eager (CUDA only)
     cudagraph_skips: int = 0  # compiled graphs of its warm-up run without CUDA graphs (CUDA: should be 0)
+    method: str | None = None
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.layer is None and self.method is None
+
+    @property
+    def label(self) -> str:
+        if self.method is not None:
+            return self.method
+        return "no vtexit" if self.layer is None else f"VTW K={self.layer}"
 
 
 def static_generate_kwargs(new_tokens: int) -> dict:
@@ -205,15 +217,21 @@ def static_generate_kwargs(new_tokens: int) -> dict:
 
 
 @contextmanager
-def patched_copies(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int | None, nn.Module]]:
-    """``{None: model, K: a copy of model under VTW at K, ...}``, the copies patched before anything compiles:
-    patching or removing a patch makes compiled graphs trace again, so each K gets a model of its own."""
-    models: dict[int | None, nn.Module] = {None: model}
+def patched_copies(
+    model: nn.Module, layers: Sequence[int], methods: Mapping[str, MethodConfig] | None = None
+) -> Iterator[dict[int | str | None, nn.Module]]:
+    """``{None: model, K: a copy of model under VTW at K, ..., name: a copy under methods[name], ...}``, the copies
+    patched before anything compiles: patching or removing a patch makes compiled graphs trace again, so each
+    configuration gets a model of its own."""
+    models: dict[int | str | None, nn.Module] = {None: model}
     handles = []
     try:
         for layer in layers:
             models[layer] = copy.deepcopy(model)
             handles.append(withdraw(models[layer], layer=layer))
+        for name, config in (methods or {}).items():
+            models[name] = copy.deepcopy(model)
+            handles.append(apply(models[name], config))
         yield models
     finally:
         for handle in handles:
@@ -226,12 +244,13 @@ def measure_static_decode(
     inputs: Mapping[str, torch.Tensor],
     layers: Sequence[int],
     *,
+    methods: Mapping[str, MethodConfig] | None = None,
     repeats: int = 5,
     new_tokens: int = 16,
 ) -> list[StaticDecodeRow]:
     """Decode ms/token with ``cache_implementation="static"`` and transformers' own compiled decode (forced on the
-    CPU too), for the model without vtexit and VTW at each K, interleaved within each repeat; on CUDA also the peak
-    memory of that generate and of the same generate on the dynamic cache.
+    CPU too), for the model without vtexit, VTW at each K and each named method config, interleaved within each
+    repeat; on CUDA also the peak memory of that generate and of the same generate on the dynamic cache.
 
     Patching or removing a patch makes every compiled graph trace again, so each K runs on a copy of the model
     patched once before anything compiles (one more copy of the weights per K, which the peaks leave out); after two
@@ -240,11 +259,11 @@ def measure_static_decode(
     device = inputs["input_ids"].device
     full, one = static_generate_kwargs(new_tokens), static_generate_kwargs(1)
     dynamic = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
-    with patched_copies(model, layers) as models:
-        kv: dict[int | None, int] = {}
-        skips: dict[int | None, int] = {}
-        peak: dict[int | None, int | None] = {c: None for c in models}
-        dynamic_peak: dict[int | None, int | None] = {c: None for c in models}
+    with patched_copies(model, layers, methods) as models:
+        kv: dict[int | str | None, int] = {}
+        skips: dict[int | str | None, int] = {}
+        peak: dict[int | str | None, int | None] = {c: None for c in models}
+        dynamic_peak: dict[int | str | None, int | None] = {c: None for c in models}
         for config, candidate in models.items():
             before = cudagraph_skips()
             for _ in range(2):
@@ -257,7 +276,7 @@ def measure_static_decode(
                 peak[config] = call_peak_bytes(partial(candidate.generate, **inputs, **full), candidate, device)
                 dynamic_peak[config] = call_peak_bytes(partial(candidate.generate, **inputs, **dynamic), candidate,
                                                        device)
-        per_token: dict[int | None, list[float]] = {c: [] for c in models}
+        per_token: dict[int | str | None, list[float]] = {c: [] for c in models}
         for r in range(repeats):
             order = list(models) if r % 2 == 0 else list(reversed(models))
             for config in order:
@@ -266,7 +285,16 @@ def measure_static_decode(
                 short = time_call(partial(candidate.generate, **inputs, **one), device)
                 per_token[config].append((long - short) / (new_tokens - 1))
     return [
-        StaticDecodeRow(c, statistics.median(per_token[c]), peak[c], kv[c], dynamic_peak[c], skips[c]) for c in models
+        StaticDecodeRow(
+            None if isinstance(c, str) else c,
+            statistics.median(per_token[c]),
+            peak[c],
+            kv[c],
+            dynamic_peak[c],
+            skips[c],
+            method=c if isinstance(c, str) else None,
+        )
+        for c in models
     ]
 
 
