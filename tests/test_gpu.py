@@ -93,10 +93,18 @@ def test_yopo_on_cuda_matches_the_cpu(family, execution):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_static_cache_and_compiled_decode_on_cuda_match_the_cpu(family):
-    """transformers' own static cache + compiled decode on CUDA (inductor, CUDA graphs) under VTW: the CPU's
-    dynamic-cache tokens, and no recompilation on a second generate."""
+@pytest.mark.parametrize(
+    "family, config",
+    [
+        ("llava", vtexit.VTWConfig(layer=2)),
+        ("qwen2_vl", vtexit.VTWConfig(layer=2)),
+        ("llava", vtexit.DivPruneConfig(keep=0.3)),  # every layer's cache holds the reduced prompt, layer 0 too
+    ],
+    ids=["llava-vtw", "qwen2_vl-vtw", "llava-divprune"],
+)
+def test_static_cache_and_compiled_decode_on_cuda_match_the_cpu(family, config):
+    """transformers' own static cache + compiled decode on CUDA (inductor, CUDA graphs) under VTW or a reduction
+    before the language model: the CPU's dynamic-cache tokens, and no recompilation on a second generate."""
     from vtexit.testing.tiny_models import build_tiny
 
     case = build_tiny(family, num_layers=4)
@@ -105,7 +113,7 @@ def test_static_cache_and_compiled_decode_on_cuda_match_the_cpu(family):
     inputs = family_batch(case)
     media_ids = sorted(set(inputs["input_ids"][case.media_mask(inputs)].tolist()))
     generate = dict(max_new_tokens=6, do_sample=False, suppress_tokens=media_ids)
-    with vtexit.withdraw(case.model, layer=2):
+    with vtexit.apply(case.model, config):
         expected = case.model.generate(**inputs, **generate)
     model = case.model.to("cuda")
     try:
@@ -117,7 +125,7 @@ def test_static_cache_and_compiled_decode_on_cuda_match_the_cpu(family):
         forget_compiled_call(model)  # the unpatched compiled decode (patching drops it too)
         torch._dynamo.reset()
         before = cudagraph_skips()
-        with vtexit.withdraw(model, layer=2):
+        with vtexit.apply(model, config):
             first = model.generate(**cuda_inputs, cache_implementation="static", **generate)
             assert hasattr(model, "_compiled_call")  # generate compiled its decode step on CUDA
             # the patched decode runs under CUDA graphs wherever transformers' own does (a skip relaunches every
