@@ -209,6 +209,8 @@ def test_plugin_refuses_bad_model_arguments(setup):
         VTExitLMM(pretrained=folder, batch_size="auto")
     with pytest.raises(ValueError, match="keep must be in"):
         VTExitLMM(pretrained=folder, method="divprune", keep="2")
+    with pytest.raises(ValueError, match="cache_implementation must be one of"):
+        VTExitLMM(pretrained=folder, cache_implementation="offloaded")
     lmm = VTExitLMM(pretrained=folder, method="divprune", keep="0.25")  # a pre-LLM method, as model_args give it
     assert lmm.method_config == vtexit.DivPruneConfig(keep=0.25) and vtexit.patch_of(lmm.model) is lmm.handle
     hybrid = {"pre.method": "divprune", "pre.keep": 0.25, "then.method": "vtw", "then.layer": 2}  # dotted model_args
@@ -216,3 +218,28 @@ def test_plugin_refuses_bad_model_arguments(setup):
     lmm = VTExitLMM(pretrained=folder, method="hybrid", **hybrid)
     expected = vtexit.HybridConfig(pre={"method": "divprune", "keep": 0.25}, then={"method": "vtw", "layer": 2})
     assert lmm.method_config == expected and vtexit.patch_of(lmm.model) is lmm.handle
+
+
+@needs_lmms_eval
+@torch.no_grad()
+@pytest.mark.parametrize("method", [{"method": "vtw", "layer": LAYER}, {"method": "divprune", "keep": 0.25}])
+def test_plugin_on_a_static_cache_answers_as_on_the_dynamic_one(setup, method):
+    """``cache_implementation=static`` (transformers' static cache; compiled decode on a GPU): the same answers, a
+    padded batch at a time, as the default cache, under an in-LLM and a pre-LLM method."""
+    from vtexit.integrations.lmms_eval import VTExitLMM
+
+    folder, records = str(setup[1]), setup[3][:BATCH]
+    contexts = [r.question for r in records]
+    visuals = [[Image.open(r.image_path).convert("RGB")] for r in records]
+    answers = {}
+    for cache in ("dynamic", "static"):
+        lmm = VTExitLMM(pretrained=folder, cache_implementation=cache, **method)
+        with one_thread():
+            answers[cache] = lmm._generate(contexts, visuals, NEW_TOKENS)
+        # A static decode step attends over every slot of its buffers: the same keys at every step.
+        keys = [step.layers[0].keys for step in lmm.handle.last_cost.decode]
+        assert len(keys) == NEW_TOKENS - 1
+        assert all(torch.equal(keys[0], k) for k in keys[1:]) == (cache == "static")
+        lmm.handle.remove()
+    assert answers["static"] == answers["dynamic"]
+    assert len(set(answers["dynamic"])) > 1  # the answers differ between questions: the batch's rows were read

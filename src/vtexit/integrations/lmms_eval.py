@@ -28,7 +28,19 @@ from tqdm.auto import tqdm
 MODEL_ID = "vtexit"
 CLASS_PATH = f"{__name__}.VTExitLMM"
 # Model arguments of the plugin itself; every other model argument is a setting of the method.
-OWN_ARGS = ("pretrained", "method", "device", "dtype", "attn_implementation", "batch_size", "max_batch_size")
+OWN_ARGS = (
+    "pretrained",
+    "method",
+    "device",
+    "dtype",
+    "attn_implementation",
+    "cache_implementation",
+    "batch_size",
+    "max_batch_size",
+)
+# generate's KV caches the plugin offers: transformers' default, or its static cache (on a GPU transformers then
+# compiles each decode step; vtexit sizes every layer's buffers to what it keeps).
+CACHES = ("dynamic", "static")
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
@@ -96,6 +108,7 @@ class VTExitLMM(lmms):
         device: str | None = None,
         dtype: str | None = None,
         attn_implementation: str = "sdpa",
+        cache_implementation: str = "dynamic",
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
         **settings: Any,
@@ -104,6 +117,9 @@ class VTExitLMM(lmms):
         from vtexit.app.model_sources import load_source
         from vtexit.methods.registry import apply, config_from_dict
 
+        if cache_implementation not in CACHES:
+            raise ValueError(f"cache_implementation must be one of {list(CACHES)}, got {cache_implementation!r}")
+        self.cache_implementation = cache_implementation
         if str(batch_size).startswith("auto"):
             raise ValueError("batch_size must be an int >= 1 (auto is not supported)")
         self.batch_size_per_device = int(batch_size)
@@ -160,8 +176,9 @@ class VTExitLMM(lmms):
         inputs = self.processor(
             images=images or None, text=texts, return_tensors="pt", padding=True, padding_side="left"
         ).to(self._device)
+        cache = {} if self.cache_implementation == "dynamic" else {"cache_implementation": self.cache_implementation}
         out = self.model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id, **cache
         )
         return self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
