@@ -41,6 +41,18 @@ class PrefillRecord:
     def compacted(self) -> bool:
         return any(s >= 0 for s in self.stage_of_layer)
 
+    @property
+    def reduces_prompt(self) -> bool:
+        """Layer 0 was compacted too (a reduction before the language model): no layer holds the whole prompt."""
+        return self.stage_of_layer[0] >= 0
+
+    @property
+    def dropped_before_layer0(self) -> int:
+        """Prompt slots layer 0's cache does not hold (0 unless the prompt was reduced): what the past length
+        transformers reads from layer 0 is short of the full prompt's."""
+        stage = self.stage_of_layer[0]
+        return 0 if stage < 0 else self.prompt_length - self.stages[stage].layout.length
+
 
 @dataclass
 class CallState:

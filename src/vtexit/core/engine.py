@@ -309,7 +309,7 @@ class ScheduleEngine:
         if torch.compiler.is_compiling():
             plan = self._traced_decode_plan(kwargs)
             if plan is not None:
-                return _reduced_prompt_positions(plan.record, args, kwargs, lambda: _static_past_length(plan, kwargs))
+                return _static_decode_positions(plan, args, kwargs)
             if self._traced_prefill(args, kwargs):
                 return None
         return self._core_pre_hook_eager(module, args, kwargs)
@@ -416,7 +416,7 @@ class ScheduleEngine:
             plan = self._static_decode_plan(kwargs)
             if plan is not None:  # its prefill checked the cache
                 self._enter_static_decode(plan, input_ids, kwargs)
-                return _reduced_prompt_positions(plan.record, args, kwargs, lambda: _static_past_length(plan, kwargs))
+                return _static_decode_positions(plan, args, kwargs)
             check_static_cache(cache)
             other = plan_of(cache)
             if other is not None and other.owner is not self and other.record is not None and other.record.compacted:
@@ -517,9 +517,7 @@ class ScheduleEngine:
             self._local.last_layout = None  # a cache vtexit did not compact: every layer holds every position
             return
         query_length = _sequence_length(input_ids, kwargs.get("inputs_embeds"))
-        stage = record.stage_of_layer[0]
-        if stage >= 0:  # layer 0 was compacted (a pre-LLM reduction): its cache holds fewer than the prompt
-            past_length += record.prompt_length - record.stages[stage].layout.length
+        past_length += record.dropped_before_layer0  # a pre-LLM reduction: layer 0 holds fewer than the prompt
         self._call = CallState(
             mode="decode",
             padding=padding,
@@ -990,7 +988,7 @@ def _reduced_prompt_positions(
     reduced prompt, while the engine renumbers positions of the full prompt (as generate passes them). The new tokens
     get the full prompt's next positions (``past_length()``: an int, or a 0-dim tensor on a static cache), as
     transformers numbers an unpatched model's. None: nothing to change."""
-    if record is None or record.stage_of_layer[0] < 0 or kwargs.get("position_ids") is not None:
+    if record is None or not record.reduces_prompt or kwargs.get("position_ids") is not None:
         return None
     tensor = kwargs.get("input_ids", args[0] if args else None)
     tensor = tensor if tensor is not None else kwargs["inputs_embeds"]
@@ -999,12 +997,11 @@ def _reduced_prompt_positions(
     return args, kwargs
 
 
-def _static_past_length(plan: StaticPlan, kwargs: dict) -> torch.Tensor:
-    """The full prompt's positions written so far on a static cache whose layer 0 holds a reduced prompt (a 0-dim
-    tensor; no host read)."""
-    record = plan.record
-    layer0 = record.stages[record.stage_of_layer[0]].layout.length
-    return static_layer_length(find_cache(kwargs).layers[0]) + (record.prompt_length - layer0)
+def _static_decode_positions(plan: StaticPlan, args: tuple, kwargs: dict) -> tuple | None:
+    """:func:`_reduced_prompt_positions` on a static cache: the full prompt's past length from the slots layer 0 has
+    written (a 0-dim tensor; no host read)."""
+    past = lambda: static_layer_length(find_cache(kwargs).layers[0]) + plan.record.dropped_before_layer0  # noqa: E731
+    return _reduced_prompt_positions(plan.record, args, kwargs, past)
 
 
 def _sequence_length(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> int:

@@ -64,7 +64,7 @@ class StaticPlan:
     @property
     def reduces_prompt(self) -> bool:
         """Layer 0 holds fewer slots than the prompt (a reduction before the language model): no layer is full."""
-        return self.stage_of_layer[0] >= 0
+        return self.record is not None and self.record.reduces_prompt
 
     def layer_mask(self, layer_idx: int, mask: torch.Tensor | None, cache: Cache, queries: int) -> torch.Tensor:
         """The decode mask of compacted layer ``layer_idx`` for ``queries`` new tokens, from generate's prepared
