@@ -68,6 +68,10 @@ def _gib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**30:.2f}"
 
 
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
 def _static_table(rows, title: str) -> Table:
     table = Table(title=title)
     columns = ["config", "decode ms/token", "vs no vtexit", "peak GiB", "dynamic-cache peak GiB", "static / dynamic",
@@ -84,7 +88,7 @@ def _static_table(rows, title: str) -> Table:
             _gib(row.peak_bytes),
             _gib(row.dynamic_peak_bytes),
             f"{row.peak_bytes / row.dynamic_peak_bytes:.3f}" if both else "-",
-            "-" if row.kv_bytes is None else f"{row.kv_bytes / 2**20:.1f}",
+            _mib(row.kv_bytes),
             str(row.cudagraph_skips),
         )
     return table
@@ -184,7 +188,7 @@ def main() -> None:
                     f"{row['efficiency']:.2f}",
                     "-" if row["decode_token_s"] is None else f"{1e3 * row['decode_token_s']:.2f}",
                     _gib(row["peak_bytes"]),
-                    "-" if row["kv_bytes"] is None else f"{row['kv_bytes'] / 2**20:.1f}",
+                    _mib(row["kv_bytes"]),
                     "-" if row["cudagraph_skips"] is None else str(row["cudagraph_skips"]),
                 )
             if rows:

@@ -28,7 +28,7 @@ def _tables(rows: list[DeviceProfile], title: str) -> list[Table]:
         summary.add_column(name, justify="right")
     for row in rows:
         summary.add_row(
-            "no vtexit" if row.layer is None else f"VTW K={row.layer}",
+            row.label,
             f"{1e3 * row.wall_s:.3f}",
             "-" if row.busy_s is None else f"{1e3 * row.busy_s:.3f}",
             "-" if row.busy_share is None else f"{row.busy_share:.2f}",
@@ -36,7 +36,7 @@ def _tables(rows: list[DeviceProfile], title: str) -> list[Table]:
         )
     tops = []
     for row in rows:
-        top = Table(title=f"{title}: top kernels, {'no vtexit' if row.layer is None else f'VTW K={row.layer}'}")
+        top = Table(title=f"{title}: top kernels, {row.label}")
         for name in ("kernel", "launches", "ms"):
             top.add_column(name, justify="right" if name != "kernel" else "left")
         for share in row.top:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -21,7 +22,7 @@ from torch import nn
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from vtexit.evaluation.speed import patched_copies, static_generate_kwargs, time_call
+from vtexit.evaluation.speed import config_label, patched_copies, static_generate_kwargs, time_call
 from vtexit.methods.vtw import withdraw
 
 
@@ -44,6 +45,10 @@ class DeviceProfile:
     busy_s: float | None  # summed kernel time on the device (None on the CPU)
     kernels: float  # kernels launched (CPU: top-level aten operators)
     top: tuple[KernelShare, ...]  # the most time-consuming, largest first
+
+    @property
+    def label(self) -> str:
+        return config_label(self.layer)
 
     @property
     def busy_share(self) -> float | None:
@@ -128,16 +133,12 @@ def profile_prefill(
     run = "prefill, " + ("eager" if compile_mode is None else f"compiled ({compile_mode})")
     forward = torch.compile(model, mode=compile_mode) if compile_mode is not None else model
     out = []
+    call = partial(forward, **inputs, use_cache=False, logits_to_keep=1)
     for layer in [None, *layers]:
-        handle = withdraw(model, layer=layer) if layer is not None else None
-        try:
-            call = partial(forward, **inputs, use_cache=False, logits_to_keep=1)
+        with withdraw(model, layer=layer) if layer is not None else nullcontext():
             for _ in range(3):  # trace, record CUDA graphs, warm up
                 call()
             out.append(_profile(run, layer, device, call, repeats=repeats, top=top))
-        finally:
-            if handle is not None:
-                handle.remove()
     return out
 
 

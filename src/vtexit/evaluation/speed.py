@@ -117,8 +117,7 @@ def measure_speed(
     shape = DecoderShape.from_model(model)
     configs: list[int | None] = [None, *layers]
     forward = dict(use_cache=False, logits_to_keep=1)
-    generate = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
-    first_token = dict(generate, max_new_tokens=1, min_new_tokens=1)
+    generate, first_token = greedy_generate_kwargs(new_tokens), greedy_generate_kwargs(1)
     prefill: dict[int | None, list[float]] = {c: [] for c in configs}
     decode: dict[int | None, list[float]] = {c: [] for c in configs}
     peak: dict[int | None, int | None] = {}
@@ -204,16 +203,26 @@ class StaticDecodeRow:
 
     @property
     def label(self) -> str:
-        if self.method is not None:
-            return self.method
-        return "no vtexit" if self.layer is None else f"VTW K={self.layer}"
+        return config_label(self.layer, self.method)
+
+
+def config_label(layer: int | None, method: str | None = None) -> str:
+    """How the benchmarks name a configuration: the method config's name, VTW at ``layer``, or no vtexit."""
+    if method is not None:
+        return method
+    return "no vtexit" if layer is None else f"VTW K={layer}"
+
+
+def greedy_generate_kwargs(new_tokens: int) -> dict:
+    """``generate`` settings for exactly ``new_tokens`` greedy tokens (on the model's default cache)."""
+    return dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
 
 
 def static_generate_kwargs(new_tokens: int) -> dict:
-    """``generate`` settings for exactly ``new_tokens`` greedy tokens on a static cache with transformers' compiled
-    decode, forced on the CPU too (transformers compiles it only on accelerators by default)."""
-    return dict(do_sample=False, cache_implementation="static", compile_config=compiled_decode_config(),
-                min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+    """The same on a static cache with transformers' compiled decode, forced on the CPU too (transformers compiles it
+    only on accelerators by default)."""
+    compiled = dict(cache_implementation="static", compile_config=compiled_decode_config())
+    return dict(greedy_generate_kwargs(new_tokens), **compiled)
 
 
 @contextmanager
@@ -258,7 +267,7 @@ def measure_static_decode(
     and a one-token generate (the prefill cancels out)."""
     device = inputs["input_ids"].device
     full, one = static_generate_kwargs(new_tokens), static_generate_kwargs(1)
-    dynamic = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+    dynamic = greedy_generate_kwargs(new_tokens)
     with patched_copies(model, layers, methods) as models:
         kv: dict[int | str | None, int] = {}
         skips: dict[int | str | None, int] = {}
