@@ -9,6 +9,12 @@ PIP := $(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
 # The oldest transformers release vtexit is tested on (pyproject.toml and vtexit/core/transformers_compat.py agree).
 TRANSFORMERS_FLOOR := 5.17.0
+# The oldest torch release vtexit is tested on (pyproject.toml and vtexit/core/torch_support.py agree).
+TORCH_FLOOR := 2.9.1
+# make test-torch [TORCH=2.15.0] [TORCH_TESTS=...]: the suite on another torch, installed beside the venv from PyPI
+# (a CUDA build of a few GB, which runs on the CPU). Not in CI, for the download; run it when torch releases.
+TORCH ?= $(TORCH_FLOOR)
+TORCH_TESTS ?= tests
 # The engine's exactness tests: run on the floor in CI and on the newest release by `make canary`.
 ENGINE_TESTS := tests/test_transformers_compat.py tests/test_policy_shapes.py tests/test_withdraw_families.py \
 	tests/test_yopo.py tests/test_static_cache.py tests/test_contract.py tests/test_compiled_prefill.py \
@@ -17,7 +23,7 @@ ENGINE_TESTS := tests/test_transformers_compat.py tests/test_policy_shapes.py te
 TESTS ?= $(ENGINE_TESTS)
 CANARY_VENV := .venv-canary
 
-.PHONY: setup test test-floor test-release canary constraints demo bench lint gpu-check
+.PHONY: setup test test-floor test-release test-torch canary constraints demo bench lint gpu-check
 
 setup: $(STAMP)
 
@@ -44,6 +50,9 @@ test-floor: setup
 
 test-release: setup
 	$(PY) scripts/with_transformers.py $(TRANSFORMERS) .venv-$(TRANSFORMERS) -- $(VENV)/bin/pytest -q $(TESTS)
+
+test-torch: setup
+	$(PY) scripts/with_torch.py $(TORCH) .venv-torch$(TORCH) -- $(VENV)/bin/pytest -q $(TORCH_TESTS)
 
 # Not part of CI: the newest transformers on the package index, in a scratch venv, with the engine tests. Run it when
 # transformers releases (README, "Development").

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: family exactness on CUDA against the CPU (tests/test_gpu.py), then the speed benchmarks (YOPO; VTW with
 # whole-model, CUDA-graph and regional compilation and the static-cache decode).
-# Runs with the Python on PATH (its own torch >= 2.6 with CUDA, transformers 5.x), from a source checkout, offline:
+# Runs with the Python on PATH (its own torch >= 2.9 with CUDA, transformers 5.x), from a source checkout, offline:
 #   bash scripts/gpu_check.sh [extra benchmark args]      (or: make gpu-check)
 #   GPU_OUT=dir (default out/gpu): where each step's output goes; STEP_TIMEOUT=seconds (default 900) per step;
 #   GPU_STEPS="tests yopo ..." runs only those steps (default: all, in the order below).

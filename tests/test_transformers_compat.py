@@ -19,6 +19,7 @@ from packaging.specifiers import SpecifierSet
 from transformers import DynamicCache
 
 import vtexit
+from vtexit.core import torch_support
 from vtexit.core import transformers_compat as compat
 from vtexit.core.families import family_for
 from vtexit.testing.tiny_models import FAMILIES, build_tiny
@@ -54,6 +55,25 @@ def test_a_release_inside_the_range_patches_silently(llava4, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         vtexit.withdraw(llava4.model, layer=2).remove()
+
+
+def test_the_torch_floor_is_declared_once_and_holds_the_installed_torch():
+    requirement = re.search(r'^\s*"torch([^"]+)",', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert SpecifierSet(requirement) == SpecifierSet(f">={torch_support.TESTED_TORCH_FLOOR}")
+    floor = re.search(r"^TORCH_FLOOR := (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert floor in SpecifierSet(requirement) and floor.startswith(f"{torch_support.TESTED_TORCH_FLOOR}.")
+    assert torch_support.check_tested_torch()
+
+
+@pytest.mark.parametrize("version", ["2.6.0", "2.8.0+cu128"])
+def test_an_older_torch_gets_one_clear_warning_at_patch_time(llava4, monkeypatch, version):
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion(version))
+    try:
+        with pytest.warns(UserWarning, match=rf"tested with torch>={torch_support.TESTED_TORCH_FLOOR}; found"):
+            vtexit.withdraw(llava4.model, layer=2)
+    finally:
+        monkeypatch.undo()
+        vtexit.patch_of(llava4.model).remove()
 
 
 def test_the_cache_is_found_under_either_name_or_by_type():

@@ -58,6 +58,7 @@ from vtexit.core.static_cache import (
     plan_of,
     size_compacted_layer,
 )
+from vtexit.core.torch_support import check_tested_torch
 from vtexit.core.transformers_compat import (
     Cache,
     check_tested_version,
@@ -137,6 +138,7 @@ class ScheduleEngine:
             )
         refuse_compiled(self.model)
         check_tested_version()
+        check_tested_torch()
         self.check_policy()
         for name, module in self.policy.modules().items():
             if not isinstance(module, nn.Module):
