@@ -98,6 +98,12 @@ def test_an_unwritable_out_folder_is_refused_before_any_work(command):
     assert "--model" not in text and "model:" not in text
 
 
+def test_an_unknown_cache_is_refused_before_any_work():
+    text = _clean_failure(_invoke("evaluate", "--model", "/nonexistent/model", "--cache", "paged"))
+    assert "--cache" in text and "cache_implementation must be one of ['dynamic', 'static']" in text
+    assert "--model" not in text
+
+
 @pytest.mark.parametrize("eta", ["nan", "inf", "-1"])
 def test_a_bad_eta_is_a_clear_cli_error(eta, tmp_path):
     text = _clean_failure(_invoke("calibrate", "--model", "tiny", "--eta", eta, "--out", str(tmp_path)))

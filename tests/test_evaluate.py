@@ -130,6 +130,23 @@ def test_interleaved_runs_give_the_answers_and_flops_of_separate_runs_in_rotatin
         assert 0 < result.lm_prefill_s_per_sample < result.generate_s_per_sample
 
 
+def test_runner_on_a_static_cache_answers_as_generate_on_the_dynamic_one(default, records):
+    """``cache_implementation="static"``: the answers of generate called by hand on the default cache, and the decode
+    steps really ran on the static cache: there every step attends over all slots of its buffers (prompt plus every
+    new token), on the dynamic cache only over those written so far, so a static decode step counts more FLOPs."""
+    model, processor, prompt = default
+    methods = {"baseline": None, "K=4": lambda m: vtexit.withdraw(m, layer=4)}
+    run = dict(batch_size=4, warmup_batches=0, progress=False)
+    base, k4 = evaluate_interleaved(model, processor, records, prompt, methods, cache_implementation="static", **run)
+    assert [a.prediction for a in base.answers] == _answers_by_hand(model, processor, prompt, records, 4, None)
+    assert [a.prediction for a in k4.answers] == _answers_by_hand(model, processor, prompt, records, 4, 4)
+    dynamic = evaluate(model, processor, records, prompt, method=methods["K=4"], **run)
+    assert [a.prediction for a in dynamic.answers] == [a.prediction for a in k4.answers]
+    assert k4.decode_flops_per_token > dynamic.decode_flops_per_token > 0
+    with pytest.raises(ValueError, match=r"cache_implementation must be one of \['dynamic', 'static'\]"):
+        evaluate(model, processor, records, prompt, cache_implementation="paged")
+
+
 def test_processor_batch_pads_left_without_changing_the_tokenizer(default, records):
     from vtexit.app.model_sources import _vqa_batches
 

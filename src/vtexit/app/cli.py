@@ -258,15 +258,23 @@ def evaluate(
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("out/evaluate/results.json"), help="JSON file for all results"),
     threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
+    cache: str = typer.Option(
+        "dynamic", help="generate's KV cache: dynamic, or static (transformers' static cache; compiled decode on a GPU)"
+    ),
 ) -> None:
     """Exact-match accuracy (overall, per type), latency and FLOPs per sample: baseline and VTW at each K.
 
     The configurations are timed interleaved, batch by batch; times are medians of per-batch times.
     """
+    from vtexit.evaluation.batches import generate_cache_kwargs
     from vtexit.evaluation.evaluate import evaluate_interleaved, save_results
     from vtexit.evaluation.report import results_table
     from vtexit.methods.vtw import check_layer, withdraw
 
+    try:
+        generate_cache_kwargs(cache)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--cache") from None
     if out.is_dir():
         raise typer.BadParameter(f"{str(out)!r} is a folder; give the path of a .json file", param_hint="--out")
     _writable_folder(out.parent)
@@ -285,6 +293,7 @@ def evaluate(
         methods,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
+        cache_implementation=cache,
     )
     console.print(results_table(results, results[0], dataset=dataset))
     console.print(f"wrote {save_results(results, out)}")

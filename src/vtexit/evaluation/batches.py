@@ -1,7 +1,9 @@
-"""VQA records -> one processor batch: the images opened, the prompts built, rows left-padded.
+"""VQA records -> one processor batch: the images opened, the prompts built, rows left-padded; and the KV cache
+generate answers them with.
 
-One place for it so that calibration batches, the evaluation runner and the analysis feed the model the same way.
-Left padding is asked for in the call (``padding_side``), so the processor's tokenizer is not changed for good.
+One place for it so that calibration batches, the evaluation runner, the analysis and the lmms-eval plugin feed the
+model the same way. Left padding is asked for in the call (``padding_side``), so the processor's tokenizer is not
+changed for good.
 """
 
 from __future__ import annotations
@@ -11,6 +13,18 @@ from collections.abc import Callable, Sequence
 from PIL import Image
 
 from vtexit.evaluation.datasets import VQARecord
+
+# generate's KV caches the runners offer: transformers' default, or its static cache (on a GPU transformers then
+# compiles each decode step; vtexit sizes every layer's buffers to what it keeps).
+CACHES = ("dynamic", "static")
+
+
+def generate_cache_kwargs(cache_implementation: str) -> dict:
+    """generate's keyword arguments for ``cache_implementation`` (one of ``CACHES``). ``"dynamic"`` passes nothing, so
+    a model's own default cache is not overridden."""
+    if cache_implementation not in CACHES:
+        raise ValueError(f"cache_implementation must be one of {list(CACHES)}, got {cache_implementation!r}")
+    return {} if cache_implementation == "dynamic" else {"cache_implementation": cache_implementation}
 
 
 def processor_batch(processor, records: Sequence[VQARecord], prompt: Callable[[str], str]):

@@ -30,7 +30,7 @@ from vtexit.core.families import family_for
 from vtexit.core.flops import DecoderShape, flops_per_row
 from vtexit.core.handle import PatchHandle
 from vtexit.evaluation import distributed
-from vtexit.evaluation.batches import processor_batch
+from vtexit.evaluation.batches import generate_cache_kwargs, processor_batch
 from vtexit.evaluation.datasets import VQARecord
 from vtexit.evaluation.timing import CallTimer
 
@@ -112,14 +112,12 @@ def _check_methods(methods: Mapping[str, Method | None]) -> None:
             )
 
 
-def _run_batch(model, parts, shape, tokenizer, inputs, chunk, method, max_new_tokens, tally: _Tally) -> None:
+def _run_batch(model, parts, shape, tokenizer, inputs, chunk, method, generate_kwargs, tally: _Tally) -> None:
     handle = method(model) if method is not None else None
     try:
         with CallTimer(parts.language_model) as lm_timer:
             begin = time.perf_counter()
-            out = model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-            )
+            out = model.generate(**inputs, do_sample=False, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
             elapsed = time.perf_counter() - begin
         flops = flops_per_row(shape, handle.last_cost if handle is not None else None, inputs)
     finally:
@@ -176,6 +174,7 @@ def evaluate_interleaved(
     max_new_tokens: int = 4,
     warmup_batches: int = 1,
     progress: bool = True,
+    cache_implementation: str = "dynamic",
 ) -> list[EvalResult]:
     """Evaluate every configuration of ``methods`` (name -> method, None = unpatched) on the same batches.
 
@@ -183,7 +182,9 @@ def evaluate_interleaved(
     of a shared machine fall on all of them alike. Answers and FLOPs are those of separate runs; times are medians
     of per-batch times. First, every configuration runs the first ``warmup_batches`` batches untimed: the first
     calls of a process pay one-time costs (thread pools, allocator) that would otherwise land on whichever
-    configuration comes first. Returns one result per configuration, in the order of ``methods``.
+    configuration comes first. ``cache_implementation`` is generate's KV cache: ``"dynamic"`` (transformers' default)
+    or ``"static"`` (on a GPU transformers compiles its decode steps). Returns one result per configuration, in the
+    order of ``methods``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -192,6 +193,7 @@ def evaluate_interleaved(
     if not records:
         raise ValueError("records is empty")
     _check_methods(methods)
+    generate_kwargs = dict(max_new_tokens=max_new_tokens, **generate_cache_kwargs(cache_implementation))
     family = family_for(model)
     parts = family.resolve(model)
     shape = DecoderShape.from_model(model, family)
@@ -206,7 +208,7 @@ def evaluate_interleaved(
         chunk = records[start : start + batch_size]
         inputs = processor_batch(processor, chunk, prompt).to(device)
         for name in names:
-            _run_batch(model, parts, shape, tokenizer, inputs, chunk, methods[name], max_new_tokens, _Tally())
+            _run_batch(model, parts, shape, tokenizer, inputs, chunk, methods[name], generate_kwargs, _Tally())
     batches: dict[int, dict[str, _Tally]] = {}  # batch index -> configuration -> what it gave
     for start in tqdm(starts, desc=" vs ".join(names), disable=not progress or not distributed.is_main_process()):
         b = start // batch_size
@@ -215,7 +217,7 @@ def evaluate_interleaved(
         batches[b] = {name: _Tally() for name in names}
         shift = b % len(names)
         for name in names[shift:] + names[:shift]:
-            _run_batch(model, parts, shape, tokenizer, inputs, chunk, methods[name], max_new_tokens, batches[b][name])
+            _run_batch(model, parts, shape, tokenizer, inputs, chunk, methods[name], generate_kwargs, batches[b][name])
     batches = distributed.gather_union(batches)  # every process's batches (only this one's without data_parallel)
     order = sorted(batches)
     return [_result(name, _Tally.joined([batches[b][name] for b in order])) for name in names]
@@ -233,6 +235,7 @@ def evaluate(
     max_new_tokens: int = 4,
     warmup_batches: int = 0,
     progress: bool = True,
+    cache_implementation: str = "dynamic",
 ) -> EvalResult:
     """Answer every record greedily (batched, left-padded) and score exact match of the first word.
 
@@ -250,4 +253,5 @@ def evaluate(
         max_new_tokens=max_new_tokens,
         warmup_batches=warmup_batches,
         progress=progress,
+        cache_implementation=cache_implementation,
     )[0]

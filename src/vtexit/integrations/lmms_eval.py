@@ -38,9 +38,6 @@ OWN_ARGS = (
     "batch_size",
     "max_batch_size",
 )
-# generate's KV caches the plugin offers: transformers' default, or its static cache (on a GPU transformers then
-# compiles each decode step; vtexit sizes every layer's buffers to what it keeps).
-CACHES = ("dynamic", "static")
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
@@ -115,11 +112,10 @@ class VTExitLMM(lmms):
     ) -> None:
         super().__init__()
         from vtexit.app.model_sources import load_source
+        from vtexit.evaluation.batches import generate_cache_kwargs
         from vtexit.methods.registry import apply, config_from_dict
 
-        if cache_implementation not in CACHES:
-            raise ValueError(f"cache_implementation must be one of {list(CACHES)}, got {cache_implementation!r}")
-        self.cache_implementation = cache_implementation
+        self.generate_cache = generate_cache_kwargs(cache_implementation)
         if str(batch_size).startswith("auto"):
             raise ValueError("batch_size must be an int >= 1 (auto is not supported)")
         self.batch_size_per_device = int(batch_size)
@@ -176,9 +172,12 @@ class VTExitLMM(lmms):
         inputs = self.processor(
             images=images or None, text=texts, return_tensors="pt", padding=True, padding_side="left"
         ).to(self._device)
-        cache = {} if self.cache_implementation == "dynamic" else {"cache_implementation": self.cache_implementation}
         out = self.model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id, **cache
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **self.generate_cache,
         )
         return self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
