@@ -13,7 +13,6 @@ above the cap.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from with_transformers import parse, run_beside  # this script's folder is first on sys.path
 
 
 def torch_requirements(target: Path) -> dict[str, Requirement]:
@@ -61,17 +61,14 @@ def drop_what_the_venv_has(target: Path) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 4 or argv[2] != "--":
-        print(__doc__, file=sys.stderr)
+    parsed = parse(argv, __doc__)
+    if parsed is None:
         return 2
-    release, target, command = argv[0], Path(argv[1]), argv[3:]
-    shutil.rmtree(target, ignore_errors=True)
+    release, target, command = parsed
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-warn-conflicts", "--target", str(target)]
     subprocess.run([*pip, f"torch=={release}"], check=True)
     dropped = drop_what_the_venv_has(target)
-    print(f"with torch {release} in {target} (the venv's own: {', '.join(dropped) or 'none'}): {' '.join(command)}")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")])))
-    return subprocess.run(command, env=env).returncode
+    return run_beside(target, command, f"torch {release} (the venv's own: {', '.join(dropped) or 'none'})")
 
 
 if __name__ == "__main__":

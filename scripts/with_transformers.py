@@ -34,19 +34,33 @@ def hub_requirement(target: Path) -> Requirement:
     return next(r for r in requirements if r.name == "huggingface-hub" and r.marker is None)
 
 
-def main(argv: list[str]) -> int:
+def parse(argv: list[str], usage: str) -> tuple[str, Path, list[str]] | None:
+    """``VERSION DIR -- COMMAND...`` -> (version, an emptied DIR, command); None (usage printed) when malformed."""
     if len(argv) < 4 or argv[2] != "--":
-        print(__doc__, file=sys.stderr)
-        return 2
+        print(usage, file=sys.stderr)
+        return None
     release, target, command = argv[0], Path(argv[1]), argv[3:]
     shutil.rmtree(target, ignore_errors=True)
+    return release, target, command
+
+
+def run_beside(target: Path, command: list[str], what: str) -> int:
+    """Run ``command`` with ``target`` first on PYTHONPATH (ahead of the venv), saying ``what`` is there."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")])))
+    print(f"with {what} in {target}: {' '.join(command)}", flush=True)
+    return subprocess.run(command, env=env).returncode
+
+
+def main(argv: list[str]) -> int:
+    parsed = parse(argv, __doc__)
+    if parsed is None:
+        return 2
+    release, target, command = parsed
     pip_install(target, f"transformers=={release}")
     hub = hub_requirement(target)
     if not hub.specifier.contains(version("huggingface-hub")):
         pip_install(target, *HUB_1)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")])))
-    print(f"with transformers {release} (huggingface-hub {hub.specifier}) in {target}: {' '.join(command)}", flush=True)
-    return subprocess.run(command, env=env).returncode
+    return run_beside(target, command, f"transformers {release} (huggingface-hub {hub.specifier})")
 
 
 if __name__ == "__main__":
