@@ -98,6 +98,29 @@ def test_an_unwritable_out_folder_is_refused_before_any_work(command):
     assert "--model" not in text and "model:" not in text
 
 
+def test_version_names_vtexit_torch_and_transformers_with_the_tested_ranges(monkeypatch):
+    import sys
+    from importlib.metadata import version
+
+    import transformers
+    from packaging.specifiers import SpecifierSet
+
+    pyproject = (MAKEFILE.parent / "pyproject.toml").read_text()
+    # The ranges pyproject.toml declares, as pip would read them.
+    names = ("torch", "transformers")
+    declared = {n: SpecifierSet(re.search(rf'^\s*"{n}([^"]+)",', pyproject, re.M)[1]) for n in names}
+    result = _invoke("--version")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == f"vtexit {version('vtexit')}" and len(lines) == 3
+    for line, name, installed in zip(lines[1:], declared, (torch.__version__, transformers.__version__), strict=True):
+        shown = re.fullmatch(rf"{name} (\S+) \(tested: (\S+)\)", line)
+        assert shown and shown[1] == installed and SpecifierSet(shown[2]) == declared[name], line
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "5.16.0")
+    line = _invoke("--version").output.splitlines()[2]
+    assert line.startswith("transformers 5.16.0 (OUTSIDE the tested range: ")
+
+
 def test_an_unknown_cache_is_refused_before_any_work():
     text = _clean_failure(_invoke("evaluate", "--model", "/nonexistent/model", "--cache", "paged"))
     assert "--cache" in text and "cache_implementation must be one of ['dynamic', 'static']" in text
