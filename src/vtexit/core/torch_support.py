@@ -3,8 +3,9 @@ suite on another release).
 
 Below it, on transformers 5.25: torch 2.7 and 2.8 recompile transformers' compiled static-cache decode at every
 generate (they guard on the identity of the cache's buffers; the unpatched model too) and fail to compile
-FlexAttention on the CPU (a C++ error in inductor's template); torch 2.6 cannot ``torch.compile`` transformers' models
-at all (``torch.compiler.is_exporting`` is missing). Eager runs work there, so an older torch warns, not refuses.
+FlexAttention on the CPU (a C++ compile error in the code inductor generates); torch 2.6 cannot ``torch.compile``
+transformers' models at all (``torch.compiler.is_exporting`` is missing). Eager runs work there, so an older torch
+warns, not refuses.
 """
 
 from __future__ import annotations
