@@ -143,6 +143,7 @@ def test_runner_on_a_static_cache_answers_as_generate_on_the_dynamic_one(default
     dynamic = evaluate(model, processor, records, prompt, method=methods["K=4"], **run)
     assert [a.prediction for a in dynamic.answers] == [a.prediction for a in k4.answers]
     assert k4.decode_flops_per_token > dynamic.decode_flops_per_token > 0
+    assert [r.cache_implementation for r in (base, k4, dynamic)] == ["static", "static", "dynamic"]
     with pytest.raises(ValueError, match=r"cache_implementation must be one of \['dynamic', 'static'\]"):
         evaluate(model, processor, records, prompt, cache_implementation="paged")
 

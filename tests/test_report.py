@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -60,6 +61,13 @@ def test_results_table_marks_only_the_implausible_speedups():
     assert any("timing noise, not a result" in line for line in lines)  # the footnote explains the mark
     calm = _rows(results_table([baseline, honest], baseline))
     assert not any("noise" in line for line in calm)
+
+
+def test_results_table_says_when_the_answers_came_from_a_static_cache():
+    dynamic = _result("baseline", 0.28, 0.12, 8.845e9, 2.0e8)
+    static = dataclasses.replace(dynamic, cache_implementation="static")
+    assert not any("KV cache" in line for line in _rows(results_table([dynamic], dynamic)))
+    assert any("static KV cache" in line for line in _rows(results_table([static], static)))
 
 
 def test_importing_plots_selects_no_backend_and_plots_use_no_pyplot_state(tmp_path):

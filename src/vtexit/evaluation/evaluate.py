@@ -64,6 +64,7 @@ class EvalResult:
     prefill_flops_per_sample: float
     decode_flops_per_token: float
     answers: list[Answer] = field(default_factory=list, repr=False)
+    cache_implementation: str = "dynamic"  # generate's KV cache: "dynamic" (transformers' default) or "static"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,7 +143,7 @@ def _run_batch(model, parts, shape, tokenizer, inputs, chunk, method, generate_k
         )
 
 
-def _result(name: str, tally: _Tally) -> EvalResult:
+def _result(name: str, tally: _Tally, cache_implementation: str) -> EvalResult:
     answers = tally.answers
     by_type: dict[str, list[bool]] = defaultdict(list)
     for a in answers:
@@ -159,6 +160,7 @@ def _result(name: str, tally: _Tally) -> EvalResult:
         prefill_flops_per_sample=sum(a.prefill_flops for a in answers) / n,
         decode_flops_per_token=sum(tally.decode_flops) / max(1, len(tally.decode_flops)),
         answers=answers,
+        cache_implementation=cache_implementation,
     )
 
 
@@ -220,7 +222,8 @@ def evaluate_interleaved(
             _run_batch(model, parts, shape, tokenizer, inputs, chunk, methods[name], generate_kwargs, batches[b][name])
     batches = distributed.gather_union(batches)  # every process's batches (only this one's without data_parallel)
     order = sorted(batches)
-    return [_result(name, _Tally.joined([batches[b][name] for b in order])) for name in names]
+    joined = {name: _Tally.joined([batches[b][name] for b in order]) for name in names}
+    return [_result(name, joined[name], cache_implementation) for name in names]
 
 
 def evaluate(

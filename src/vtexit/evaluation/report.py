@@ -70,7 +70,10 @@ def result_cells(name: str, r: EvalResult, baseline: EvalResult) -> list[str]:
 def results_table(results: Sequence[EvalResult], baseline: EvalResult, dataset: str = "") -> Table:
     """Accuracy, FLOPs and median times against ``baseline``; speedups beyond the FLOPs bound flagged as noise."""
     where = f"{dataset}, " if dataset else ""
-    table = Table(title=f"{where}{baseline.n} fixed questions (exact match; times: medians of interleaved batches)")
+    cache = "" if baseline.cache_implementation == "dynamic" else f"; {baseline.cache_implementation} KV cache"
+    table = Table(
+        title=f"{where}{baseline.n} fixed questions (exact match; times: medians of interleaved batches{cache})"
+    )
     for name in RESULT_COLUMNS:
         table.add_column(name, justify="right")
     flagged = False
