@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -16,7 +15,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Visual-token
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 
-
 def _versions(value: bool) -> None:
     """``--version``: vtexit's version and the torch and transformers it runs on, beside the tested ranges."""
     if not value:
@@ -25,19 +23,16 @@ def _versions(value: bool) -> None:
 
     import transformers
 
-    from vtexit.core.torch_support import TESTED_TORCH_FLOOR, check_tested_torch
-    from vtexit.core.transformers_compat import TESTED_FLOOR, TESTED_NEXT, check_tested_version
+    from vtexit.core.torch_support import TESTED_TORCH_FLOOR, is_tested_torch
+    from vtexit.core.transformers_compat import TESTED_RANGE, is_tested_version
 
     def verdict(inside: bool) -> str:
         return "tested" if inside else "OUTSIDE the tested range"
 
-    with warnings.catch_warnings():  # the verdict says it; no warning text besides
-        warnings.simplefilter("ignore")
-        torch_inside, transformers_inside = check_tested_torch(), check_tested_version()
     console.print(
         f"vtexit {version('vtexit')}\n"
-        f"torch {torch.__version__} ({verdict(torch_inside)}: >={TESTED_TORCH_FLOOR})\n"
-        f"transformers {transformers.__version__} ({verdict(transformers_inside)}: >={TESTED_FLOOR},<{TESTED_NEXT})",
+        f"torch {torch.__version__} ({verdict(is_tested_torch())}: >={TESTED_TORCH_FLOOR})\n"
+        f"transformers {transformers.__version__} ({verdict(is_tested_version())}: {TESTED_RANGE})",
         highlight=False,
     )
     raise typer.Exit()

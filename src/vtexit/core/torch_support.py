@@ -18,11 +18,18 @@ from packaging.version import Version
 TESTED_TORCH_FLOOR = "2.9"
 
 
+def is_tested_torch(version: str | None = None) -> bool:
+    """Whether ``version`` (default: the torch in use now) is at or above the tested floor (local tags such as
+    ``+cpu`` and pre-releases of a later release count as that release)."""
+    version = sys.modules["torch"].__version__ if version is None else version
+    return Version(Version(str(version)).base_version) >= Version(TESTED_TORCH_FLOOR)
+
+
 def check_tested_torch(version: str | None = None) -> bool:
     """Warn once per call site when the installed torch is older than the tested floor (installs with ``--no-deps``
     or a pinned environment should know). Returns whether it is at or above it."""
     version = sys.modules["torch"].__version__ if version is None else version
-    inside = Version(Version(str(version)).base_version) >= Version(TESTED_TORCH_FLOOR)
+    inside = is_tested_torch(version)
     if not inside:
         warnings.warn(
             f"vtexit is tested with torch>={TESTED_TORCH_FLOOR}; found {version}. Compiled static-cache decode "

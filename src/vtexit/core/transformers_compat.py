@@ -34,6 +34,7 @@ __all__ = [
     "MEDIA_INPUT_NAMES",
     "TESTED_FLOOR",
     "TESTED_NEXT",
+    "TESTED_RANGE",
     "blockwise_overlay",
     "cache_keyword",
     "cache_kwargs",
@@ -41,6 +42,7 @@ __all__ = [
     "check_tested_version",
     "compiled_decode_config",
     "find_cache",
+    "is_tested_version",
     "forget_compiled_call",
     "kv_bytes_per_layer",
     "output_cache",
@@ -56,18 +58,24 @@ __all__ = [
 # the same range.
 TESTED_FLOOR = "5.17.0"
 TESTED_NEXT = "5.26"
+TESTED_RANGE = f">={TESTED_FLOOR},<{TESTED_NEXT}"
+
+
+def is_tested_version(version: str | None = None) -> bool:
+    """Whether ``version`` (default: the transformers in use now) is inside the tested range."""
+    version = sys.modules["transformers"].__version__ if version is None else version
+    return Version(TESTED_FLOOR) <= Version(version) < Version(TESTED_NEXT)
 
 
 def check_tested_version(version: str | None = None) -> bool:
     """Warn once per call site when the installed transformers is outside the tested range (users who install with
     ``--no-deps`` should know). Returns whether it is inside."""
     version = sys.modules["transformers"].__version__ if version is None else version  # the module in use now
-    inside = Version(TESTED_FLOOR) <= Version(version) < Version(TESTED_NEXT)
+    inside = is_tested_version(version)
     if not inside:
         warnings.warn(
-            f"vtexit is tested with transformers >={TESTED_FLOOR},<{TESTED_NEXT}; found {version}. Patched models "
-            "may fail or refuse calls; install a tested release (pip install 'transformers>="
-            f"{TESTED_FLOOR},<{TESTED_NEXT}').",
+            f"vtexit is tested with transformers {TESTED_RANGE}; found {version}. Patched models may fail or refuse "
+            f"calls; install a tested release (pip install 'transformers{TESTED_RANGE}').",
             UserWarning,
             stacklevel=3,
         )
