@@ -222,8 +222,7 @@ def evaluate_interleaved(
             _run_batch(model, parts, shape, tokenizer, inputs, chunk, methods[name], generate_kwargs, batches[b][name])
     batches = distributed.gather_union(batches)  # every process's batches (only this one's without data_parallel)
     order = sorted(batches)
-    joined = {name: _Tally.joined([batches[b][name] for b in order]) for name in names}
-    return [_result(name, joined[name], cache_implementation) for name in names]
+    return [_result(name, _Tally.joined([batches[b][name] for b in order]), cache_implementation) for name in names]
 
 
 def evaluate(
