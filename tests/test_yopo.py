@@ -194,10 +194,15 @@ def test_cost_records_count_what_ran():
             )
             earlier = ~media[b] & valid[b] & (torch.arange(media.shape[1]) < q)
             expected_keys[b] += int(near.sum() + earlier.sum())
-    # What ran: the 4 x 4 images here are one tile each, whose halo is the whole image, plus the batch's widest text
-    # block, masked to the window: 16 queries x (16 + text) keys per image.
-    text_width = int((valid & ~media).sum(1).max())
-    computed = (media & valid).sum(1) * (16 + text_width)
+    # What ran: the 4 x 4 images here are one tile each, whose halo is the whole image, plus the text keys before the
+    # image, as many per tile as the most any image of the batch has, masked to the window: 16 queries x (16 + text)
+    # keys per image.
+    text_before = [
+        int((valid[b] & ~media[b])[: int(media[b].nonzero()[16 * f])].sum())
+        for b in range(len(media))
+        for f in range(int(media[b].sum()) // 16)
+    ]
+    computed = (media & valid).sum(1) * (16 + max(text_before))
     assert bool((expected_keys <= computed).all())
     active = settings["heads"]
     for i, layer in enumerate(layers):

@@ -3,10 +3,10 @@
 A visual query attends to the visual keys of its w x w neighbourhood on its own image's grid (before or after it)
 and to every earlier text key. Gathering w*w keys per query duplicates every key w*w times and runs as tiny matrix
 products; instead each frame's grid is cut into tiles of up to ``TILE`` x ``TILE`` queries, and a tile attends to
-its halo (the tile grown by (w-1)/2 on each side, clipped to the frame) plus the row's text keys, with the exact
-window as a mask: one dense SDPA call over all tiles. Each query computes at most (TILE + w - 1)^2 + text keys
-instead of every key of the prompt (for a small image, its whole grid); the cost records count the computed keys,
-padding included.
+its halo (the tile grown by (w-1)/2 on each side, clipped to the frame) plus the row's text keys before the frame
+(text after it is no query's earlier text), with the exact window as a mask: one dense SDPA call over all tiles. Each
+query computes at most (TILE + w - 1)^2 + text keys instead of every key of the prompt (for a small image, its whole
+grid); the cost records count the computed keys, padding included.
 
 The tiling is built once per prefill on the host from the grid (one device-to-host copy of the grid).
 """
@@ -60,11 +60,13 @@ def tiles(rows: QueryRows, grid: VisualGrid, index: torch.Tensor, size: int) -> 
     text_slots = host[:, 3 * width_v + 1 : 3 * width_v + 1 + text.slots.shape[1]]
     text_valid = host[:, 3 * width_v + 1 + text.slots.shape[1] :].bool()
     frames = []  # (row, first block entry, first slot, height, width)
+    before = {}  # (row, first slot of a frame) -> the row's text slots before the frame's last query
     for b in range(batch):
         j = 0
         while j < counts[b]:  # a frame is a run of h * w consecutive entries of the visual block
             h, w = heights[b][j], widths[b][j]
             frames.append((b, j, slots_h[b][j], h, w))
+            before[(b, slots_h[b][j])] = text_slots[b][text_valid[b] & (text_slots[b] < slots_h[b][j + h * w - 1])]
             j += h * w
     # One tile shape per call (no larger than the largest frame, so small images are one tile).
     tile_h = min(TILE, max(f[3] for f in frames))
@@ -83,19 +85,21 @@ def tiles(rows: QueryRows, grid: VisualGrid, index: torch.Tensor, size: int) -> 
                 near = ((qr.view(-1, 1) - kr.view(1, -1)).abs() <= radius) & (
                     (qc.view(-1, 1) - kc.view(1, -1)).abs() <= radius
                 )
-                earlier = text_valid[b].view(1, -1) & (text_slots[b].view(1, -1) < (first + qr * w + qc).view(-1, 1))
+                text_keys = before[(b, first)]
+                earlier = text_keys.view(1, -1) < (first + qr * w + qc).view(-1, 1)
                 queries = torch.where(q_ok, b * width_v + j + qr * w + qc, batch * width_v)
-                pieces.append((b, queries, b * length + first + kr * w + kc, near, earlier, q_ok))
+                pieces.append((b, queries, b * length + first + kr * w + kc, near, text_keys, earlier, q_ok))
     halo = max(len(p[2]) for p in pieces)
+    text_width = max(len(p[4]) for p in pieces)
     q_list, k_list, a_list = [], [], []
     computed = torch.zeros(batch, dtype=torch.long)
-    for b, queries, keys, near, earlier, q_ok in pieces:
-        missing = halo - len(keys)
+    for b, queries, keys, near, text_keys, earlier, q_ok in pieces:
+        missing, missing_text = halo - len(keys), text_width - len(text_keys)
         q_list.append(queries)
-        k_list.append(torch.cat([F.pad(keys, (0, missing), value=0), b * length + text_slots[b]]))
-        allowed = torch.cat([F.pad(near, (0, missing), value=False), earlier], dim=1)
+        k_list.append(torch.cat([F.pad(keys, (0, missing)), F.pad(b * length + text_keys, (0, missing_text))]))
+        allowed = torch.cat([F.pad(near, (0, missing), value=False), F.pad(earlier, (0, missing_text), value=False)], 1)
         a_list.append(allowed | ~q_ok.view(-1, 1))  # pad queries read everything; their results are dropped
-        computed[b] += len(queries) * (halo + text_slots.shape[1])
+        computed[b] += len(queries) * (halo + text_width)
     return Tiles(
         queries=torch.stack(q_list).to(device),
         keys=torch.stack(k_list).to(device),
@@ -117,11 +121,18 @@ def tiled_attention(
     batch, heads, width_v, dim = query.shape
     flat_q = query.transpose(1, 2).reshape(batch * width_v, heads, dim)
     flat_q = torch.cat([flat_q, flat_q.new_zeros(1, heads, dim)])  # the pad entry
-    flat_k = key.transpose(1, 2).reshape(-1, heads, dim)
-    flat_v = value.transpose(1, 2).reshape(-1, heads, dim)
     q = flat_q[t.queries].transpose(1, 2)  # (tiles, heads, TILE^2, dim)
-    k, v = flat_k[t.keys].transpose(1, 2), flat_v[t.keys].transpose(1, 2)
+    k, v = _tile_keys(key, t.keys), _tile_keys(value, t.keys)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=t.allowed if mask is None else mask, scale=scale)
     placed = flat_q.new_zeros(batch * width_v + 1, heads, dim)
     placed = placed.index_copy(0, t.queries.flatten(), out.transpose(1, 2).reshape(-1, heads, dim))
     return placed[:-1].view(batch, width_v, heads, dim).transpose(1, 2)
+
+
+def _tile_keys(states: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """(tiles, heads, keys, dim) rows of ``states`` (batch, heads, length, dim) at the flattened ``keys``: one gather
+    along the length, in the heads-first layout the projections leave (at batch 1 the flattening is a view, so the
+    whole tensor is not copied into a length-first layout first)."""
+    heads, dim = states.shape[1], states.shape[-1]
+    by_head = states.transpose(0, 1).flatten(1, 2)  # (heads, batch * length, dim)
+    return by_head.index_select(1, keys.flatten()).view(heads, *keys.shape, dim).transpose(0, 1)
