@@ -40,13 +40,15 @@ class HeadPlan:
     active_index: torch.Tensor  # (active,) long
     kv_index: torch.Tensor  # (active,) long
     pruned: bool  # some head is pruned
+    every_kv_head: bool  # kv_index is every key/value head in order (nothing pruned, no grouped heads): no gather
     copies: dict = field(default_factory=dict, compare=False)  # device -> this plan there
 
     @classmethod
     def of(cls, active: torch.Tensor, kv_heads: int) -> HeadPlan:
         heads = active.numel()
         index = active.nonzero().flatten()
-        return cls(active, index, index // (heads // kv_heads), bool((~active).any()))
+        pruned = bool((~active).any())
+        return cls(active, index, index // (heads // kv_heads), pruned, not pruned and heads == kv_heads)
 
     def on(self, device: torch.device) -> HeadPlan:
         """This plan with its tensors on ``device`` (copied once per device, not per call)."""
@@ -54,7 +56,7 @@ class HeadPlan:
             return self
         if device not in self.copies:
             moved = (t.to(device) for t in (self.active, self.active_index, self.kv_index))
-            self.copies[device] = HeadPlan(*moved, self.pruned)
+            self.copies[device] = HeadPlan(*moved, self.pruned, self.every_kv_head)
         return self.copies[device]
 
 
@@ -194,11 +196,16 @@ class YOPOAttention:
         if self.window is not None and visual.slots.shape[1]:
             window = self._flex_window(rows, layout) if flex else self._tiles(rows, layout)
         if heads and visual.slots.shape[1]:
-            rows_q = (
-                plan.active_index.view(-1, 1) * module.head_dim + torch.arange(module.head_dim, device=hidden.device)
-            ).flatten()
+            rows_q = None  # every head: the full projections, no weight slices copied
+            if plan.pruned:
+                rows_q = (
+                    plan.active_index.view(-1, 1) * module.head_dim
+                    + torch.arange(module.head_dim, device=hidden.device)
+                ).flatten()
             query = self._query_rows(module, hidden, visual, cos, sin, rows_q)
-            key_a, value_a = key.index_select(1, plan.kv_index), value.index_select(1, plan.kv_index)
+            key_a, value_a = key, value
+            if not plan.every_kv_head:
+                key_a, value_a = key.index_select(1, plan.kv_index), value.index_select(1, plan.kv_index)
             if self.window is None:
                 allowed = engine.call_memo("yopo visual mask", lambda: _causal_rows(visual, layout.valid))
                 bias = self._bias("yopo visual mask", allowed, query.dtype)
@@ -208,8 +215,12 @@ class YOPOAttention:
             else:
                 bias = self._bias("yopo tiles", window.allowed, query.dtype)
                 attended = tiled_attention(query, key_a, value_a, window, scale, bias)
-            in_features = module.o_proj.in_features
-            visual_out = sliced.inputs(module.o_proj, _merge_heads(attended), rows_q, in_features)
+            merged = _merge_heads(attended)
+            visual_out = (
+                module.o_proj(merged)
+                if rows_q is None
+                else sliced.inputs(module.o_proj, merged, rows_q, module.o_proj.in_features)
+            )
         computed = None if window is None else window.computed_keys
         engine.record_fraction(module.layer_idx, heads=heads / plan.active.numel(), visual_keys=computed)
         return rows.assemble(text_out, visual_out)
