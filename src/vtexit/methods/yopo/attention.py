@@ -127,7 +127,10 @@ class YOPOAttention:
     # ------------------------------------------------------------------------------------------- pieces
     @staticmethod
     def _rotate(module: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return rotary_function(module)(states, states, cos, sin)[0]
+        # The family's function rotates a (query, key) pair; its second result is not needed here, so it gets one
+        # head (the first result is the same whatever the second argument is, and rotating ``states`` twice cost
+        # as much as the first).
+        return rotary_function(module)(states, states[:, :1], cos, sin)[0]
 
     @staticmethod
     def _heads(module: nn.Module, projected: torch.Tensor, norm_name: str | None = None) -> torch.Tensor:
