@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 OUT_DIR="${GPU_OUT:-out/gpu}"
 STEP_TIMEOUT="${STEP_TIMEOUT:-900}"
-GPU_STEPS="${GPU_STEPS:-tests yopo speed_batch1_modes profile speed static_methods}"
+GPU_STEPS="${GPU_STEPS:-tests yopo speed_batch1_modes profile speed static_methods static_deferred}"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT_DIR"
 failed=()
@@ -32,7 +32,9 @@ step() {  # step NAME COMMAND...: run it under the timeout, its output beside th
 # modes with static-shape regional compilation and CUDA graphs, then where VTW's time goes (busy against wall time and
 # the top kernels: batch-1 prefill eager / compiled / CUDA graphs, static decode at 16 x 2304), then the full VTW
 # tables (batch 1 and 16, 576 and 2304, static decode with each model's own peak beside the dynamic cache's), then
-# static decode at 16 x 2304 under DivPrune (a reduction before the language model: every layer's cache shrinks).
+# static decode at 16 x 2304 under DivPrune (a reduction before the language model: every layer's cache shrinks), then
+# the same static decode without and under VTW with generate's stop flag read one step late (no host sync per step):
+# if VTW's ratio moves toward its bandwidth ratio there, the per-step sync is what diluted it.
 step tests "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py
 step yopo "$PYTHON" benchmarks/bench_yopo.py
 step speed_batch1_modes "$PYTHON" benchmarks/bench_speed.py --compile-mode regional,reduce-overhead --batch 1 \
@@ -41,6 +43,8 @@ step profile "$PYTHON" benchmarks/profile_vtw.py --out "$OUT_DIR/profile.json"
 step speed "$PYTHON" benchmarks/bench_speed.py --out "$OUT_DIR/speed.json" "$@"
 step static_methods "$PYTHON" benchmarks/bench_speed.py --static-only --visual 2304 --batch 16 \
     --static-method divprune:keep=0.25 --out "$OUT_DIR/static_methods.json"
+step static_deferred "$PYTHON" benchmarks/bench_speed.py --static-only --visual 2304 --batch 16 --deferred-stop \
+    --out "$OUT_DIR/static_deferred.json"
 if [ ${#failed[@]} -gt 0 ]; then
     echo "failed: ${failed[*]}"
     exit 1

@@ -140,6 +140,28 @@ def test_static_cache_and_compiled_decode_on_cuda_match_the_cpu(family, config):
         torch._dynamo.reset()
 
 
+def test_deferred_stop_checks_keep_the_static_compiled_tokens_on_cuda():
+    """``bench_speed.py --deferred-stop``: generate reading its stop flag one step late on CUDA (no host sync per
+    step) gives the tokens of the usual loop, under VTW on the static cache with the compiled decode."""
+    from vtexit.core.transformers_compat import deferred_stop_checks
+    from vtexit.testing.tiny_models import build_tiny
+
+    case = build_tiny("llava", num_layers=4)
+    case.model.generation_config.eos_token_id = None
+    model = case.model.to("cuda")
+    try:
+        inputs = _on(family_batch(case), "cuda")
+        generate = dict(max_new_tokens=6, do_sample=False, cache_implementation="static")
+        with vtexit.withdraw(model, layer=2):
+            expected = model.generate(**inputs, **generate)
+            with deferred_stop_checks():
+                deferred = model.generate(**inputs, **generate)
+        assert torch.equal(deferred, expected)
+    finally:
+        case.model.to("cpu")
+        torch._dynamo.reset()
+
+
 @torch.no_grad()
 def test_whole_model_compile_with_cuda_graphs_equals_eager():
     """``torch.compile(model, mode="reduce-overhead")`` at batch 1 under VTW: the patched model's graphs run under CUDA

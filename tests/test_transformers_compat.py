@@ -204,3 +204,26 @@ def test_decoder_layers_get_the_kwargs_the_engine_rewrites(family):
     assert seen["position_ids"] is None or seen["position_ids"].shape[-1] == length
     mask = seen["attention_mask"]
     assert mask is None or (isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[-1] == length)
+
+
+def test_deferred_stop_checks_allow_the_device_inside_the_block_only():
+    """The benchmarks' switch for generate's deferred stop check: inside the block transformers allows it on CUDA under
+    its own conditions (a cache it cannot crop must not be returned), elsewhere as before; restored on exit, even on
+    an error (transformers' own answers outside are the reference)."""
+    from transformers.generation.utils import DeferredStopCheck
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+
+    class Uncroppable:
+        is_croppable = False
+
+    before = [DeferredStopCheck.is_supported(d, None, False, is_assistant=False) for d in (cuda, cpu)]
+    assert before == [False, False]
+    with pytest.raises(RuntimeError, match="inside"), compat.deferred_stop_checks():
+        assert DeferredStopCheck.is_supported(cuda, None, False, is_assistant=False)
+        assert not DeferredStopCheck.is_supported(cuda, None, False, is_assistant=True)
+        assert not DeferredStopCheck.is_supported(cuda, Uncroppable(), True, is_assistant=False)
+        assert DeferredStopCheck.is_supported(cuda, Uncroppable(), False, is_assistant=False)
+        assert not DeferredStopCheck.is_supported(cpu, None, False, is_assistant=False)
+        raise RuntimeError("inside")
+    assert [DeferredStopCheck.is_supported(d, None, False, is_assistant=False) for d in (cuda, cpu)] == before

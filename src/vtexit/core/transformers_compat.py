@@ -12,7 +12,8 @@ import functools
 import inspect
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from packaging.version import Version
 from torch import nn
 from transformers import CompileConfig
 from transformers.cache_utils import Cache, StaticLayer
+from transformers.generation import utils as generation_utils
 from transformers.generation.utils import MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL
 from transformers.masking_utils import (
     blockwise_overlay,
@@ -41,6 +43,7 @@ __all__ = [
     "causal_mask",
     "check_tested_version",
     "compiled_decode_config",
+    "deferred_stop_checks",
     "find_cache",
     "is_tested_version",
     "forget_compiled_call",
@@ -251,6 +254,30 @@ def compiled_decode_config(**options) -> CompileConfig:
     config = CompileConfig(**options)
     config._compile_all_devices = True
     return config
+
+
+# ``DeferredStopCheck`` (transformers.generation.utils, 5.17-5.25): generate's decode loop reads whether every row has
+#   stopped as a Python bool at each step, a host sync, unless ``DeferredStopCheck.is_supported`` allows reading that
+#   flag one step late; it allows it on MPS only ("we should enable it for cuda if we observe perf gains"). Its flag
+#   copy needs device events, which the CPU backend lacks.
+@contextmanager
+def deferred_stop_checks(device_type: str = "cuda") -> Iterator[None]:
+    """Within the block, generate reads its stop flag one step late on ``device_type`` too (no host sync per decode
+    step), in every model of the process: an experiment for benchmarks (does that sync dilute what a method saves per
+    decode step?), not something vtexit's patches do. The tokens are the same; the check is restored on exit."""
+    check = generation_utils.DeferredStopCheck
+    original = check.__dict__["is_supported"]
+
+    def is_supported(device: torch.device, cache: Any, cache_is_returned: bool, is_assistant: bool) -> bool:
+        if device.type == device_type and not is_assistant:
+            return cache is None or cache.is_croppable or not cache_is_returned
+        return original.__func__(device, cache, cache_is_returned, is_assistant)
+
+    check.is_supported = staticmethod(is_supported)
+    try:
+        yield
+    finally:
+        check.is_supported = original
 
 
 # ------------------------------------------------------------------------------------------------ rotary
