@@ -130,9 +130,9 @@ def tiled_attention(
 
 
 def _tile_keys(states: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """(tiles, heads, keys, dim) rows of ``states`` (batch, heads, length, dim) at the flattened ``keys``: one gather
-    along the length, in the heads-first layout the projections leave (at batch 1 the flattening is a view, so the
-    whole tensor is not copied into a length-first layout first)."""
+    """(tiles, heads, keys, dim) rows of ``states`` (batch, heads, length, dim) at the flattened ``keys``: one
+    ``index_select`` along the length (at batch 1 the flattening is a view), where reshaping the whole tensor into rows
+    of every head first cost a copy of it before the gather."""
     heads, dim = states.shape[1], states.shape[-1]
     by_head = states.transpose(0, 1).flatten(1, 2)  # (heads, batch * length, dim)
     return by_head.index_select(1, keys.flatten()).view(heads, *keys.shape, dim).transpose(0, 1)
