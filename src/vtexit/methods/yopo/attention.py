@@ -127,9 +127,8 @@ class YOPOAttention:
     # ------------------------------------------------------------------------------------------- pieces
     @staticmethod
     def _rotate(module: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # The family's function rotates a (query, key) pair; its second result is not needed here, so it gets one
-        # head (the first result is the same whatever the second argument is, and rotating ``states`` twice cost
-        # as much as the first).
+        # The family's function rotates a (query, key) pair and only the first result is needed: the second argument
+        # is one head of ``states`` (passing ``states`` twice rotated the whole block twice).
         return rotary_function(module)(states, states[:, :1], cos, sin)[0]
 
     @staticmethod
