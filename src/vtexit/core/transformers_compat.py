@@ -45,8 +45,8 @@ __all__ = [
     "compiled_decode_config",
     "deferred_stop_checks",
     "find_cache",
-    "is_tested_version",
     "forget_compiled_call",
+    "is_tested_version",
     "kv_bytes_per_layer",
     "output_cache",
     "rotary_function",
@@ -269,9 +269,9 @@ def deferred_stop_checks(device_type: str = "cuda") -> Iterator[None]:
     original = check.__dict__["is_supported"]
 
     def is_supported(device: torch.device, cache: Any, cache_is_returned: bool, is_assistant: bool) -> bool:
-        if device.type == device_type and not is_assistant:
-            return cache is None or cache.is_croppable or not cache_is_returned
-        return original.__func__(device, cache, cache_is_returned, is_assistant)
+        # transformers' own conditions (no assistant; a cache it cannot crop is not returned), asked as for MPS
+        device = torch.device("mps") if device.type == device_type else device
+        return original.__func__(device, cache, cache_is_returned, is_assistant=is_assistant)
 
     check.is_supported = staticmethod(is_supported)
     try:
