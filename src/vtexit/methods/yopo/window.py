@@ -59,21 +59,20 @@ def tiles(rows: QueryRows, grid: VisualGrid, index: torch.Tensor, size: int) -> 
     counts = host[:, 3 * width_v].tolist()
     text_slots = host[:, 3 * width_v + 1 : 3 * width_v + 1 + text.slots.shape[1]]
     text_valid = host[:, 3 * width_v + 1 + text.slots.shape[1] :].bool()
-    frames = []  # (row, first block entry, first slot, height, width)
-    before = {}  # (row, first slot of a frame) -> the row's text slots before the frame's last query
+    frames = []  # (row, first block entry, first slot, height, width, the row's text slots before its last query)
     for b in range(batch):
         j = 0
         while j < counts[b]:  # a frame is a run of h * w consecutive entries of the visual block
             h, w = heights[b][j], widths[b][j]
-            frames.append((b, j, slots_h[b][j], h, w))
-            before[(b, slots_h[b][j])] = text_slots[b][text_valid[b] & (text_slots[b] < slots_h[b][j + h * w - 1])]
+            before = text_slots[b][text_valid[b] & (text_slots[b] < slots_h[b][j + h * w - 1])]
+            frames.append((b, j, slots_h[b][j], h, w, before))
             j += h * w
     # One tile shape per call (no larger than the largest frame, so small images are one tile).
     tile_h = min(TILE, max(f[3] for f in frames))
     tile_w = min(TILE, max(f[4] for f in frames))
     q_row, q_col = torch.arange(tile_h).repeat_interleave(tile_w), torch.arange(tile_w).repeat(tile_h)
     pieces = []
-    for b, j, first, h, w in frames:
+    for b, j, first, h, w, text_keys in frames:
         for r0 in range(0, h, tile_h):
             for c0 in range(0, w, tile_w):
                 qr, qc = r0 + q_row, c0 + q_col
@@ -85,7 +84,6 @@ def tiles(rows: QueryRows, grid: VisualGrid, index: torch.Tensor, size: int) -> 
                 near = ((qr.view(-1, 1) - kr.view(1, -1)).abs() <= radius) & (
                     (qc.view(-1, 1) - kc.view(1, -1)).abs() <= radius
                 )
-                text_keys = before[(b, first)]
                 earlier = text_keys.view(1, -1) < (first + qr * w + qc).view(-1, 1)
                 queries = torch.where(q_ok, b * width_v + j + qr * w + qc, batch * width_v)
                 pieces.append((b, queries, b * length + first + kr * w + kc, near, text_keys, earlier, q_ok))
