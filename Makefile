@@ -22,8 +22,8 @@ ENGINE_TESTS := tests/test_transformers_compat.py tests/test_policy_shapes.py te
 # make test-release TRANSFORMERS=5.23.0 [TESTS="tests"]: any release, beside the venv.
 TESTS ?= $(ENGINE_TESTS)
 CANARY_VENV := .venv-canary
-# pytest processes for make test and make test-floor (pytest-xdist). Most tests keep about one core busy: on the 2-core
-# machine two processes took pytest from 10 min 31 s to 7 min 27 s (2026-12-05). Each runs torch with its default threads.
+# pytest processes for make test and make test-floor (pytest-xdist; 0 runs the tests in one). Most tests keep about one
+# core busy, so two use both of CI's cores (README, "Development", has the timings).
 TEST_WORKERS ?= 2
 
 .PHONY: setup test test-floor test-release test-torch canary constraints demo bench lint gpu-check
