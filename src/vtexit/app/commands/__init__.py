@@ -1,0 +1,1 @@
+"""The ``vtexit`` commands, one module per group; :mod:`vtexit.app.cli` registers them on the root app."""

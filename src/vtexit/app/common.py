@@ -1,0 +1,123 @@
+"""What the ``vtexit`` commands share: the console, the ``--model`` help, and the checks and loading that every
+command runs before its slow part, so that a bad option fails in one clear line (no trace) before any work.
+
+The command modules (:mod:`vtexit.app.commands`) import from here; this module imports none of them.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+MODEL_HELP = "'default' (mini-LLaVA built from PyPI parts), 'tiny' (random LLaVA) or a local model folder"
+ATTENTION = ("sdpa", "eager")
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"layers must be comma-separated integers, got {text!r}") from None
+
+
+def set_threads(threads: int) -> None:
+    """``--threads``: torch's intra-op threads, left at torch's default for 0."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def require(modules: tuple[str, ...], install: str, what: str) -> None:
+    """Exit with one line naming the missing packages and the install command (no trace) if any is missing."""
+    from vtexit.app.model_sources import missing_modules
+
+    missing = missing_modules(modules)
+    if missing:
+        typer.echo(
+            f"error: {what} needs Python packages that are not installed ({', '.join(missing)}); "
+            f"install them with: {install}",
+            err=True,
+        )
+        raise typer.Exit(1)
+
+
+def require_default_model() -> None:
+    from vtexit.app import model_sources
+
+    require(model_sources.DEFAULT_MODEL_MODULES, model_sources.DEFAULT_MODEL_INSTALL, "the default model")
+
+
+def require_for(model: str, *, easy_vqa: bool) -> None:
+    """Check, before any work, the packages that ``--model model`` (and easy-vqa data, if used) need."""
+    from vtexit.app.model_sources import EASY_VQA_INSTALL
+
+    if model in ("default", "withdrawal-tuned"):
+        require_default_model()
+    elif model != "tiny" and easy_vqa:
+        require(("easy_vqa",), EASY_VQA_INSTALL, "easy-vqa data")
+
+
+def writable_folder(folder: Path, option: str = "--out") -> Path:
+    """Create ``folder`` (and parents) and check a file can be written there, before any slow work starts."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise typer.BadParameter(f"cannot write to the folder {str(folder)!r}: {reason}", param_hint=option) from None
+    return folder
+
+
+def valid_eta(eta: float | None) -> float:
+    """``--eta``, or VTW's default when not given, checked (finite, >= 0)."""
+    from vtexit.methods.vtw.calibrate import DEFAULT_ETA, check_eta
+
+    try:
+        return check_eta(DEFAULT_ETA if eta is None else eta)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--eta") from None
+
+
+def load_model(model: str, attn: str, *, with_processor: bool = True):
+    """``--model`` loaded (a :class:`vtexit.app.model_sources.ModelSource`); a bad name or folder is a clear error."""
+    from vtexit.app.model_sources import load_source
+    from vtexit.default_model.parts import MissingPartError
+
+    if attn not in ATTENTION:
+        raise typer.BadParameter(f"must be one of {list(ATTENTION)}, got {attn!r}", param_hint="--attn")
+    try:
+        with console.status(f"loading model {model!r}"):
+            return load_source(model, attn_implementation=attn, with_processor=with_processor)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--model") from None
+    except MissingPartError as err:  # a part package installed but broken: its message says how to reinstall
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+
+
+def questions_and_model(model: str, dataset: str, rows: int, seed: int, threads: int, what: str):
+    """The fixed test questions and the loaded model with its processor, with every check before the slow part."""
+    from vtexit.app.model_sources import EASY_VQA_INSTALL
+    from vtexit.evaluation.datasets.select import fixed_subset, load_dataset
+
+    if dataset == "easy-vqa":
+        require(("easy_vqa",), EASY_VQA_INSTALL, "the easy-vqa dataset")
+    require_for(model, easy_vqa=False)
+    set_threads(threads)
+    try:
+        records = fixed_subset(load_dataset(dataset, "test"), rows, seed)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--dataset") from None
+    source = load_model(model, "sdpa")
+    if source.processor is None:
+        raise typer.BadParameter(f"{what} needs a model with a processor (not 'tiny')", param_hint="--model")
+    return records, source
