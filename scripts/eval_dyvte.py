@@ -1,4 +1,4 @@
-"""Evaluate DyVTE against static VTW on the default model: the README's DyVTE table, histograms and Pareto plot.
+"""Evaluate DyVTE against static VTW on the default model: the DyVTE table, histograms and plot of docs/results.md.
 
     python scripts/eval_dyvte.py [--gates FOLDER] [--rows 200] [--out out/dyvte]
 
@@ -29,7 +29,7 @@ from vtexit.evaluation.exits import (
 )
 from vtexit.methods.dyvte import DyVTEGates
 
-CALIBRATED_K = 24  # VTW's K from KL calibration on this model (README)
+CALIBRATED_K = 24  # VTW's K from KL calibration on this model (docs/results.md)
 
 
 def main() -> None:

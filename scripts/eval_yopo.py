@@ -1,4 +1,4 @@
-"""YOPO's strategies, training-free, on the default model, next to VTW and DyVTE: the README's YOPO table and plot.
+"""YOPO's strategies, training-free, on the default model, next to VTW and DyVTE: docs/results.md's YOPO table.
 
     python scripts/eval_yopo.py [--rows 200] [--out out/yopo]
 
@@ -24,7 +24,7 @@ from vtexit.evaluation.datasets.select import fixed_subset
 from vtexit.evaluation.sweep import run_sweep, save_sweep
 from vtexit.methods.yopo.heads import heads_from_scores, score_heads
 
-CALIBRATED_K = 24  # VTW's K from KL calibration on this model (README)
+CALIBRATED_K = 24  # VTW's K from KL calibration on this model (docs/results.md)
 KEEPS = (0.75, 0.5, 0.25)
 
 
