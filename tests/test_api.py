@@ -254,3 +254,31 @@ def test_every_builtin_family_has_a_tiny_model():
 
     covered = {family_for(build_tiny(name, num_layers=2).model).name for name in FAMILIES}
     assert covered == {spec.name for spec in builtin_families()}
+
+
+def test_lazy_exports_are_the_objects_the_type_checking_imports_name():
+    """``vtexit/__init__.py`` imports its exports on first use: its ``_HOMES``, the imports type checkers read and
+    ``__all__`` agree, each export is its home module's object, and ``dir`` shows what the eager imports showed."""
+    import ast
+    import importlib
+    import inspect
+
+    tree = ast.parse(inspect.getsource(vtexit))
+    typed = {
+        alias.name: node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module.startswith("vtexit.")
+        for alias in node.names
+    }
+    homes = {name: module for module, names in vtexit._HOMES.items() for name in names}
+    assert typed == homes
+    assert sorted(homes) == sorted(vtexit.__all__) and len(set(vtexit.__all__)) == len(vtexit.__all__)
+    for name in vtexit.__all__:
+        assert getattr(vtexit, name) is getattr(importlib.import_module(homes[name]), name), name
+    shown = dir(vtexit)
+    assert set(vtexit.__all__) | {"core", "methods", "__all__", "__path__"} <= set(shown)
+    assert not [name for name in shown if name.startswith("_") and not name.startswith("__")]
+    assert "TYPE_CHECKING" not in shown and "__getattr__" not in shown
+    assert vtexit.core.families.family_for is not None  # subpackages reachable after a plain `import vtexit`
+    with pytest.raises(AttributeError, match="no attribute 'no_such_export'"):
+        vtexit.no_such_export  # noqa: B018

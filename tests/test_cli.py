@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,8 @@ from vtexit.app.model_sources import missing_modules
 from vtexit.testing.tiny_models import build_tiny
 
 MAKEFILE = Path(__file__).resolve().parents[1] / "Makefile"
+COMMANDS = ("calibrate", "calibrate-heads", "bench", "flops", "evaluate", "demo", "train-gates", "sweep", "tune")
+HEAVY_LOADED = "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
 
 
 def _invoke(*args: str):
@@ -171,3 +176,24 @@ def test_calibrate_heads_writes_a_mask_yopo_loads(tmp_path):
     assert torch.equal(torch.tensor(config.heads), mask.active)
     text = _clean_failure(_invoke("calibrate-heads", "--model", "tiny", "--out", str(tmp_path / "heads.txt")))
     assert ".json or .safetensors" in text
+
+
+def _fresh_python(code: str, *args: str) -> str:
+    """stdout of ``code`` run by a new interpreter (nothing imported yet), with a wide terminal for rich."""
+    env = {**os.environ, "COLUMNS": "200"}
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_importing_the_cli_loads_neither_torch_nor_transformers():
+    """What keeps ``vtexit --help`` fast: the commands import torch and transformers only when they run."""
+    assert _fresh_python(f"import sys, vtexit.app.cli; {HEAVY_LOADED}").strip() == "[]"
+
+
+def test_help_lists_every_command_without_loading_torch():
+    code = f"import atexit, sys; atexit.register(lambda: {HEAVY_LOADED}); from vtexit.app.cli import app; app()"
+    out = _fresh_python(code, "--help")
+    assert out.splitlines()[-1] == "[]"  # printed at exit, after the help
+    listed = re.findall(r"^│ ([a-z][a-z-]*) ", out, re.M)
+    assert tuple(listed) == COMMANDS, out

@@ -1,7 +1,9 @@
 """What the ``vtexit`` commands share: the console, the ``--model`` help, and the checks and loading that every
 command runs before its slow part, so that a bad option fails in one clear line (no trace) before any work.
 
-The command modules (:mod:`vtexit.app.commands`) import from here; this module imports none of them.
+The command modules (:mod:`vtexit.app.commands`) import from here; this module imports none of them. Like them, it
+imports torch, transformers and vtexit's engine only inside the functions that use them, so that ``vtexit --help``
+starts without them.
 """
 
 from __future__ import annotations
@@ -9,10 +11,14 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from vtexit.app.model_sources import ModelSource
+    from vtexit.evaluation.datasets import VQARecord
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -32,6 +38,8 @@ def parse_layers(text: str | None) -> list[int] | None:
 def set_threads(threads: int) -> None:
     """``--threads``: torch's intra-op threads, left at torch's default for 0."""
     if threads:
+        import torch
+
         torch.set_num_threads(threads)
 
 
@@ -87,8 +95,8 @@ def valid_eta(eta: float | None) -> float:
         raise typer.BadParameter(str(err), param_hint="--eta") from None
 
 
-def load_model(model: str, attn: str, *, with_processor: bool = True):
-    """``--model`` loaded (a :class:`vtexit.app.model_sources.ModelSource`); a bad name or folder is a clear error."""
+def load_model(model: str, attn: str, *, with_processor: bool = True) -> ModelSource:
+    """``--model`` loaded; a bad name or folder, or a broken part package, is a clear error."""
     from vtexit.app.model_sources import load_source
     from vtexit.default_model.parts import MissingPartError
 
@@ -104,7 +112,9 @@ def load_model(model: str, attn: str, *, with_processor: bool = True):
         raise typer.Exit(1) from None
 
 
-def questions_and_model(model: str, dataset: str, rows: int, seed: int, threads: int, what: str):
+def questions_and_model(
+    model: str, dataset: str, rows: int, seed: int, threads: int, what: str
+) -> tuple[list[VQARecord], ModelSource]:
     """The fixed test questions and the loaded model with its processor, with every check before the slow part."""
     from vtexit.app.model_sources import EASY_VQA_INSTALL
     from vtexit.evaluation.datasets.select import fixed_subset, load_dataset
