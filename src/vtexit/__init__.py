@@ -23,10 +23,11 @@ if TYPE_CHECKING:
     from vtexit.methods.dyvte import DyVTEConfig, DyVTEGates, DyVTEHandle, dyvte, train_gates
     from vtexit.methods.fastv import FastVConfig, fastv
     from vtexit.methods.hybrid import HybridConfig, hybrid
+    from vtexit.methods.patch import apply, apply_policy
     from vtexit.methods.pdrop import PDropConfig, pdrop
     from vtexit.methods.pool import PoolConfig, pool
     from vtexit.methods.random_drop import RandomDropConfig, random_drop
-    from vtexit.methods.registry import apply, apply_policy, config_from_dict, method_configs
+    from vtexit.methods.registry import config_from_dict, method_configs
     from vtexit.methods.visionzip import VisionZipConfig, visionzip
     from vtexit.methods.vtw import (
         CalibrationResult,
@@ -55,10 +56,11 @@ _HOMES = {
     "vtexit.methods.dyvte": ("DyVTEConfig", "DyVTEGates", "DyVTEHandle", "dyvte", "train_gates"),
     "vtexit.methods.fastv": ("FastVConfig", "fastv"),
     "vtexit.methods.hybrid": ("HybridConfig", "hybrid"),
+    "vtexit.methods.patch": ("apply", "apply_policy"),
     "vtexit.methods.pdrop": ("PDropConfig", "pdrop"),
     "vtexit.methods.pool": ("PoolConfig", "pool"),
     "vtexit.methods.random_drop": ("RandomDropConfig", "random_drop"),
-    "vtexit.methods.registry": ("apply", "apply_policy", "config_from_dict", "method_configs"),
+    "vtexit.methods.registry": ("config_from_dict", "method_configs"),
     "vtexit.methods.visionzip": ("VisionZipConfig", "visionzip"),
     "vtexit.methods.vtw": (
         "CalibrationResult",

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from torch import nn
 
@@ -11,16 +11,13 @@ from vtexit.core.costs import RunCost
 from vtexit.core.engine import ScheduleEngine
 from vtexit.core.layout import Layout
 
-if TYPE_CHECKING:
-    from vtexit.methods.base import MethodConfig
-
 
 class PatchHandle:
     """Live patch of one model. Use ``remove()`` or a ``with`` block to restore the model."""
 
-    def __init__(self, engine: ScheduleEngine, config: MethodConfig | None = None):
+    def __init__(self, engine: ScheduleEngine, config: Any = None):
         self._engine = engine
-        self.config = config
+        self.config = config  # the method config that made this patch (a vtexit.MethodConfig); None for a policy
         engine.handle = self
 
     @property

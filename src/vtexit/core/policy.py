@@ -33,7 +33,7 @@ from torch.utils.hooks import RemovableHandle
 from vtexit.core.layout import Layout, gather_sequence
 
 if TYPE_CHECKING:
-    from vtexit.core.engine import ScheduleEngine
+    from vtexit.core.call_access import CallAccess
 
 
 PREFILL_CHECKS = 4  # checks a policy may add to the prefill's host read (the engine's own take the rest of its 8)
@@ -129,7 +129,7 @@ class Policy:
         ``engine.prefill_check(name)`` during the call. Tensor ops only."""
         return {}
 
-    def replacements(self, engine: ScheduleEngine) -> dict[nn.Module, Callable]:
+    def replacements(self, engine: CallAccess) -> dict[nn.Module, Callable]:
         """Replacement forwards ``{module: forward(module, *args, **kwargs)}`` for in-layer methods.
 
         ``engine.parts.layers`` are the decoder layers; inside a forward, ``engine.current_media()`` gives the media

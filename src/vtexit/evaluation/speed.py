@@ -22,7 +22,7 @@ from vtexit.core.families import family_for
 from vtexit.core.flops import DecoderShape, flops_per_row
 from vtexit.core.transformers_compat import compiled_decode_config, kv_bytes_per_layer, output_cache
 from vtexit.methods.base import MethodConfig
-from vtexit.methods.registry import apply
+from vtexit.methods.patch import apply
 from vtexit.methods.vtw import withdraw
 
 NOISE_MARGIN = 1.10  # a speedup above 1.10 x the FLOPs ratio is reported as noise

@@ -30,7 +30,8 @@ from vtexit.evaluation.plots import ParetoPoint, plot_pareto
 from vtexit.evaluation.report import RESULT_COLUMNS, result_cells
 from vtexit.methods.base import MethodConfig
 from vtexit.methods.divprune.policy import DivPrunePolicy
-from vtexit.methods.registry import apply, config_from_dict
+from vtexit.methods.patch import apply
+from vtexit.methods.registry import config_from_dict
 from vtexit.methods.visionzip.tower import find_selected_layer
 from vtexit.methods.vtw.config import valid_layer_range
 

@@ -113,7 +113,8 @@ class VTExitLMM(lmms):
         super().__init__()
         from vtexit.app.model_sources import load_source
         from vtexit.evaluation.batches import generate_cache_kwargs
-        from vtexit.methods.registry import apply, config_from_dict
+        from vtexit.methods.patch import apply
+        from vtexit.methods.registry import config_from_dict
 
         self.generate_cache = generate_cache_kwargs(cache_implementation)
         if str(batch_size).startswith("auto"):

@@ -19,7 +19,7 @@ from torch import nn
 
 from vtexit.core.families import FamilySpec, family_for
 from vtexit.methods.base import MethodConfig
-from vtexit.methods.registry import apply
+from vtexit.methods.patch import apply
 from vtexit.training.lora import DEFAULT_LORA, LoraSettings, add_lora, base_model, has_lora, lora_parameters
 
 Batch = Mapping[str, torch.Tensor]

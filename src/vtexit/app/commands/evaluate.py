@@ -72,7 +72,7 @@ def evaluate(
 def _named_methods(model, specs: list[str]) -> dict:
     """``--method`` specs -> {spec: method}; each is applied once first, so a bad setting fails before any work."""
     from vtexit.app.method_spec import parse_method_spec
-    from vtexit.methods.registry import apply
+    from vtexit.methods.patch import apply
 
     methods = {}
     for spec in specs:

@@ -5,28 +5,14 @@ Reports compare every method against this, so the baseline's FLOPs come from wha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 from torch import nn
 
 from vtexit.core.families import FamilySpec
 from vtexit.core.handle import PatchHandle
-from vtexit.core.policy import Policy
-from vtexit.methods.base import MethodConfig
-from vtexit.methods.registry import apply
+from vtexit.methods.baseline.config import BaselineConfig
+from vtexit.methods.patch import apply
 
-
-@dataclass(frozen=True)
-class BaselineConfig(MethodConfig):
-    """No token leaves; the outputs equal the unpatched model's bit for bit."""
-
-    method: ClassVar[str] = "none"
-
-    def build_policy(self, model: nn.Module, family: FamilySpec) -> Policy:
-        policy = Policy()
-        policy.event_layers = frozenset()  # never drops: no layer needs a hook
-        return policy
+__all__ = ["BaselineConfig", "baseline"]
 
 
 def baseline(model: nn.Module, *, family: FamilySpec | None = None) -> PatchHandle:

@@ -8,7 +8,7 @@ from vtexit.core.families import FamilySpec
 from vtexit.core.handle import PatchHandle
 from vtexit.methods.dart.config import DARTConfig
 from vtexit.methods.dart.policy import DARTPolicy
-from vtexit.methods.registry import apply
+from vtexit.methods.patch import apply
 
 
 def dart(model: nn.Module, *, layer: int = 2, keep: float = 0.25, family: FamilySpec | None = None) -> PatchHandle:

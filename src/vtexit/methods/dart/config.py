@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -10,9 +9,12 @@ from torch import nn
 
 from vtexit.core.families import FamilySpec
 from vtexit.core.policy import Policy
-from vtexit.methods.base import MethodConfig
+from vtexit.methods.base import MethodConfig, check_int
 from vtexit.methods.dart.policy import DARTPolicy
 from vtexit.methods.fastv.ranking import check_drop_layer, check_keep
+from vtexit.methods.vtw.config import check_layer_index
+
+MAX_PIVOTS = 2**31 - 1  # more than any prompt holds: each row's pivots are clipped to its tokens anyway
 
 
 @dataclass(frozen=True)
@@ -27,15 +29,15 @@ class DARTConfig(MethodConfig):
     pivots_text: int = 4
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "layer", check_layer_index("layer", self.layer))
         object.__setattr__(self, "keep", check_keep(self.keep))
         for name in ("pivots_visual", "pivots_text"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+            value = check_int(name, getattr(self, name), low=0, high=MAX_PIVOTS, bounds="in [0, 2**31)")
+            object.__setattr__(self, name, value)
         if self.pivots_visual + self.pivots_text == 0:
             raise ValueError("pivots_visual + pivots_text must be at least 1")
 
     def build_policy(self, model: nn.Module, family: FamilySpec) -> Policy:
         layer = check_drop_layer(model, self.layer, family)
         norm = family.resolve(model).norm
-        return DARTPolicy(layer, self.keep, int(self.pivots_visual), int(self.pivots_text), norm)
+        return DARTPolicy(layer, self.keep, self.pivots_visual, self.pivots_text, norm)

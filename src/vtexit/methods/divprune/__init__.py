@@ -9,7 +9,7 @@ from vtexit.core.handle import PatchHandle
 from vtexit.methods.divprune.config import DivPruneConfig
 from vtexit.methods.divprune.policy import DivPrunePolicy
 from vtexit.methods.divprune.selection import cosine_distances, max_min_diverse
-from vtexit.methods.registry import apply
+from vtexit.methods.patch import apply
 
 
 def divprune(model: nn.Module, *, keep: float, family: FamilySpec | None = None) -> PatchHandle:

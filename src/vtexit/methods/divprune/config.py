@@ -9,7 +9,7 @@ from torch import nn
 
 from vtexit.core.families import FamilySpec
 from vtexit.core.policy import Policy
-from vtexit.methods.base import MethodConfig
+from vtexit.methods.base import MethodConfig, check_renumbering
 from vtexit.methods.divprune.policy import DivPrunePolicy
 from vtexit.methods.fastv.ranking import check_keep
 
@@ -28,4 +28,5 @@ class DivPruneConfig(MethodConfig):
         object.__setattr__(self, "keep", check_keep(self.keep))
 
     def build_policy(self, model: nn.Module, family: FamilySpec) -> Policy:
+        check_renumbering(self.method, model, family, before_llm=True)
         return DivPrunePolicy(self.keep)

@@ -14,6 +14,7 @@ from vtexit.core.policy import Policy
 from vtexit.methods.base import MethodConfig
 from vtexit.methods.dyvte.gates import DyVTEGates
 from vtexit.methods.dyvte.policy import DyVTEHandle, DyVTEPolicy
+from vtexit.methods.dyvte.shipped import load_default_gates
 
 DEFAULT_THRESHOLD = None  # the threshold saved with the gates (0.5 = logit(exit) > logit(stay), the public code's)
 DEFAULT_GATES = "default"  # the gates shipped for the built-in default model
@@ -34,8 +35,6 @@ def load_gates(gates: str) -> DyVTEGates:
     if not isinstance(gates, str):
         raise ValueError(f"gates must be 'default' or the path of a gates folder, got {gates!r}")
     if gates == DEFAULT_GATES:
-        from vtexit.default_model.gates import load_default_gates
-
         return load_default_gates()
     return DyVTEGates.from_pretrained(gates)
 

@@ -10,7 +10,7 @@ from vtexit.core.families import FamilySpec
 from vtexit.core.handle import PatchHandle
 from vtexit.methods.fastv.config import FastVConfig
 from vtexit.methods.fastv.policy import FastVPolicy
-from vtexit.methods.registry import apply
+from vtexit.methods.patch import apply
 
 
 def fastv(model: nn.Module, *, layer: int, keep: float, family: FamilySpec | None = None) -> PatchHandle:

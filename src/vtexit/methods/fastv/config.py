@@ -12,6 +12,7 @@ from vtexit.core.policy import Policy
 from vtexit.methods.base import MethodConfig
 from vtexit.methods.fastv.policy import FastVPolicy
 from vtexit.methods.fastv.ranking import check_drop_layer, check_keep
+from vtexit.methods.vtw.config import check_layer_index
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class FastVConfig(MethodConfig):
     keep: float
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "layer", check_layer_index("layer", self.layer))
         object.__setattr__(self, "keep", check_keep(self.keep))
 
     def build_policy(self, model: nn.Module, family: FamilySpec) -> Policy:

@@ -15,7 +15,6 @@ Everything stays on the scores' device: no host-device synchronisation.
 
 from __future__ import annotations
 
-import math
 import numbers
 from fractions import Fraction
 
@@ -24,6 +23,7 @@ from torch import nn
 
 from vtexit.core.families import FamilySpec
 from vtexit.core.policy import PrefillView
+from vtexit.methods.base import check_float, is_bool, shown
 from vtexit.methods.vtw.config import valid_layer_range
 
 MAX_DENOMINATOR = 10**6
@@ -31,12 +31,7 @@ MAX_DENOMINATOR = 10**6
 
 def check_keep(keep: object, name: str = "keep") -> float:
     """``keep`` as a float, or a ValueError naming it: a real number in (0, 1] (the fraction of visual tokens kept)."""
-    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
-        raise ValueError(f"{name} must be a number in (0, 1] (the fraction of visual tokens kept), got {keep!r}")
-    value = float(keep)
-    if not (math.isfinite(value) and 0 < value <= 1):
-        raise ValueError(f"{name} must be in (0, 1] (the fraction of visual tokens kept), got {keep!r}")
-    return value
+    return check_float(name, keep, low=0, high=1, low_open=True, what="the fraction of visual tokens kept")
 
 
 def drop_layer_range(model: nn.Module, family: FamilySpec | None = None) -> tuple[int, int]:
@@ -49,8 +44,8 @@ def drop_layer_range(model: nn.Module, family: FamilySpec | None = None) -> tupl
 def check_drop_layer(model: nn.Module, layer: object, family: FamilySpec | None = None, name: str = "layer") -> int:
     """Validate a drop layer against the model (ValueError naming the setting), before the model is touched."""
     low, high = drop_layer_range(model, family)
-    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-        raise ValueError(f"{name} must be an int in [{low}, {high}] for this model, got {layer!r}")
+    if is_bool(layer) or not isinstance(layer, numbers.Integral):
+        raise ValueError(f"{name} must be an int in [{low}, {high}] for this model, got {shown(layer)}")
     if not low <= layer <= high:
         why = (
             " (layer 0 and the first layer of each attention type, and Qwen3-VL's deepstack layers, must keep the "
@@ -58,7 +53,7 @@ def check_drop_layer(model: nn.Module, layer: object, family: FamilySpec | None 
             if layer < low
             else f" (the model has {high + 1} decoder layers; a drop before layer {high + 1} would change nothing)"
         )
-        raise ValueError(f"{name} must be in [{low}, {high}] for this model, got {layer}{why}")
+        raise ValueError(f"{name} must be in [{low}, {high}] for this model, got {shown(int(layer))}{why}")
     return int(layer)
 
 

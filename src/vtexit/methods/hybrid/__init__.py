@@ -10,7 +10,7 @@ from vtexit.core.families import FamilySpec
 from vtexit.core.handle import PatchHandle
 from vtexit.methods.hybrid.config import HybridConfig
 from vtexit.methods.hybrid.policy import HybridPolicy
-from vtexit.methods.registry import apply
+from vtexit.methods.patch import apply
 
 
 def hybrid(

@@ -9,10 +9,34 @@ from torch import nn
 
 from vtexit.core.families import FamilySpec
 from vtexit.core.policy import Policy
-from vtexit.methods.base import MethodConfig
+from vtexit.methods.base import MethodConfig, config_of
+from vtexit.methods.dart.config import DARTConfig
+from vtexit.methods.divprune.config import DivPruneConfig
+from vtexit.methods.dyvte.config import DyVTEConfig
+from vtexit.methods.fastv.config import FastVConfig
 from vtexit.methods.hybrid.policy import HybridPolicy
+from vtexit.methods.pdrop.config import PDropConfig
+from vtexit.methods.pool.config import PoolConfig
+from vtexit.methods.random_drop.config import RandomDropConfig
+from vtexit.methods.visionzip.config import VisionZipConfig
+from vtexit.methods.vtw.config import VTWConfig
 
 PRE_LLM_METHODS = ("divprune", "pool", "visionzip")
+# The methods a hybrid's steps may name: a pre-LLM reduction, then an in-LLM schedule.
+STEP_CONFIGS: dict[str, type[MethodConfig]] = {
+    cls.method: cls
+    for cls in (
+        DivPruneConfig,
+        PoolConfig,
+        VisionZipConfig,
+        VTWConfig,
+        DyVTEConfig,
+        FastVConfig,
+        PDropConfig,
+        RandomDropConfig,
+        DARTConfig,
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -41,9 +65,7 @@ class HybridConfig(MethodConfig):
         object.__setattr__(self, "then", then.to_dict())
 
     def steps(self) -> tuple[MethodConfig, MethodConfig]:
-        from vtexit.methods.registry import config_from_dict
-
-        return config_from_dict(self.pre), config_from_dict(self.then)
+        return config_of(STEP_CONFIGS, self.pre), config_of(STEP_CONFIGS, self.then)
 
     def build_policy(self, model: nn.Module, family: FamilySpec) -> Policy:
         pre, then = self.steps()

@@ -9,9 +9,9 @@ from torch import nn
 
 from vtexit.core.families import FamilySpec
 from vtexit.core.handle import PatchHandle
+from vtexit.methods.patch import apply
 from vtexit.methods.pdrop.config import DEFAULT_LAYERS, PDropConfig, parse_layers
 from vtexit.methods.pdrop.policy import PyramidDropPolicy
-from vtexit.methods.registry import apply
 
 
 def pdrop(

@@ -6,9 +6,9 @@ from torch import nn
 
 from vtexit.core.families import FamilySpec
 from vtexit.core.handle import PatchHandle
+from vtexit.methods.patch import apply
 from vtexit.methods.pool.config import PoolConfig
 from vtexit.methods.pool.policy import PoolPolicy
-from vtexit.methods.registry import apply
 
 
 def pool(model: nn.Module, *, stride: int = 2, family: FamilySpec | None = None) -> PatchHandle:

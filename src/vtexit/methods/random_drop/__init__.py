@@ -6,9 +6,9 @@ from torch import nn
 
 from vtexit.core.families import FamilySpec
 from vtexit.core.handle import PatchHandle
+from vtexit.methods.patch import apply
 from vtexit.methods.random_drop.config import RandomDropConfig
 from vtexit.methods.random_drop.policy import RandomDropPolicy, uniform_values
-from vtexit.methods.registry import apply
 
 
 def random_drop(

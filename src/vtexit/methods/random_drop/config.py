@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -10,9 +9,10 @@ from torch import nn
 
 from vtexit.core.families import FamilySpec
 from vtexit.core.policy import Policy
-from vtexit.methods.base import MethodConfig
+from vtexit.methods.base import MethodConfig, check_int
 from vtexit.methods.fastv.ranking import check_drop_layer, check_keep
 from vtexit.methods.random_drop.policy import RandomDropPolicy
+from vtexit.methods.vtw.config import check_layer_index
 
 
 @dataclass(frozen=True)
@@ -25,9 +25,9 @@ class RandomDropConfig(MethodConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "layer", check_layer_index("layer", self.layer))
         object.__setattr__(self, "keep", check_keep(self.keep))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed < 2**40:
-            raise ValueError(f"seed must be an int in [0, 2**40), got {self.seed!r}")
+        object.__setattr__(self, "seed", check_int("seed", self.seed, low=0, high=2**40 - 1, bounds="in [0, 2**40)"))
 
     def build_policy(self, model: nn.Module, family: FamilySpec) -> Policy:
-        return RandomDropPolicy(check_drop_layer(model, self.layer, family), self.keep, int(self.seed))
+        return RandomDropPolicy(check_drop_layer(model, self.layer, family), self.keep, self.seed)

@@ -6,7 +6,7 @@ from torch import nn
 
 from vtexit.core.families import FamilySpec
 from vtexit.core.handle import PatchHandle
-from vtexit.methods.registry import apply
+from vtexit.methods.patch import apply
 from vtexit.methods.visionzip.config import VisionZipConfig, split_tokens
 from vtexit.methods.visionzip.policy import VisionZipPolicy
 from vtexit.methods.visionzip.selection import visionzip_tokens

@@ -11,7 +11,7 @@ from torch import nn
 
 from vtexit.core.families import FamilySpec
 from vtexit.core.policy import Policy
-from vtexit.methods.base import MethodConfig
+from vtexit.methods.base import MethodConfig, check_float, check_renumbering
 from vtexit.methods.fastv.ranking import MAX_DENOMINATOR, check_keep, keep_counts
 from vtexit.methods.visionzip.policy import VisionZipPolicy
 from vtexit.methods.visionzip.tower import find_selected_layer
@@ -41,12 +41,13 @@ class VisionZipConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", check_keep(self.keep))
-        share = self.contextual_share
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
-            raise ValueError(f"contextual_share must be a number in [0, 1), got {share!r}")
-        object.__setattr__(self, "contextual_share", float(share))
+        share = check_float(
+            "contextual_share", self.contextual_share, low=0, high=1, high_open=True, what="the contextual tokens' share"
+        )
+        object.__setattr__(self, "contextual_share", share)
 
     def build_policy(self, model: nn.Module, family: FamilySpec) -> Policy:
         layer = find_selected_layer(model, family.name)
+        check_renumbering(self.method, model, family, before_llm=True)
         dominant, contextual = split_tokens(layer.patches, self.keep, self.contextual_share)
         return VisionZipPolicy(layer, dominant, contextual)

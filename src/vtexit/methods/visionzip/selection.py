@@ -20,7 +20,7 @@ def dominant_indices(cls_attention: torch.Tensor, dominant: int) -> torch.Tensor
     """(images, dominant) ascending token indices: 0 (CLS) and the ``dominant - 1`` patches with the highest
     ``cls_attention`` (images, patches)."""
     top = cls_attention.topk(dominant - 1, dim=1).indices + 1
-    cls = torch.zeros_like(top[:, :1])
+    cls = top.new_zeros(top.shape[0], 1)  # not top[:, :1]: with dominant = 1, top has no column to copy
     return torch.cat([cls, top], dim=1).sort(dim=1).values
 
 

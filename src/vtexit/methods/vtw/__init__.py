@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from vtexit.core.families import FamilySpec
-from vtexit.methods.registry import apply
+from vtexit.methods.patch import apply
 from vtexit.methods.vtw.calibrate import DEFAULT_ETA, CalibrationResult, calibrate
 from vtexit.methods.vtw.config import VTWConfig, check_layer, valid_layer_range
 from vtexit.methods.vtw.policy import WithdrawHandle, WithdrawPolicy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from vtexit.core.families import FamilySpec, family_for
 from vtexit.core.policy import Policy
-from vtexit.methods.base import MethodConfig
+from vtexit.methods.base import MethodConfig, check_int, is_bool, shown
 from vtexit.methods.vtw.policy import WithdrawHandle, WithdrawPolicy
 
 
@@ -23,8 +24,9 @@ def valid_layer_range(model: nn.Module, family: FamilySpec | None = None) -> tup
 def check_layer(model: nn.Module, layer: object, family: FamilySpec | None = None, name: str = "layer") -> int:
     """Validate a withdrawal layer before anything touches the model (``name``: the setting, for the error)."""
     low, high = valid_layer_range(model, family)
-    if isinstance(layer, bool) or not isinstance(layer, int):
-        raise ValueError(f"{name} must be an int in [{low}, {high}], got {layer!r}")
+    if is_bool(layer) or not isinstance(layer, numbers.Integral):
+        raise ValueError(f"{name} must be an int in [{low}, {high}], got {shown(layer)}")
+    layer = int(layer)
     if not low <= layer <= high:
         why = (
             " (layer 0 and the first layer of each attention type, and Qwen3-VL's deepstack layers, must keep the "
@@ -32,8 +34,13 @@ def check_layer(model: nn.Module, layer: object, family: FamilySpec | None = Non
             if layer < low
             else f" ({high} = number of decoder layers = no withdrawal)"
         )
-        raise ValueError(f"{name} must be in [{low}, {high}] for this model, got {layer}{why}")
+        raise ValueError(f"{name} must be in [{low}, {high}] for this model, got {shown(layer)}{why}")
     return layer
+
+
+def check_layer_index(name: str, layer: object, optional: bool = False) -> int | None:
+    """A decoder layer setting as a plain int >= 0 (ValueError naming it); the model bounds it when applied."""
+    return check_int(name, layer, low=0, what="a decoder layer; the model bounds it when applied", optional=optional)
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,9 @@ class VTWConfig(MethodConfig):
     method: ClassVar[str] = "vtw"
     handle_class: ClassVar[type] = WithdrawHandle
     layer: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layer", check_layer_index("layer", self.layer))
 
     def build_policy(self, model: nn.Module, family: FamilySpec) -> Policy:
         return WithdrawPolicy(check_layer(model, self.layer, family))

@@ -8,7 +8,7 @@ from torch import nn
 
 from vtexit.core.families import FamilySpec
 from vtexit.core.handle import PatchHandle
-from vtexit.methods.registry import apply
+from vtexit.methods.patch import apply
 from vtexit.methods.yopo.config import YOPOConfig
 from vtexit.methods.yopo.heads import HeadMask, calibrate_heads, heads_from_scores, score_heads
 from vtexit.methods.yopo.policy import YOPOPolicy

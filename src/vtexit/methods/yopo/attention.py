@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vtexit.core.call_access import CallAccess
 from vtexit.core.compiled import eager_under_compile
-from vtexit.core.engine import ScheduleEngine
 from vtexit.core.transformers_compat import rotary_function, take_cache, with_cache
 from vtexit.methods.yopo import sliced
 from vtexit.methods.yopo.dense import DenseHeadMasks, additive_mask, dense_mask, without_visual_keys
@@ -80,7 +80,7 @@ class YOPOAttention:
 
     def __init__(
         self,
-        engine: ScheduleEngine,
+        engine: CallAccess,
         plans: dict[int, HeadPlan],
         window: int | None,
         pruned_text: str,

@@ -15,6 +15,7 @@ from vtexit.core.policy import Policy
 from vtexit.methods.base import MethodConfig
 from vtexit.methods.vtw.config import check_layer
 from vtexit.methods.yopo.heads import HeadMask
+from vtexit.methods.yopo.policy import InLayerSettings, YOPOPolicy
 
 PRUNED_TEXT = ("renormalise", "zero")
 WINDOW_KERNELS = ("auto", "flex", "tiles")  # auto: FlexAttention on CUDA, tiles of SDPA elsewhere
@@ -94,8 +95,6 @@ class YOPOConfig(MethodConfig):
         return None if self.heads is None else HeadMask(torch.tensor(self.heads, dtype=torch.bool))
 
     def build_policy(self, model: nn.Module, family: FamilySpec) -> Policy:
-        from vtexit.methods.yopo.policy import YOPOPolicy
-
         parts = family.resolve(model)
         text = model.config.get_text_config()
         num_layers = len(parts.layers)
@@ -116,4 +115,7 @@ class YOPOConfig(MethodConfig):
             # The grid function refuses layouts it cannot describe (e.g. LLaVA keeping a CLS token).
             empty = {"input_ids": torch.zeros(1, 1, dtype=torch.long)}
             family.visual_grid(model.config, torch.zeros(1, 1, dtype=torch.bool), empty)
-        return YOPOPolicy(self, parts.layers, family, max(1, family.min_layer(model.config)), layer_drop)
+        settings = InLayerSettings(
+            self.window, self.head_mask(), self.ffn_ratio, self.pruned_text, self.window_kernel, self.dense_below
+        )
+        return YOPOPolicy(settings, parts.layers, family, max(1, family.min_layer(model.config)), layer_drop)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vtexit.core.call_access import CallAccess
 from vtexit.core.compiled import eager_under_compile
-from vtexit.core.engine import ScheduleEngine
 from vtexit.methods.yopo import sliced
 from vtexit.methods.yopo.execution import runs_split
 from vtexit.methods.yopo.rows import call_rows
@@ -28,7 +28,7 @@ def check_mlp(module: nn.Module) -> None:
 class YOPOMLP:
     """Replacement MLP forwards of one patched model."""
 
-    def __init__(self, engine: ScheduleEngine, neurons: int, dense_below: int | None = None):
+    def __init__(self, engine: CallAccess, neurons: int, dense_below: int | None = None):
         self.engine = engine
         self.neurons = neurons
         self.dense_below = dense_below
