@@ -15,7 +15,7 @@ def test_profile_prefill_eager_counts_operators(llava4):
     model, inputs = llava4.model, llava4.inputs([1], text_len=5)
     rows = profile_prefill(model, inputs, [2], repeats=1)
     assert [r.layer for r in rows] == [None, 2]
-    assert all(r.wall_s > 0 and r.busy_s is None and r.busy_share is None for r in rows)
+    assert all(isinstance(r.wall_s, float) and r.busy_s is None and r.busy_share is None for r in rows)
     assert rows[0].kernels > 100  # every layer's operators, not just a hook's
     names = {share.name for share in rows[0].top}
     assert "aten::linear" in names and not names & {"aten::matmul", "aten::mm", "aten::addmm"}  # not nested ones
@@ -31,7 +31,7 @@ def test_profile_static_decode_is_per_token(llava4):
     model, inputs = llava4.model, llava4.inputs([1], text_len=5)
     rows = profile_static_decode(model, inputs, [2], new_tokens=3, repeats=1)
     assert [r.layer for r in rows] == [None, 2]
-    assert all(0 < row.wall_s and 0 < row.kernels for row in rows)
+    assert all(isinstance(row.wall_s, float) and 0 < row.kernels for row in rows)  # a difference of times: any sign
     # a decode step runs the same compiled graph every time: 4 steps cost twice the operators of 2, so per token
     # the count does not depend on the generate's length (a generate's own operators cancel out)
     longer = profile_static_decode(model, inputs, [2], new_tokens=5, repeats=1)

@@ -17,7 +17,7 @@ def test_measure_speed_on_cpu(llava4):
     inputs = llava4.inputs([1, 1], text_len=[5, 5])
     rows = measure_speed(llava4.model, inputs, [2], repeats=1, new_tokens=3)
     assert [(r.mode, r.layer) for r in rows] == [("eager", None), ("eager", 2)]
-    assert all(r.prefill_s > 0 and r.decode_token_s is not None for r in rows)
+    assert all(math.isfinite(r.prefill_s) and r.decode_token_s is not None for r in rows)
     shape = DecoderShape.from_model(llava4.model)
     media = llava4.media_mask(inputs)
     length, text = inputs["input_ids"].shape[1], int((~media[0]).sum())
