@@ -26,7 +26,7 @@ CANARY_VENV := .venv-canary
 # core busy, so two use both of CI's cores (docs/development.md).
 TEST_WORKERS ?= 2
 
-.PHONY: setup test test-floor test-release test-torch canary constraints demo bench lint gpu-check docs
+.PHONY: setup test test-floor test-release test-torch canary constraints demo bench lint gpu-check docs wheel-check
 
 setup: $(STAMP)
 
@@ -78,6 +78,10 @@ bench: setup
 # NO_MKDOCS_2_WARNING silences mkdocs-material's banner about its end of life (May 2027) and its successor.
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d build/site
+
+# The built wheel in an empty venv (.venv-wheel): it imports, carries its data files and answers `vtexit --version`.
+wheel-check:
+	bash scripts/check_wheel.sh .venv-wheel $(CONSTRAINTS)
 
 # On a CUDA machine, with its own torch (not this venv's CPU wheel): exactness on CUDA + the speed benchmark.
 gpu-check:
