@@ -102,6 +102,21 @@ def test_prompt_ending_in_visual_tokens_under_in_layer_pruning_is_refused(llava4
 
 
 @torch.no_grad()
+def test_visual_tokens_without_pixel_inputs_are_refused(llava4):
+    """The model would read image tokens without pixels as text embeddings: refused, not run silently."""
+    inputs = llava4.inputs([1, 1], text_len=[4, 4])
+    without_pixels = {k: v for k, v in inputs.items() if not has_media_inputs({k: v})}
+    assert "pixel_values" in inputs and "pixel_values" not in without_pixels
+    with vtexit.withdraw(llava4.model, layer=2):
+        with pytest.raises(ValueError, match="no pixel inputs"):
+            llava4.model(**without_pixels)
+        with pytest.raises(ValueError, match="no pixel inputs"):
+            llava4.model.generate(**without_pixels, max_new_tokens=2)
+    with pytest.raises(ValueError, match="no pixel inputs"):
+        vtexit.calibrate(llava4.model, [without_pixels], progress=False)
+
+
+@torch.no_grad()
 def test_prompt_ending_in_visual_tokens_runs_untouched_when_nothing_is_withdrawn(llava4):
     """At K = N no token leaves, so the last token's prediction is the unpatched one and nothing is refused."""
     ends_in_image = _cut_after_last_visual_token(llava4, llava4.inputs([1, 1], text_len=[4, 4]))

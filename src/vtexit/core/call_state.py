@@ -31,6 +31,30 @@ class PrefillRecord:
     stage_of_layer: list[int]  # per layer: index into `stages` (-1 = full sequence)
     stages: list[Stage]
     cost: RunCost
+    # Speculative decoding verifies draft tokens in the call that fills the cache: the last ``draft_length`` slots of
+    # the "prompt" are drafts (text, kept by every layer), which the cache may drop again (see ``without_last``).
+    draft_length: int = 0
+
+    def without_last(self, count: int) -> PrefillRecord:
+        """The record after the cache dropped the last ``count`` draft tokens from every layer (rejected drafts)."""
+        if not 0 < count <= self.draft_length:
+            raise ValueError(
+                f"the cache lost {count} positions of the prompt that filled it under vtexit (it may drop only the "
+                f"{self.draft_length} draft tokens verified with it): a cropped prompt cannot be continued"
+            )
+        stages = [
+            Stage(Layout(s.layout.index[:, :-count], s.layout.valid[:, :-count], s.layout.padded), s.position_shift)
+            for s in self.stages
+        ]
+        return PrefillRecord(
+            prompt_length=self.prompt_length - count,
+            media=self.media[:, :-count],
+            full_valid=self.full_valid[:, :-count],
+            stage_of_layer=self.stage_of_layer,
+            stages=stages,
+            cost=self.cost,
+            draft_length=self.draft_length - count,
+        )
 
     @property
     def full_tokens(self) -> torch.Tensor:
@@ -88,6 +112,7 @@ class CallState:
     renumbered: Layout | None = None  # the layout after the last event that renumbered positions (None: none did)
     traced: bool = False  # started while tracing (torch.compile of the whole model): no host reads, no locks
     traced_media_count: int = 0  # a traced prefill's visual tokens, from the pixel inputs' shapes
+    draft_length: int = 0  # speculative decoding: draft tokens after the prompt in this prefill (policies see none)
 
 
 def decode_key_padding(call: CallState, stage: int) -> torch.Tensor:

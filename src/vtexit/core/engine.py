@@ -58,6 +58,8 @@ class ScheduleEngine(EngineState):
         for module in replacements:
             if "forward" in module.__dict__:
                 raise ValueError(f"{type(module).__name__}.forward is already replaced on this instance")
+        if "generate" in self.model.__dict__:
+            raise ValueError(f"{type(self.model).__name__}.generate is already replaced on this instance")
         # Everything that can refuse is resolved before the first hook, so a refusal leaves the model untouched.
         watched = set(self.policy.attention_layers) | set(self.policy.key_layers)
         attention_modules = [(i, self.attention_module(i)) for i in sorted(watched)]
@@ -78,6 +80,8 @@ class ScheduleEngine(EngineState):
             module.forward = partial(forward, module)
             self.replaced.append(module)
         hooks.extend(self.policy.outer_hooks(self.model))
+        if hasattr(type(self.model), "generate"):  # a partial, as for replaced forwards (deep copies follow)
+            self.model.generate = partial(kinds.generate_under_patch, self)
         self.model._vtexit_engine = self
         forget_compiled_call(self.model)  # a deep copy's may still run the model it was copied from
         forget_compiled_graphs()
@@ -89,6 +93,8 @@ class ScheduleEngine(EngineState):
         for module in self.replaced:
             del module.forward
         self.replaced.clear()
+        if isinstance(self.model.__dict__.get("generate"), partial):
+            del self.model.generate
         with self.lock:
             caches = [cache for cache, record in self.records.items() if record.compacted]
             self.records.clear()

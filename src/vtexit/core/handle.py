@@ -57,6 +57,11 @@ class PatchHandle:
         return self._engine.model
 
     def __enter__(self) -> PatchHandle:
+        if not self.active:  # the model runs unpatched: a with block would silently measure the plain model
+            raise ValueError(
+                f"this {type(self).__name__} has been removed, so the model is no longer patched; patch it again "
+                "(e.g. handle = vtexit.apply(model, config)) and use that handle in the with block"
+            )
         return self
 
     def __exit__(self, *exc) -> None:

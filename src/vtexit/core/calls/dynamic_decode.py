@@ -29,6 +29,11 @@ def enter_continuation(engine: EngineState, cache: Cache, kwargs: dict, input_id
         return
     query_length = sequence_length(input_ids, kwargs.get("inputs_embeds"))
     past_length += record.dropped_before_layer0  # a pre-LLM reduction: layer 0 holds fewer than the prompt
+    if past_length < record.prompt_length:
+        # Speculative decoding rejected drafts verified with the prompt: the cache dropped them from every layer.
+        record = record.without_last(record.prompt_length - past_length)
+        with engine.lock:
+            engine.records[cache] = record
     engine.current_call = CallState(
         mode="decode",
         padding=padding,

@@ -15,6 +15,7 @@ from vtexit.core.attention_scores import query_attention, rotated_keys
 from vtexit.core.call_state import CallState, Stage
 from vtexit.core.calls.arguments import join_hidden, split_hidden
 from vtexit.core.engine_state import EngineState
+from vtexit.core.guards import has_media_inputs
 from vtexit.core.host_read import read_checks
 from vtexit.core.layout import Layout, gather_sequence
 from vtexit.core.masks import media_block_ids
@@ -28,13 +29,14 @@ def start_prefill(engine: EngineState, cache, static: bool, input_ids: torch.Ten
     media = engine.media_mask(input_ids)
     batch, length = input_ids.shape
     layout = Layout.full(padding, batch, length, input_ids.device, engine.positions(batch, length, input_ids.device))
+    draft = _draft_length(engine, length)
     # The one host read of a prefill, with as few kernels as can be (host time counts at batch 1): is there media;
     # on a static cache, is it filled. Whether a row ends in media is read with the first compaction event (one
     # read either way), or here when in-layer forwards change visual rows from the first layer on. The policy's
     # own questions about the prompt ride along (Policy.prefill_checks).
     checks = {"media": media.any()}
     if engine.replaced:
-        checks["ends in media"] = ends_in_media(media, layout)
+        checks["ends in media"] = prompt_ends_in_media(media, layout, draft)
     filled = cache.get_seq_length() if static else 0  # an int 0 before a static cache's first use
     if isinstance(filled, torch.Tensor):
         checks["filled"] = filled > 0
@@ -53,6 +55,11 @@ def start_prefill(engine: EngineState, cache, static: bool, input_ids: torch.Ten
         )
     if not read["media"]:
         return False
+    if not has_media_inputs(kwargs):
+        raise ValueError(
+            "input_ids hold visual tokens but the call passed no pixel inputs (pixel_values or the like): the model "
+            "would read the visual tokens as plain text embeddings. Pass the processor's pixel inputs with the prompt"
+        )
     if read.get("ends in media"):
         raise ends_in_media_error()
     block_ids = None
@@ -69,12 +76,14 @@ def start_prefill(engine: EngineState, cache, static: bool, input_ids: torch.Ten
         grid_inputs={"input_ids": input_ids, **{name: kwargs.get(name) for name in engine.family.grid_inputs}},
         use_cache=kwargs.get("use_cache"),
         checks={name: read[name] for name in asked},
+        draft_length=draft,
     )
     engine.current_call = call
     if engine.planned_withdrawal is not None:
         # Planned now (the event's one host read, with the last-token check), so that decoder layers compiled
         # with fullgraph=True run it without a graph break.
-        kept, source, row_ends_in_media = layout.select(layout.valid & ~media, ends_in_media(media, layout))
+        check = prompt_ends_in_media(media, layout, draft)
+        kept, source, row_ends_in_media = layout.select(layout.valid & ~media, check)
         if row_ends_in_media:
             raise ends_in_media_error()
         call.planned = {engine.planned_withdrawal: (kept, source)}
@@ -116,7 +125,11 @@ def prefill_layer(engine: EngineState, layer_idx: int, call: CallState, args: tu
 
 
 def _policy_event(engine: EngineState, layer_idx: int, call: CallState, hidden: torch.Tensor):
-    """Ask the policy before ``layer_idx``: ((layout, source) or None, the hidden states the kept slots carry)."""
+    """Ask the policy before ``layer_idx``: ((layout, source) or None, the hidden states the kept slots carry).
+
+    The policy sees the prompt alone: draft tokens that speculative decoding verifies in the same call (the last
+    slots) are hidden from it and always kept, so it decides as in a plain prefill of the prompt."""
+    draft = call.draft_length
     view = PrefillView(
         layer_idx,
         call.layout,
@@ -126,12 +139,22 @@ def _policy_event(engine: EngineState, layer_idx: int, call: CallState, hidden: 
         state=call.policy_state,
         key_states=call.key_states,
     )
+    if draft:
+        positions = call.media.shape[1] - draft
+        view.layout = prompt_slots(call.layout, draft)
+        view.media_original = call.media[:, :positions]
+        view.hidden_states = hidden[:, : view.layout.length]
+        view.scores = {layer: s[:, :positions] for layer, s in call.scores.items()}
+        view.key_states = {layer: k[:, :positions] for layer, k in call.key_states.items()}
     keep = engine.policy.keep(view)
     if keep is None:
         return None, hidden
     first = call.stage < 0 and not engine.replaced  # whether a row ends in media is read now (see start_prefill)
-    check = ends_in_media(call.media, call.layout) if first else None
+    check = prompt_ends_in_media(call.media, call.layout, draft) if first else None
     merged = engine.policy.merge(view, keep)
+    if draft:
+        keep = torch.cat([keep.to(torch.bool), keep.new_ones(keep.shape[0], draft, dtype=torch.bool)], dim=1)
+        merged = None if merged is None else torch.cat([merged, hidden[:, -draft:]], dim=1)
     hidden = hidden if merged is None else merged
     layout, source, row_ends_in_media = call.layout.select(keep, check)
     if row_ends_in_media:
@@ -216,7 +239,7 @@ def record_attention(engine: EngineState, layer_idx: int, module, args: tuple, k
         call.key_states[layer_idx] = store.scatter(1, index, keys * call.layout.valid[..., None].to(keys.dtype))
     if layer_idx not in engine.policy.attention_layers:
         return
-    last = call.layout.last_slot.to(torch.long).argmax(dim=1, keepdim=True)
+    last = prompt_slots(call.layout, call.draft_length).last_slot.to(torch.long).argmax(dim=1, keepdim=True)
     probs = query_attention(module, hidden, kwargs["position_embeddings"], kwargs.get("attention_mask"), last)
     probs = probs.squeeze(1)
     scores = torch.zeros_like(call.full_valid, dtype=probs.dtype)
@@ -258,6 +281,27 @@ def compact_hidden(hidden: torch.Tensor, source: torch.Tensor, layout: Layout) -
 def ends_in_media(media: torch.Tensor, layout: Layout) -> torch.Tensor:
     """0-dim bool: whether some row's last real prompt token (the one that predicts the next) is a media token."""
     return (media & layout.last_slot).any()
+
+
+def prompt_ends_in_media(media: torch.Tensor, layout: Layout, draft: int) -> torch.Tensor:
+    """:func:`ends_in_media` for the prompt of a full layout whose last ``draft`` slots are draft tokens."""
+    return ends_in_media(media[:, : media.shape[1] - draft], prompt_slots(layout, draft))
+
+
+def prompt_slots(layout: Layout, draft: int) -> Layout:
+    """The slots of the prompt: all but the last ``draft`` (draft tokens of speculative decoding are text, kept by
+    every event, so they stay the last slots of every layout)."""
+    if not draft:
+        return layout
+    return Layout(layout.index[:, :-draft], layout.valid[:, :-draft], padded=layout.padded)
+
+
+def _draft_length(engine: EngineState, length: int) -> int:
+    """Draft tokens after the prompt in a prefill of ``length`` tokens: speculative decoding (prompt lookup, an
+    assistant model) verifies its first drafts in the call that fills the cache. The prompt's length comes from
+    the ``generate`` call running in this thread (0 outside one)."""
+    prompt_length = getattr(engine.thread_state, "generate_prompt_length", None)
+    return length - prompt_length if prompt_length is not None and length > prompt_length else 0
 
 
 def ends_in_media_error() -> ValueError:

@@ -90,6 +90,21 @@ def begin_call(engine: EngineState, args: tuple, kwargs: dict) -> tuple | None:
     return None
 
 
+def generate_under_patch(engine: EngineState, *args, **kwargs):
+    """``model.generate`` while patched: the model's own ``generate``, with the prompt's length noted for this
+    thread, so that a prefill that also verifies draft tokens (speculative decoding: prompt lookup, an assistant
+    model) is told apart from its prompt (:func:`~vtexit.core.calls.eager_prefill.start_prefill`)."""
+    model = engine.model
+    prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    local = engine.thread_state
+    outer = getattr(local, "generate_prompt_length", None)
+    local.generate_prompt_length = prompt.shape[-1] if isinstance(prompt, torch.Tensor) else None
+    try:
+        return type(model).generate(model, *args, **kwargs)
+    finally:
+        local.generate_prompt_length = outer
+
+
 def untouched_call(engine: EngineState, static_cache: Cache | None) -> None:
     """A call the patch leaves alone; on a static cache, the calls that continue it are marked untouched too."""
     engine.thread_state.last_layout = None
@@ -123,6 +138,7 @@ def end_call(engine: EngineState, output: Any) -> None:
             stage_of_layer=call.stage_of_layer,
             stages=call.stages,
             cost=run_cost,
+            draft_length=call.draft_length,
         )
         with engine.lock:
             engine.records[call.cache] = record

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from vtexit.core.engine import ScheduleEngine
 from vtexit.core.families import FamilySpec, family_for
+from vtexit.core.guards import has_media_inputs
 from vtexit.methods.vtw.config import check_layer, valid_layer_range
 
 DEFAULT_ETA = 0.05  # our choice, from the testbed's KL-vs-accuracy curve (README); the paper tunes eta per model
@@ -115,6 +116,11 @@ def kl_curve(
     rows = media.any(dim=1).cpu()
     if not rows.any():
         return {k: torch.zeros(0) for k in layers}
+    if not has_media_inputs(batch):
+        raise ValueError(
+            "a calibration sample's input_ids hold visual tokens but it has no pixel inputs (pixel_values or the "
+            "like): the model would read them as plain text. Give calibrate the processor's whole output"
+        )
     recorded: list[tuple[torch.Tensor, dict]] = []
 
     def record(module, args, kwargs):
