@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -85,3 +86,47 @@ print(matplotlib.get_backend(), len(plt.get_fignums()))
     assert done.stdout.split() == ["svg", "0"]  # the user's backend kept, no figure left open in pyplot
     with Image.open(tmp_path / "kl.png") as image:
         assert image.format == "PNG" and image.size == (768, 480)  # figsize (6.4, 4) at 120 dpi
+
+
+def _lines(table, width: int) -> list[str]:
+    console = Console(record=True, width=width)
+    console.print(table)
+    return console.export_text().splitlines()
+
+
+@pytest.mark.parametrize("width", [60, 80, 100, 120])
+def test_result_tables_show_whole_method_specs_within_the_width(width):
+    baseline = _result("baseline", 0.28, 0.12, 8.845e9, 2.0e8)
+    names = ["fastv:layer=2,keep=0.25", "fastv:layer=2,keep=0.5", "pdrop:layers=8/16/24,keep=0.5"]
+    results = [baseline, *(dataclasses.replace(baseline, name=name) for name in names)]
+    lines = _lines(results_table(results, baseline), width)
+    assert all(len(line) <= width for line in lines)
+    first_cells = ["".join(re.split(r"[│┃]", line)[1].split()) for line in lines if line.startswith("│")]
+    shown = "".join(first_cells)  # a long spec may fold over lines of its cell, never lose characters
+    for name in names:
+        assert name in shown and "…" not in shown, lines
+    if width >= 120:  # room enough: each spec on one line
+        assert all(any(name in line for line in lines) for name in names), lines
+
+
+def test_timings_from_fewer_than_five_batches_are_flagged():
+    baseline = _result("baseline", 0.28, 0.12, 8.845e9, 2.0e8)
+    vtw = _result("VTW K=24", 0.25, 0.10, 7.4e9, 1.9e8)
+    for batches, warned in [(1, True), (4, True), (5, False), (None, False)]:
+        results = [dataclasses.replace(r, timed_batches=batches) for r in (baseline, vtw)]
+        text = " ".join(" ".join(_lines(results_table(results, results[0]), 160)).split())
+        assert ("noise-prone" in text and "--rows" in text) is warned, (batches, text)
+        if warned:
+            assert f"timed on only {batches} batch" in text
+
+
+def test_bench_tables_flag_timings_from_fewer_than_five_repeats():
+    from vtexit.evaluation.bench import BenchRow
+    from vtexit.evaluation.report import bench_table
+
+    def row(layer, repeats):
+        return BenchRow(layer, 0.1, 0.08, 0.5, 0.01, (1024,) * 4, 1_000_000, 10_000, repeats=repeats)
+
+    for repeats, warned in [(2, True), (5, False)]:
+        text = " ".join(" ".join(_lines(bench_table([row(None, repeats), row(2, repeats)]), 160)).split())
+        assert ("noise-prone" in text and "--repeats" in text) is warned, text

@@ -34,6 +34,7 @@ class BenchRow:
     kv_bytes_per_layer: tuple[int, ...]
     prefill_flops: int
     decode_flops: int
+    repeats: int | None = None  # timed repeats the medians are over (None: not recorded)
 
     @property
     def kv_bytes(self) -> int:
@@ -123,6 +124,7 @@ def bench_withdrawal(
                 kv_bytes_per_layer=kv[config],
                 prefill_flops=flops[config].prefill,
                 decode_flops=flops[config].decode_per_token,
+                repeats=repeats,
             )
         )
     return rows

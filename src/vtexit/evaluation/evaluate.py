@@ -51,7 +51,8 @@ class Answer:
 class EvalResult:
     """Accuracy and cost of one configuration on a fixed list of questions.
 
-    The two ``*_s_per_sample`` times are medians over batches of (batch time / rows in the batch).
+    The two ``*_s_per_sample`` times are medians over batches of (batch time / rows in the batch);
+    ``timed_batches`` is how many (fewer than :data:`vtexit.evaluation.report.MIN_TIMED` makes them noise-prone).
     """
 
     name: str
@@ -65,6 +66,7 @@ class EvalResult:
     decode_flops_per_token: float
     answers: list[Answer] = field(default_factory=list, repr=False)
     cache_implementation: str = "dynamic"  # generate's KV cache: "dynamic" (transformers' default) or "static"
+    timed_batches: int | None = None  # batches the median times are over (None: not recorded)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -161,6 +163,7 @@ def _result(name: str, tally: _Tally, cache_implementation: str) -> EvalResult:
         decode_flops_per_token=sum(tally.decode_flops) / max(1, len(tally.decode_flops)),
         answers=answers,
         cache_implementation=cache_implementation,
+        timed_batches=len(tally.generate_s),
     )
 
 

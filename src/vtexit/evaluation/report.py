@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
+from rich.text import Text
 
 from vtexit.evaluation.bench import BenchRow
 from vtexit.evaluation.evaluate import EvalResult
@@ -18,6 +20,73 @@ NOISE_NOTE = (
     f"{NOISE_MARK}: more than {NOISE_TOLERANCE:.2f} x the FLOPs ratio, which bounds the speedup; "
     "timing noise, not a result. Repeat the run."
 )
+
+
+# A median of n timings stands up to fewer than n/2 disturbed ones. From fewer than 5 timed batches (or repeats)
+# one or two slow spells of a shared machine decide a time, and so a speedup: an 8-row sweep, one timed batch per
+# point, once printed VTW at 0.10x and at 1.13x on a rerun. With 5, two disturbed batches still leave the median on
+# an undisturbed one; such timings are printed with a warning, not refused (a quick look is still useful).
+MIN_TIMED = 5
+
+
+def few_timings_warning(count: int | None, unit: str, remedy: str) -> str | None:
+    """The warning for times that are medians over only ``count`` timed ``unit``s (None: enough, or not known)."""
+    if count is None or count >= MIN_TIMED:
+        return None
+    units = unit if count == 1 else ("batches" if unit == "batch" else f"{unit}s")
+    return (
+        f"warning: each configuration was timed on only {count} {units} (fewer than {MIN_TIMED}), so its times and "
+        f"speedups are noise-prone: one slow spell of the machine can decide them. For steadier numbers {remedy}."
+    )
+
+
+FEW_BATCHES_REMEDY = (
+    f"time {MIN_TIMED} or more batches: more --rows (batches = rows / --batch-size) or a smaller --batch-size"
+)
+FEW_REPEATS_REMEDY = f"use --repeats {MIN_TIMED} or more"
+
+
+class FittedTable(Table):
+    """A rich Table that shows every cell whole and fits the width it is printed at (the terminal's: nothing fixes a
+    width). When the table is wider than that, the first column (the configurations' names, e.g.
+    ``fastv:layer=2,keep=0.5``) keeps its longest name on one line if the other columns, narrowed to their longest
+    words, leave room for it; the others share what is left. A name or cell that still does not fit folds over lines
+    instead of being cut ("…" would make two specs, or two numbers, look alike)."""
+
+    PADDING = 2  # the default padding: one space either side of a cell
+    FIRST_FLOOR = 12  # the first column is never narrowed below this (or its longest name) by the others' needs
+
+    def _fit(self, max_width: int) -> None:
+        for column in self.columns:
+            column.overflow, column.width = "fold", None
+        texts = [[str(cell) for cell in (column.header, *column.cells)] for column in self.columns]
+        whole = [max(map(len, cells), default=1) for cells in texts]
+        words = [max((len(word) for cell in cells for word in cell.split()), default=1) for cells in texts]
+        room = max_width - (len(self.columns) + 1) - self.PADDING * len(self.columns)  # minus borders and padding
+        if sum(whole) <= room:
+            return  # fits as it is
+        first = min(whole[0], max(min(whole[0], self.FIRST_FLOOR), room - sum(words[1:])))
+        left = room - first - sum(words[1:])
+        self.columns[0].width = first
+        if left < 0:
+            return  # even the longest words do not fit: rich narrows the rest, cells fold
+        wants = [w - m for w, m in zip(whole[1:], words[1:], strict=True)]
+        total = sum(wants) or 1
+        for column, least, want in zip(self.columns[1:], words[1:], wants, strict=True):
+            column.width = least + min(want, left * want // total)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if self.columns:
+            self._fit(options.max_width)
+        return super().__rich_console__(console, options)
+
+
+def _caption(notes: Sequence[tuple[str | None, str]]) -> Text | None:
+    """The notes under a table, each on its own line in its style (a warning stands out); None if there are none."""
+    shown = [(note, style) for note, style in notes if note]
+    if not shown:
+        return None
+    return Text("\n").join(Text(note, style=style) for note, style in shown)
 
 
 def beyond_flops_bound(speedup: float, flops_ratio: float, tolerance: float = NOISE_TOLERANCE) -> bool:
@@ -67,23 +136,29 @@ def result_cells(name: str, r: EvalResult, baseline: EvalResult) -> list[str]:
     ]
 
 
+def result_rows_table(title: str, rows: Sequence[Sequence[str]], timed_batches: int | None = None) -> Table:
+    """A table of :data:`RESULT_COLUMNS` rows (:func:`result_cells`): names whole, the noise footnote when a
+    speedup is flagged, and a warning when the times are medians over fewer than :data:`MIN_TIMED` batches."""
+    table = FittedTable(title=title, caption_justify="left")
+    table.add_column(RESULT_COLUMNS[0])
+    for name in RESULT_COLUMNS[1:]:
+        table.add_column(name, justify="right")
+    for cells in rows:
+        table.add_row(*cells)
+    flagged = any(NOISE_MARK in cell for cells in rows for cell in cells)
+    warning = few_timings_warning(timed_batches, "batch", FEW_BATCHES_REMEDY)
+    table.caption = _caption([(warning, "bold yellow"), (NOISE_NOTE if flagged else None, "")])
+    return table
+
+
 def results_table(results: Sequence[EvalResult], baseline: EvalResult, dataset: str = "") -> Table:
-    """Accuracy, FLOPs and median times against ``baseline``; speedups beyond the FLOPs bound flagged as noise."""
+    """Accuracy, FLOPs and median times against ``baseline``; speedups beyond the FLOPs bound flagged as noise,
+    times from fewer than :data:`MIN_TIMED` batches flagged as noise-prone."""
     where = f"{dataset}, " if dataset else ""
     cache = "" if baseline.cache_implementation == "dynamic" else f"; {baseline.cache_implementation} KV cache"
-    table = Table(
-        title=f"{where}{baseline.n} fixed questions (exact match; times: medians of interleaved batches{cache})"
-    )
-    for name in RESULT_COLUMNS:
-        table.add_column(name, justify="right")
-    flagged = False
-    for r in results:
-        cells = result_cells(r.name, r, baseline)
-        flagged = flagged or any(NOISE_MARK in cell for cell in cells)
-        table.add_row(*cells)
-    if flagged:
-        table.caption = NOISE_NOTE
-    return table
+    title = f"{where}{baseline.n} fixed questions (exact match; times: medians of interleaved batches{cache})"
+    rows = [result_cells(r.name, r, baseline) for r in results]
+    return result_rows_table(title, rows, baseline.timed_batches)
 
 
 def kl_table(result: CalibrationResult) -> Table:
@@ -106,7 +181,7 @@ def kl_table(result: CalibrationResult) -> Table:
 def bench_table(rows: Sequence[BenchRow]) -> Table:
     """Measured prefill speedup next to the FLOPs ratio, decode time per token and KV-cache bytes."""
     base = next(r for r in rows if r.layer is None)
-    table = Table(title="VTW benchmark (medians; ratios vs baseline in the same run)")
+    table = FittedTable(title="VTW benchmark (medians; ratios vs baseline in the same run)", caption_justify="left")
     for name in (
         "config",
         "prefill ms (model)",
@@ -139,4 +214,5 @@ def bench_table(rows: Sequence[BenchRow]) -> Table:
             f"{r.kv_bytes / 2**20:.2f}",
             kv_later,
         )
+    table.caption = _caption([(few_timings_warning(base.repeats, "repeat", FEW_REPEATS_REMEDY), "bold yellow")])
     return table

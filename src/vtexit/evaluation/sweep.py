@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
 from torch import nn
 
 from vtexit.core.engine import ScheduleEngine
@@ -27,7 +28,7 @@ from vtexit.evaluation import distributed
 from vtexit.evaluation.datasets import VQARecord
 from vtexit.evaluation.evaluate import EvalResult, Method, evaluate_interleaved
 from vtexit.evaluation.plots import ParetoPoint, plot_pareto
-from vtexit.evaluation.report import RESULT_COLUMNS, result_cells
+from vtexit.evaluation.report import RESULT_COLUMNS, result_cells, result_rows_table
 from vtexit.methods.base import MethodConfig
 from vtexit.methods.divprune.policy import DivPrunePolicy
 from vtexit.methods.patch import apply
@@ -136,7 +137,7 @@ def resolve_grid(model: nn.Module, grid: Sequence[Mapping[str, Any] | MethodConf
             label = data.pop("label", None)
             try:
                 config = config_from_dict(data)
-            except ValueError as err:
+            except (ValueError, TypeError) as err:  # TypeError: a config's constructor refusing its arguments
                 raise ValueError(f"sweep point {i} {dict(item)}: {err}") from None
         else:
             raise ValueError(f"sweep point {i} must be a config dict such as {{'method': 'vtw', 'layer': 16}}")
@@ -220,6 +221,13 @@ def table_rows(points: Sequence[SweepPoint]) -> list[list[str]]:
     Speedups beyond the FLOPs bound are flagged as noise (:func:`vtexit.evaluation.report.result_cells`)."""
     base = points[0].result
     return [result_cells(point.entry.label, point.result, base) for point in points]
+
+
+def sweep_table(points: Sequence[SweepPoint], title: str) -> Table:
+    """The sweep as a rich table (labels whole, fitting the terminal), with the noise footnote and, when the times
+    come from fewer than :data:`~vtexit.evaluation.report.MIN_TIMED` batches, a warning."""
+    title = f"{title} (exact match; times: medians of interleaved batches)"
+    return result_rows_table(title, table_rows(points), points[0].result.timed_batches)
 
 
 def markdown_table(points: Sequence[SweepPoint]) -> str:
