@@ -285,3 +285,40 @@ def test_lazy_exports_are_the_objects_the_type_checking_imports_name():
     assert vtexit.core.families.family_for is not None  # subpackages reachable after a plain `import vtexit`
     with pytest.raises(AttributeError, match="no attribute 'no_such_export'"):
         vtexit.no_such_export  # noqa: B018
+
+
+def test_apply_takes_a_config_or_its_dict(llava):
+    inputs = llava.inputs([1, 2], text_len=[5, 3])
+    with vtexit.apply(llava.model, vtexit.VTWConfig(layer=2)):
+        by_config = llava.model(**inputs).logits
+    with vtexit.apply(llava.model, {"method": "vtw", "layer": 2}) as handle:
+        by_dict = llava.model(**inputs).logits
+        assert handle.config == vtexit.VTWConfig(layer=2)
+    with vtexit.apply(llava.model, {"method": "fastv", "layer": "2", "keep": "0.5"}) as handle:  # strings convert
+        assert handle.config == vtexit.FastVConfig(layer=2, keep=0.5)
+    assert torch.equal(by_config, by_dict) and _untouched(llava.model)
+    with pytest.raises(ValueError, match="missing required setting 'layer' for method 'vtw'"):
+        vtexit.apply(llava.model, {"method": "vtw"})
+    with pytest.raises(ValueError, match="method must be one of"):
+        vtexit.apply(llava.model, {"method": "nope"})
+    with pytest.raises(ValueError, match="config must be a vtexit method config or its dict"):
+        vtexit.apply(llava.model, "vtw")
+    assert _untouched(llava.model)
+
+
+def test_apply_of_dicts_sits_above_the_methods_and_patch_imports_no_registry():
+    """methods/patch.py is imported by every method package; the registry imports every method: patch must not
+    import the registry (an import circle), so the dict-taking ``vtexit.apply`` lives in the registry."""
+    import subprocess
+    import sys
+
+    from vtexit.methods import patch, registry
+
+    assert vtexit.apply is registry.apply and registry.apply is not patch.apply
+    assert vtexit.load_default is __import__("vtexit.default_model", fromlist=["x"]).load_default
+    for first, then in [("vtexit.methods.patch", "vtexit.methods.registry"), ("vtexit.methods.registry", "vtexit")]:
+        # each imported first in a fresh interpreter: a circle through it would fail here
+        code = f"import {first}, sys; print('vtexit.methods.registry' in sys.modules); import {then}; {then}.apply"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.strip() == str(first != "vtexit.methods.patch")  # patch alone does not pull in the registry

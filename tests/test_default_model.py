@@ -191,3 +191,27 @@ def test_trained_model_answers_fixed_test_questions(trained):
     predictions = [a.prediction for a in result.answers]
     correct = sum(p == r.answer for p, r in zip(predictions, records, strict=True))
     assert correct >= 12, json.dumps([(r.question, r.answer, p) for r, p in zip(records, predictions, strict=True)])
+
+
+@needs_default_model_parts
+def test_default_processor_pads_left_so_batched_generate_answers_each_row_alone(trained):
+    """Batched generate appends after each row's last token: with left padding every row's answer is the one it
+    gets alone (right padding would have rows continue after their pad tokens)."""
+    import vtexit
+    from vtexit.evaluation.datasets import EasyVQA
+
+    model, processor = trained
+    assert processor.tokenizer.padding_side == "left"
+    assert vtexit.load_default is __import__("vtexit.default_model", fromlist=["x"]).load_default
+    records = [EasyVQA("test")[i] for i in (0, 1, 2)]
+    images = [Image.open(r.image_path).convert("RGB") for r in records]
+    prompts = [build_prompt(r.question + " Answer in one word, please." * i) for i, r in enumerate(records)]
+    batch = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    assert not batch["attention_mask"][:, -1].eq(0).any() and batch["attention_mask"][:, 0].eq(0).any()
+    settings = dict(do_sample=False, max_new_tokens=4, pad_token_id=processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        together = model.generate(**batch, **settings)[:, batch["input_ids"].shape[1] :]
+        for b, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
+            alone = processor(images=[image], text=[prompt], return_tensors="pt")
+            tokens = model.generate(**alone, **settings)[0, alone["input_ids"].shape[1] :]
+            assert together[b, : len(tokens)].tolist() == tokens.tolist(), b

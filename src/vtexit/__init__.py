@@ -1,6 +1,7 @@
 """vtexit: take visual tokens out of the deep decoder layers of multimodal LLMs.
 
-``vtexit.apply(model, config)`` patches a model with any method; ``withdraw`` (VTW) is its short form.
+``vtexit.apply(model, config)`` patches a model with any method (a config or its dict); ``withdraw`` (VTW) is its
+short form. ``vtexit.load_default()`` is the built-in default model and its processor.
 
 The exports are imported on first use (PEP 562 ``__getattr__``), all at once and in the order below, so that
 ``import vtexit.app.cli`` (the ``vtexit`` command) starts without torch and transformers: ``vtexit --help`` stays
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from vtexit.core.handle import PatchHandle, patch_of
     from vtexit.core.layout import Layout
     from vtexit.core.policy import Policy, PrefillView
+    from vtexit.default_model import load_default
     from vtexit.methods.base import MethodConfig
     from vtexit.methods.baseline import BaselineConfig, baseline
     from vtexit.methods.dart import DARTConfig, dart
@@ -23,11 +25,11 @@ if TYPE_CHECKING:
     from vtexit.methods.dyvte import DyVTEConfig, DyVTEGates, DyVTEHandle, dyvte, train_gates
     from vtexit.methods.fastv import FastVConfig, fastv
     from vtexit.methods.hybrid import HybridConfig, hybrid
-    from vtexit.methods.patch import apply, apply_policy
+    from vtexit.methods.patch import apply_policy
     from vtexit.methods.pdrop import PDropConfig, pdrop
     from vtexit.methods.pool import PoolConfig, pool
     from vtexit.methods.random_drop import RandomDropConfig, random_drop
-    from vtexit.methods.registry import config_from_dict, method_configs
+    from vtexit.methods.registry import apply, config_from_dict, method_configs
     from vtexit.methods.visionzip import VisionZipConfig, visionzip
     from vtexit.methods.vtw import (
         CalibrationResult,
@@ -56,11 +58,11 @@ _HOMES = {
     "vtexit.methods.dyvte": ("DyVTEConfig", "DyVTEGates", "DyVTEHandle", "dyvte", "train_gates"),
     "vtexit.methods.fastv": ("FastVConfig", "fastv"),
     "vtexit.methods.hybrid": ("HybridConfig", "hybrid"),
-    "vtexit.methods.patch": ("apply", "apply_policy"),
+    "vtexit.methods.patch": ("apply_policy",),
     "vtexit.methods.pdrop": ("PDropConfig", "pdrop"),
     "vtexit.methods.pool": ("PoolConfig", "pool"),
     "vtexit.methods.random_drop": ("RandomDropConfig", "random_drop"),
-    "vtexit.methods.registry": ("config_from_dict", "method_configs"),
+    "vtexit.methods.registry": ("apply", "config_from_dict", "method_configs"),
     "vtexit.methods.visionzip": ("VisionZipConfig", "visionzip"),
     "vtexit.methods.vtw": (
         "CalibrationResult",
@@ -71,6 +73,7 @@ _HOMES = {
         "withdraw",
     ),
     "vtexit.methods.yopo": ("HeadMask", "YOPOConfig", "calibrate_heads", "yopo"),
+    "vtexit.default_model": ("load_default",),  # last: it imports the methods (its shipped DyVTE gates)
 }
 
 __all__ = [
@@ -118,6 +121,7 @@ __all__ = [
     "baseline",
     "calibrate",
     "config_from_dict",
+    "load_default",
     "method_configs",
     "patch_of",
     "register_family",

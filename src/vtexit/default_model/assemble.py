@@ -27,6 +27,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PROJECTOR_SEED = 0  # the untrained projector is still deterministic
 
 
+# Batched generate appends each row's next token after its last position: rows must end with their last real token,
+# so the processor pads on the left. (Training batches are padded by their own collate, on the right.)
+LEFT = "left"
+
+
 def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
     """Register ``<image>`` as a special token and return its id (49152: just past SmolLM2's vocab)."""
     if IMAGE_TOKEN not in tokenizer.get_vocab():
@@ -58,8 +63,9 @@ def make_image_processor() -> CLIPImageProcessorPil:
 
 
 def make_processor(tokenizer: PreTrainedTokenizerBase) -> LlavaProcessor:
-    """A ``LlavaProcessor`` that expands each ``<image>`` into exactly 64 image tokens."""
+    """A ``LlavaProcessor`` that expands each ``<image>`` into exactly 64 image tokens; batches pad on the left."""
     add_image_token(tokenizer)
+    tokenizer.padding_side = LEFT
     return LlavaProcessor(
         image_processor=make_image_processor(),
         tokenizer=tokenizer,

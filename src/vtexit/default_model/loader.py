@@ -9,7 +9,7 @@ import torch
 from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration, LlavaProcessor
 
 from vtexit.default_model.adapter import ADAPTER_FILE, WEIGHTS_DIR, apply_adapter
-from vtexit.default_model.assemble import assemble_llava, make_image_processor
+from vtexit.default_model.assemble import LEFT, assemble_llava, make_image_processor
 from vtexit.default_model.cache import CorruptCacheError, cached_folder
 from vtexit.default_model.convert_lm import load_gguf_lm, load_gguf_tokenizer
 from vtexit.default_model.convert_vision import load_onnx_dinov2
@@ -43,7 +43,8 @@ def load_default(
     cache_dir: str | os.PathLike[str] | None = None,
     attn_implementation: str = "sdpa",
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """The default model in eval mode, float32, and its processor.
+    """The default model in eval mode, float32, and its processor (which pads batches on the left, as batched
+    ``generate`` needs).
 
     ``trained=False`` keeps the seeded random projector and the unmodified LM (the "untrained" baseline);
     ``trained=True`` loads the committed projector and merges the committed LoRA weights into the LM.
@@ -64,6 +65,7 @@ def load_default(
         raise CorruptCacheError(
             f"Could not load the cached default model ({err}). Delete the folder {folder} and run again."
         ) from err
+    processor.tokenizer.padding_side = LEFT  # for batched generate; caches built before this saved "right"
     if not isinstance(processor.image_processor, CLIPImageProcessorPil):
         # With torchvision installed transformers would pick its torchvision backend; keep the PIL one that the
         # projector was trained with, so pixels are identical on every machine.

@@ -1,13 +1,22 @@
-"""Every built-in method by name, and configs named by strings or dicts (``apply`` is in :mod:`vtexit.methods.patch`).
+"""Every built-in method by name, configs named by strings or dicts, and ``vtexit.apply``, which takes either.
 
 The CLI and evaluation plugins name a method and its settings as text (``"vtw"`` with ``layer=16``);
-:func:`config_from_dict` turns that into the method's config dataclass.
+:func:`config_from_dict` turns that into the method's config dataclass. :func:`apply` (the top-level
+``vtexit.apply``) takes a config or its dict and patches with :func:`vtexit.methods.patch.apply`, which takes configs
+only: the method packages import ``patch``, and this module imports every method, so ``patch`` cannot convert dicts
+itself without an import circle.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from torch import nn
+
+from vtexit.core.families import FamilySpec
+from vtexit.core.handle import PatchHandle
+from vtexit.methods import patch
 from vtexit.methods.base import MethodConfig, config_of
 from vtexit.methods.baseline.config import BaselineConfig
 from vtexit.methods.dart.config import DARTConfig
@@ -46,3 +55,22 @@ def config_from_dict(data: dict[str, Any]) -> MethodConfig:
     """``{"method": "vtw", "layer": 16}`` (values may be strings) -> the method's config. Dotted keys nest
     (``"pre.keep"``: see :func:`nest_dotted`)."""
     return config_of(method_configs(), data)
+
+
+def apply(
+    model: nn.Module, config: MethodConfig | Mapping[str, Any], *, family: FamilySpec | None = None
+) -> PatchHandle:
+    """Patch ``model`` with a method config, or its dict (``{"method": "vtw", "layer": 24}``, read by
+    :func:`config_from_dict`; values may be strings); returns the handle (``remove()`` restores the model).
+
+    The settings are checked against the model before anything is attached, so a refused config leaves the
+    model untouched (a ValueError naming the setting).
+    """
+    if isinstance(config, Mapping):
+        config = config_from_dict(config)
+    elif not isinstance(config, MethodConfig):
+        raise ValueError(
+            "config must be a vtexit method config or its dict (e.g. VTWConfig(layer=24) or "
+            f"{{'method': 'vtw', 'layer': 24}}), got {type(config).__name__}"
+        )
+    return patch.apply(model, config, family=family)
