@@ -233,6 +233,7 @@ def _cli(*args: str):
         (["--layers", "ten"], "layers must be a range"),
         (["--full", "1.5"], "full must be in [0, 1)"),
         (["--config", '{"method": "vtw"}'], "layer"),
+        (["--config", "fastv:keep=0.5"], "missing required setting 'layer' for method 'fastv'"),
         (["--lora-alpha", "0"], "lora alpha must be > 0"),
     ],
 )

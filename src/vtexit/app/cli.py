@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import typer
 
-from vtexit.app.commands import bench, calibrate, demo, evaluate, train
+from vtexit.app.commands import bench, calibrate, demo, evaluate, methods, train
 from vtexit.app.common import console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Visual-token exit for multimodal LLMs.")
@@ -59,6 +59,7 @@ app.command()(demo.demo)
 app.command("train-gates")(train.train_gates)
 app.command()(evaluate.sweep)
 app.command()(train.tune)
+app.command()(methods.methods)
 
 
 if __name__ == "__main__":

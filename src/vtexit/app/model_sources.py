@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,44 @@ def missing_modules(modules: Iterable[str]) -> list[str]:
         if not found:
             missing.append(module)
     return missing
+
+
+class MissingPackageError(RuntimeError):
+    """A model folder needs a Python package that is not installed; the message names it and how to install it."""
+
+
+# pip's name for a library as transformers names it in "X requires the <library> library but it was not found".
+_PIP_NAMES = {"torchvision": "torchvision", "pil": "pillow", "pillow": "pillow", "timm": "timm", "av": "av"}
+
+
+def _torchvision_install() -> str:
+    """The pip line for the torchvision release built for the installed torch (torchvision 0.(m+15) goes with
+    torch 2.m: 0.24 with 2.9, 0.28 with 2.13), from the index torch came from when its version says so (+cpu,
+    +cu128), so that pip does not replace torch."""
+    import torch
+
+    version, _, local = torch.__version__.partition("+")
+    major, minor = (int(part) for part in version.split(".")[:2])
+    line = f"pip install 'torchvision==0.{minor + 15}.*'" if major == 2 else "pip install torchvision"
+    if local:
+        line += f" --index-url https://download.pytorch.org/whl/{local}"
+    return f"{line} (the torchvision release for torch {torch.__version__})"
+
+
+def missing_package_error(spec: str, part: str, err: ImportError) -> MissingPackageError:
+    """One line for an ImportError of transformers while loading ``part`` of the folder ``spec``: what is missing
+    and the install command."""
+    first = _first_line(err).split(". ")[0].rstrip(".")  # transformers' first sentence; the rest is a web page
+    named = re.search(r"requires the (\S+) library", first)
+    module = (named[1] if named else err.name or "").lower()
+    package = _PIP_NAMES.get(module, module.replace("_", "-"))
+    if not package:
+        return MissingPackageError(f"loading the {part} of model folder {spec!r} failed: {first}")
+    install = _torchvision_install() if package == "torchvision" else f"pip install {package}"
+    return MissingPackageError(
+        f"the {part} of model folder {spec!r} needs {package}, which is not installed ({first}); "
+        f"install it with: {install}"
+    )
 
 
 @dataclass
@@ -77,12 +117,16 @@ def load_source(spec: str, *, attn_implementation: str = "sdpa", with_processor:
     if with_processor:
         try:
             processor = AutoProcessor.from_pretrained(path)
+        except ImportError as err:  # e.g. Qwen2-VL's video processor without torchvision
+            raise missing_package_error(spec, "processor", err) from None
         except (OSError, ValueError, KeyError) as err:
             raise ValueError(_no_processor(spec, _first_line(err))) from None
         if getattr(processor, "tokenizer", None) is None or not hasattr(processor, "apply_chat_template"):
             raise ValueError(_no_processor(spec, f"AutoProcessor gave a {type(processor).__name__}"))
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn_implementation).eval()
+    except ImportError as err:
+        raise missing_package_error(spec, "model", err) from None
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(
             f"model folder {spec!r} holds no model AutoModelForImageTextToText can load: {_first_line(err)}"
@@ -117,6 +161,16 @@ def _tiny(attn_implementation: str) -> ModelSource:
         ]
 
     return ModelSource("tiny random LLaVA", case.model, make)
+
+
+def with_tiny_processor(source: ModelSource) -> ModelSource:
+    """The tiny random LLaVA with the word-level processor of :mod:`vtexit.testing.tiny_folder` (16 px images, a
+    chat template), so that it answers dataset questions (``evaluate``, ``sweep``); its answers are random words."""
+    from vtexit.testing.tiny_folder import make_processor
+
+    processor = make_processor()
+    prompt = _chat_prompt(processor)
+    return dataclasses.replace(source, processor=processor, prompt=prompt)
 
 
 def _chat_prompt(processor) -> Callable[[str], str]:

@@ -9,12 +9,22 @@ from pathlib import Path
 
 import typer
 
-from vtexit.app.common import MODEL_HELP, console, load_model, require_for, set_threads, valid_eta, writable_folder
+from vtexit.app.common import (
+    ETA_DEFAULT,
+    ETA_HELP,
+    MODEL_HELP,
+    console,
+    load_model,
+    require_for,
+    set_threads,
+    valid_eta,
+    writable_folder,
+)
 
 
 def calibrate(
     model: str = typer.Option("default", help=MODEL_HELP),
-    eta: float = typer.Option(None, help="KL threshold (default: vtexit.methods.vtw.calibrate.DEFAULT_ETA)"),
+    eta: float = typer.Option(ETA_DEFAULT, help=ETA_HELP),
     rows: int = typer.Option(16, min=1, help="calibration questions (easy-vqa train split)"),
     batch_size: int = typer.Option(8, min=1),
     seed: int = typer.Option(0),

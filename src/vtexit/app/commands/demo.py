@@ -9,11 +9,19 @@ from pathlib import Path
 
 import typer
 
-from vtexit.app.common import console, require_default_model, set_threads, valid_eta, writable_folder
+from vtexit.app.common import (
+    ETA_DEFAULT,
+    ETA_HELP,
+    console,
+    require_default_model,
+    set_threads,
+    valid_eta,
+    writable_folder,
+)
 
 
 def demo(
-    eta: float = typer.Option(None, help="KL threshold (default: vtexit.methods.vtw.calibrate.DEFAULT_ETA)"),
+    eta: float = typer.Option(ETA_DEFAULT, help=ETA_HELP),
     calibration_rows: int = typer.Option(32, min=1, help="train questions for calibration"),
     test_rows: int = typer.Option(200, min=1, help="fixed test questions for baseline vs VTW"),
     sweep_rows: int = typer.Option(64, min=1, help="test questions for the accuracy-against-K sweep"),

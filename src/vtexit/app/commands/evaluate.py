@@ -10,18 +10,25 @@ from pathlib import Path
 
 import typer
 
-from vtexit.app.common import MODEL_HELP, console, questions_and_model, writable_folder
+from vtexit.app.common import (
+    METHOD_FORMS,
+    MODEL_HELP,
+    console,
+    method_configs_of,
+    method_points,
+    questions_and_model,
+    writable_folder,
+)
 
 EXAMPLE_POINT = '{"method": "vtw", "layer": 16}'
+DATASET_HELP = "'easy-vqa' (test split) or a .jsonl of image/question/answer lines (docs/cli.md#datasets)"
 
 
 def evaluate(
     model: str = typer.Option("default", help=MODEL_HELP),
-    dataset: str = typer.Option("easy-vqa", help="'easy-vqa' (test split) or a .jsonl of image/question/answer"),
+    dataset: str = typer.Option("easy-vqa", help=DATASET_HELP),
     layer: list[int] = typer.Option([], help="VTW layer K to evaluate (repeat for several); baseline always runs"),
-    method: list[str] = typer.Option(
-        [], help="any method by name and settings, e.g. 'dyvte:gates=out/gates,threshold=0.7' (repeat for several)"
-    ),
+    method: list[str] = typer.Option([], help=f"any method with its settings: {METHOD_FORMS} (repeat for several)"),
     rows: int = typer.Option(200, min=1, help="fixed subset size (seeded)"),
     batch_size: int = typer.Option(8, min=1),
     max_new_tokens: int = typer.Option(4, min=1),
@@ -32,9 +39,10 @@ def evaluate(
         "dynamic", help="generate's KV cache: dynamic, or static (transformers' static cache; compiled decode on a GPU)"
     ),
 ) -> None:
-    """Exact-match accuracy (overall, per type), latency and FLOPs per sample: baseline and VTW at each K.
+    """Accuracy (exact match, per type), latency and FLOPs per sample: baseline, each --layer (VTW), each --method.
 
-    The configurations are timed interleaved, batch by batch; times are medians of per-batch times.
+    The configurations are timed interleaved, batch by batch; times are medians of per-batch times (fewer than 5
+    batches are flagged as noise-prone).
     """
     from vtexit.evaluation.batches import generate_cache_kwargs
     from vtexit.evaluation.evaluate import evaluate_interleaved, save_results
@@ -45,6 +53,7 @@ def evaluate(
         generate_cache_kwargs(cache)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--cache") from None
+    named = method_configs_of(method, "--method")  # every spec checked before any model is loaded
     if out.is_dir():
         raise typer.BadParameter(f"{str(out)!r} is a folder; give the path of a .json file", param_hint="--out")
     writable_folder(out.parent)
@@ -54,7 +63,7 @@ def evaluate(
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--layer") from None
     methods = {"baseline": None, **{f"VTW K={k}": (lambda m, k=k: withdraw(m, layer=k)) for k in ks}}
-    methods.update(_named_methods(source.model, method))
+    methods.update(_named_methods(source.model, named))
     results = evaluate_interleaved(
         source.model,
         source.processor,
@@ -69,25 +78,27 @@ def evaluate(
     console.print(f"wrote {save_results(results, out)}")
 
 
-def _named_methods(model, specs: list[str]) -> dict:
-    """``--method`` specs -> {spec: method}; each is applied once first, so a bad setting fails before any work."""
-    from vtexit.app.method_spec import parse_method_spec
+def _named_methods(model, named: list) -> dict:
+    """``(name, config)`` of the ``--method`` specs -> {name: method}; each is applied once first, so a setting the
+    model refuses fails before any work."""
     from vtexit.methods.patch import apply
 
     methods = {}
-    for spec in specs:
+    for name, config in named:
         try:
-            config = parse_method_spec(spec)
             apply(model, config).remove()
         except ValueError as err:
-            raise typer.BadParameter(str(err), param_hint="--method") from None
-        methods[spec] = lambda m, c=config: apply(m, c)
+            raise typer.BadParameter(f"{name}: {err}", param_hint="--method") from None
+        methods[name] = lambda m, c=config: apply(m, c)
     return methods
 
 
 def _sweep_grid(config: list[str], grid: Path | None) -> list[dict] | None:
-    """Sweep points from ``--config`` JSON objects and a ``--grid`` JSON file (None: the default grid)."""
+    """Sweep points from ``--config`` (either method form) and a ``--grid`` JSON file (None: the default grid), each
+    checked by its config before any model is loaded."""
     import json
+
+    from vtexit.app.method_spec import config_of_point
 
     points: list[dict] = []
     if grid is not None:
@@ -99,27 +110,24 @@ def _sweep_grid(config: list[str], grid: Path | None) -> list[dict] | None:
         if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
             message = f"{str(grid)!r} must hold a JSON list of config objects like {EXAMPLE_POINT}"
             raise typer.BadParameter(message, param_hint="--grid")
+        for i, point in enumerate(data):
+            try:
+                config_of_point(point)
+            except (ValueError, TypeError) as err:
+                raise typer.BadParameter(f"point {i} {point}: {err}", param_hint="--grid") from None
         points += data
-    for text in config:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise typer.BadParameter(f"not valid JSON ({err.msg}): {text!r}", param_hint="--config") from None
-        if not isinstance(data, dict):
-            message = f"must be a JSON object like {EXAMPLE_POINT}, got {text!r}"
-            raise typer.BadParameter(message, param_hint="--config")
-        points.append(data)
+    points += method_points(config, "--config")
     return points or None
 
 
 def sweep(
     model: str = typer.Option("default", help=MODEL_HELP),
-    dataset: str = typer.Option("easy-vqa", help="'easy-vqa' (test split) or a .jsonl of image/question/answer"),
+    dataset: str = typer.Option("easy-vqa", help=DATASET_HELP),
     rows: int = typer.Option(64, min=1, help="fixed subset size (seeded)"),
-    config: list[str] = typer.Option(
-        [], help='a point as JSON, e.g. \'{"method": "fastv", "layer": 2, "keep": 0.5}\' (repeat; replaces the grid)'
+    config: list[str] = typer.Option([], help=f"a point: {METHOD_FORMS} (repeat; replaces the default grid)"),
+    grid: Path = typer.Option(
+        None, help=f"JSON file with a list of points like {EXAMPLE_POINT} (replaces the default grid)"
     ),
-    grid: Path = typer.Option(None, help="JSON file with a list of such points (replaces the default grid)"),
     batch_size: int = typer.Option(8, min=1),
     max_new_tokens: int = typer.Option(4, min=1),
     seed: int = typer.Option(0),
@@ -128,13 +136,12 @@ def sweep(
 ) -> None:
     """Methods x budgets on one dataset: accuracy, prefill FLOPs and interleaved median times, and a Pareto plot.
 
-    Default grid (N decoder layers): VTW at N/2, 3N/4, 4N/5; FastV and a random drop at layer 2 keeping 1/2 and
-    1/4; PyramidDrop with stages at N/4, N/2, 3N/4 keeping 1/2 and 1/4; on the default model also DyVTE with its
-    shipped gates. Any registered method can be a point.
+    Default grid (N decoder layers): VTW at N/2, 3N/4, 4N/5; FastV, the random drop and DART at layer 2 keeping 1/2
+    and 1/4; PyramidDrop with stages at N/4, N/2, 3N/4 keeping 1/2 and 1/4; where the model allows them, DivPrune
+    and VisionZip keeping 1/2 and 1/4 and 2 x 2 pooling; on the default model also DyVTE with its shipped gates.
+    Any registered method can be a point (vtexit methods lists them).
     """
-    from rich.table import Table
-
-    from vtexit.evaluation.sweep import COLUMNS, resolve_grid, run_sweep, save_sweep, table_rows
+    from vtexit.evaluation.sweep import resolve_grid, run_sweep, save_sweep, sweep_table
 
     points = _sweep_grid(config, grid)
     writable_folder(out)
@@ -158,11 +165,6 @@ def sweep(
         max_new_tokens=max_new_tokens,
     )
     title = f"{source.name}, {dataset}, {len(records)} questions"
-    table = Table(title=f"{title} (exact match; times: medians of interleaved batches)")
-    for name in COLUMNS:
-        table.add_column(name, justify="right")
-    for row in table_rows(results):
-        table.add_row(*row)
-    console.print(table)
+    console.print(sweep_table(results, title))
     paths = save_sweep(results, out, title=title)
     console.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']} and {paths['time_plot']}")

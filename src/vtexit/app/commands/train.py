@@ -11,9 +11,11 @@ from pathlib import Path
 import typer
 
 from vtexit.app.common import (
+    METHOD_FORMS,
     MODEL_HELP,
     console,
     load_model,
+    method_configs_of,
     parse_layers,
     require_default_model,
     require_for,
@@ -29,7 +31,9 @@ def train_gates(
     batch_size: int = typer.Option(16, min=1),
     layers: str = typer.Option(None, help="comma-separated exit layers that get a gate (default: every valid one)"),
     answers: str = typer.Option("model", help="labels score 'model' (its own greedy answer) or 'dataset' answers"),
-    gate_size: int = typer.Option(None, min=1, help="hidden width of each gate (default: LM hidden size / 8)"),
+    gate_size: int = typer.Option(
+        None, min=1, help="hidden width of each gate (default: LM hidden size / 8, at least 16)"
+    ),
     steps: int = typer.Option(400, min=1),
     lr: float = typer.Option(1e-3),
     seed: int = typer.Option(0),
@@ -81,7 +85,7 @@ def train_gates(
 def tune(
     layers: str = typer.Option("3-10", help="VTW: K drawn per step uniformly from 'a-b' or 'a,b,c'"),
     full: float = typer.Option(0.2, help="share of steps without withdrawal (K = N), so nothing is lost there"),
-    config: list[str] = typer.Option(None, help="instead of --layers: method configs as JSON, drawn uniformly"),
+    config: list[str] = typer.Option(None, help=f"instead of --layers: methods, drawn uniformly; each {METHOD_FORMS}"),
     steps: int = typer.Option(700, min=1),
     lr: float = typer.Option(4e-4),
     seed: int = typer.Option(0),
@@ -96,20 +100,18 @@ def tune(
     threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
 ) -> None:
     """Tune the default model with LoRA while a method is active (VTW with K drawn per step), save the adapter."""
-    import json
-
-    from vtexit.methods.registry import config_from_dict
     from vtexit.training import ConfigSampler, LoraSettings, vtw_sampler
     from vtexit.training.default_model import tune_default_model
     from vtexit.training.sampler import parse_layer_spec
 
+    configs = [c for _, c in method_configs_of(config or [], "--config")]
     try:
-        if config:
-            sampler = ConfigSampler(tuple(config_from_dict(json.loads(c)) for c in config))
+        if configs:
+            sampler = ConfigSampler(tuple(configs))
         else:
             sampler = vtw_sampler(parse_layer_spec(layers), full=full)
         lora = LoraSettings(r=lora_r, alpha=lora_alpha)
-    except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError; a missing setting a TypeError
+    except (ValueError, TypeError) as err:
         raise typer.BadParameter(str(err)) from None
     require_default_model()
     writable_folder(work_dir, "--work-dir")
