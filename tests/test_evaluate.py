@@ -24,7 +24,6 @@ pytestmark = needs_default_model_parts
 
 @pytest.fixture(scope="module")
 def default():
-    torch.set_num_threads(2)
     from vtexit.default_model import build_prompt, load_default
 
     model, processor = load_default()
