@@ -8,7 +8,10 @@ in turn takes the ``budget // (pivots_visual + pivots_text)`` remaining visual t
 of the layer-K inputs after the language model's final norm), which leave the pool; the row keeps its visual pivots
 and everything the pivots took, with original positions. Here pivots take turns in position order (DART iterates a
 Python set), a row's text pivots come after its last visual token, ties go to the lower position, and the budget is
-FastV's count of the kept fraction ``keep``.
+FastV's count of the kept fraction ``keep``. Pivot counts are clipped per row: a row with fewer visual tokens than
+``pivots_visual`` (or fewer text tokens after its last visual token than ``pivots_text``) takes all of them as pivots
+(so it keeps all its visual tokens when ``pivots_visual`` is at least their number); the per-pivot share still
+divides the budget by ``pivots_visual + pivots_text``.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class DARTPolicy(Policy):
         # Pivot slots in position order, one column per turn (rows with fewer pivots skip the missing turns).
         order = torch.where(pivots, slots, length).sort(dim=1).values
         pool = media & ~pivots_visual
-        for turn in range(self.pivots_visual + self.pivots_text):
+        for turn in range(min(self.pivots_visual + self.pivots_text, length)):  # a row has at most length pivots
             pivot = order[:, turn]
             present = pivot < length
             anchor = unit.gather(1, pivot.clamp(max=length - 1).view(batch, 1, 1).expand(-1, 1, unit.shape[-1]))
