@@ -229,39 +229,43 @@ def check_renumbering(method: str, model: nn.Module, family: FamilySpec, *, befo
         raise ValueError(f"{method} is not supported for {family.name} yet: {why}; use {RUNS_ON_EVERY_FAMILY} instead")
 
 
-def nest_dotted(settings: Mapping[str, Any]) -> dict[str, Any]:
+def nest_dotted(settings: Mapping[str, Any], inside: str = "") -> dict[str, Any]:
     """``{"pre.method": "divprune", "pre.keep": "0.25"}`` -> ``{"pre": {"method": "divprune", "keep": "0.25"}}``: how
     flat ``key=value`` settings (lmms-eval's ``--model_args``) name the steps of a hybrid.
 
     Returns new dicts all the way down (the caller's are never changed). A name given both as a value and as
-    ``name.<setting>`` keys (e.g. ``pre={...}`` and ``pre.keep``) is refused, whatever the order."""
+    ``name.<setting>`` keys (e.g. ``pre={...}`` and ``pre.keep``) is refused, whatever the order. ``inside``: the
+    setting that holds ``settings``, for the messages."""
     for key in settings:
         if not isinstance(key, str):
-            raise ValueError(f"setting names must be strings, got {shown(key)}")
+            where = f" (in {inside})" if inside else ""
+            raise ValueError(f"setting names must be strings, got {shown(key)}{where}")
+    path = f"{inside}." if inside else ""  # the messages name a nested setting by its whole dotted path
     dotted: dict[str, dict[str, Any]] = {}
     for key, value in settings.items():
         head, dot, rest = key.partition(".")
         if dot and (not head or not rest):
-            raise ValueError(f"setting {key!r} needs a name on each side of the dot (e.g. pre.keep)")
+            raise ValueError(f"setting {path + key!r} needs a name on each side of the dot (e.g. pre.keep)")
         if dot:
             if head in settings:
                 raise ValueError(
-                    f"setting {key!r} clashes with {head}={shown(settings[head])}: {head!r} is given both as a value "
-                    f"and as {head}.<name> settings"
+                    f"setting {path + key!r} clashes with {path + head}={shown(settings[head])}: {path + head!r} is "
+                    f"given both as a value and as {path + head}.<name> settings"
                 )
             dotted.setdefault(head, {})[rest] = value
     nested = {key: value for key, value in settings.items() if "." not in key}
     nested.update(dotted)
-    return {key: nest_dotted(value) if isinstance(value, Mapping) else value for key, value in nested.items()}
+    return {
+        key: nest_dotted(value, f"{inside}.{key}" if inside else key) if isinstance(value, Mapping) else value
+        for key, value in nested.items()
+    }
 
 
 def config_of(configs: dict[str, type[MethodConfig]], data: Mapping[str, Any]) -> MethodConfig:
     """``{"method": name, **settings}`` (values may be strings; dotted keys nest, see :func:`nest_dotted`) -> the
     config of the method ``name`` among ``configs``. ``data`` is left as it is."""
     if not isinstance(data, Mapping):
-        raise ValueError(
-            f"a method config must be a dict such as {{'method': 'vtw', 'layer': 16}}, got {shown(data)}"
-        )
+        raise ValueError(f"a method config must be a dict such as {{'method': 'vtw', 'layer': 16}}, got {shown(data)}")
     data = nest_dotted(data)
     name = data.pop("method", None)
     if not isinstance(name, str) or name not in configs:

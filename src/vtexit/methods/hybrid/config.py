@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from vtexit.core.families import FamilySpec
 from vtexit.core.policy import Policy
-from vtexit.methods.base import MethodConfig, config_of
+from vtexit.methods.base import MethodConfig, config_of, shown
 from vtexit.methods.dart.config import DARTConfig
 from vtexit.methods.divprune.config import DivPruneConfig
 from vtexit.methods.dyvte.config import DyVTEConfig
@@ -51,23 +52,35 @@ class HybridConfig(MethodConfig):
     def __post_init__(self) -> None:
         for name in ("pre", "then"):
             step = getattr(self, name)
-            if not isinstance(step, dict) or "method" not in step:
-                raise ValueError(f"{name} must be a method config as a dict with a 'method' key, got {step!r}")
-        if self.pre["method"] not in PRE_LLM_METHODS:
-            raise ValueError(f"pre must be one of {list(PRE_LLM_METHODS)} (before the LLM), got {self.pre['method']!r}")
-        if self.then["method"] in (*PRE_LLM_METHODS, "hybrid", "none", "yopo"):
+            if not isinstance(step, Mapping) or "method" not in step:
+                raise ValueError(f"{name} must be a method config as a dict with a 'method' key, got {shown(step)}")
+        pre_method, then_method = self.pre["method"], self.then["method"]
+        if not isinstance(pre_method, str) or pre_method not in PRE_LLM_METHODS:
+            raise ValueError(f"pre must be one of {list(PRE_LLM_METHODS)} (before the LLM), got {shown(pre_method)}")
+        if not isinstance(then_method, str) or then_method not in STEP_CONFIGS or then_method in PRE_LLM_METHODS:
             raise ValueError(
-                f"then must be an in-LLM schedule method (vtw, dyvte, fastv, pdrop, random_drop), got "
-                f"{self.then['method']!r}"
+                f"then must be an in-LLM schedule method (vtw, dyvte, fastv, pdrop, random_drop, dart), got "
+                f"{shown(then_method)}"
             )
         pre, then = self.steps()  # each step's own checks
-        object.__setattr__(self, "pre", pre.to_dict())  # settings given as text (a CLI, model_args) as values
+        object.__setattr__(self, "pre", pre.to_dict())  # new dicts; settings given as text (CLI, model_args) as values
         object.__setattr__(self, "then", then.to_dict())
 
     def steps(self) -> tuple[MethodConfig, MethodConfig]:
-        return config_of(STEP_CONFIGS, self.pre), config_of(STEP_CONFIGS, self.then)
+        return self._step("pre"), self._step("then")
+
+    def _step(self, name: str) -> MethodConfig:
+        try:
+            return config_of(STEP_CONFIGS, getattr(self, name))
+        except ValueError as err:  # the step's own message, under the setting that holds it
+            raise ValueError(f"{name}: {err}") from None
 
     def build_policy(self, model: nn.Module, family: FamilySpec) -> Policy:
-        pre, then = self.steps()
+        policies = []
+        for name, step in zip(("pre", "then"), self.steps(), strict=True):
+            try:
+                policies.append(step.build_policy(model, family))
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
         num_layers = model.config.get_text_config().num_hidden_layers
-        return HybridPolicy(pre.build_policy(model, family), then.build_policy(model, family), num_layers)
+        return HybridPolicy(*policies, num_layers)

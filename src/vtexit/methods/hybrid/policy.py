@@ -33,6 +33,7 @@ class HybridPolicy(Policy):
         self.event_layers = frozenset({0}) | later
         self.renumber_positions = True  # the engine refuses families whose positions cannot be renumbered
         self.attention_layers = tuple(then.attention_layers)
+        self.key_layers = tuple(then.key_layers)  # DART reads keys of the layer before its own
 
     def renumbers_at(self, layer_idx: int) -> bool:
         return self.pre.renumbers_at(0) if layer_idx == 0 else self.then.renumbers_at(layer_idx)
