@@ -9,11 +9,10 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from vtexit.core.engine import ScheduleEngine
 from vtexit.core.families import FamilySpec
 from vtexit.core.policy import Policy
-from vtexit.methods.base import MethodConfig
-from vtexit.methods.fastv.ranking import check_drop_layer, check_keep
+from vtexit.methods.base import MethodConfig, check_bool, is_bool, renumbering_refusal, shown
+from vtexit.methods.fastv.ranking import check_drop_layer, check_keep, drop_layer_range
 from vtexit.methods.pdrop.policy import PyramidDropPolicy
 
 DEFAULT_LAYERS = (8, 16, 24)  # PyramidDrop's stages for 32-layer LLaVA-1.5
@@ -26,14 +25,16 @@ def parse_layers(value: object) -> tuple[int, ...]:
         try:
             value = tuple(int(p) for p in parts)
         except ValueError:
-            raise ValueError(f"layers must be increasing ints such as 8,16,24, got {value!r}") from None
+            raise ValueError(f"layers must be increasing ints such as 8,16,24, got {shown(value)}") from None
     if not isinstance(value, (tuple, list)) or not value:
-        raise ValueError(f"layers must be a non-empty sequence of increasing ints such as (8, 16, 24), got {value!r}")
-    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in value):
-        raise ValueError(f"layers must be ints, got {value!r}")
+        raise ValueError(
+            f"layers must be a non-empty sequence of increasing ints such as (8, 16, 24), got {shown(value)}"
+        )
+    if any(is_bool(v) or not isinstance(v, numbers.Integral) or v < 0 for v in value):
+        raise ValueError(f"layers must be ints >= 0, got {shown(value)}")
     layers = tuple(int(v) for v in value)
     if any(b <= a for a, b in zip(layers, layers[1:], strict=False)):
-        raise ValueError(f"layers must be strictly increasing, got {layers}")
+        raise ValueError(f"layers must be strictly increasing, got {shown(layers)}")
     return layers
 
 
@@ -51,8 +52,7 @@ class PDropConfig(MethodConfig):
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", parse_layers(self.layers))
         object.__setattr__(self, "keep", check_keep(self.keep))
-        if not isinstance(self.renumber, bool):
-            raise ValueError(f"renumber must be True or False, got {self.renumber!r}")
+        object.__setattr__(self, "renumber", check_bool("renumber", self.renumber))
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> PDropConfig:
@@ -62,13 +62,26 @@ class PDropConfig(MethodConfig):
         return super().from_settings(settings)
 
     def build_policy(self, model: nn.Module, family: FamilySpec) -> Policy:
+        low, high = drop_layer_range(model, family)
+        if self.layers == DEFAULT_LAYERS and not all(low <= layer <= high for layer in self.layers):
+            raise ValueError(
+                f"pdrop's default layers {DEFAULT_LAYERS} do not fit this {high + 1}-layer model (they are "
+                f"PyramidDrop's stages for 32-layer LLaVA-1.5); set layers=... (increasing ints in [{low}, {high}], "
+                f"e.g. layers={suggested_layers(low, high)})"
+            )
         for layer in self.layers:
             check_drop_layer(model, layer, family, name="layers")
-        policy = PyramidDropPolicy(self.layers, self.keep, self.renumber)
         if self.renumber:
-            engine = ScheduleEngine(model, policy, family)  # not attached: only for the engine's own check
-            try:  # run here so that the error names this setting
-                engine.check_policy()
-            except ValueError as err:
-                raise ValueError(f"renumber=True is not available for this model ({err}); use renumber=False") from None
-        return policy
+            why = renumbering_refusal(model, family, before_llm=False)
+            if why is not None:
+                raise ValueError(
+                    f"pdrop's renumber=True is not supported for {family.name} yet: {why}; use renumber=False"
+                )
+        return PyramidDropPolicy(self.layers, self.keep, self.renumber)
+
+
+def suggested_layers(low: int, high: int) -> tuple[int, ...]:
+    """Stages at about a quarter, a half and three quarters of a model's drop layers [low, high] (PyramidDrop's
+    8/16/24 of 32), for the message that refuses the default stages."""
+    n = high + 1
+    return tuple(sorted({min(high, max(low, (n * k + 2) // 4)) for k in (1, 2, 3)}))
