@@ -42,7 +42,7 @@ class VisionZipConfig(MethodConfig):
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", check_keep(self.keep))
         share = check_float(
-            "contextual_share", self.contextual_share, low=0, high=1, high_open=True, what="the contextual tokens' share"
+            "contextual_share", self.contextual_share, low=0, high=1, high_open=True, what="contextual tokens' share"
         )
         object.__setattr__(self, "contextual_share", share)
 

@@ -12,13 +12,16 @@ from torch import nn
 
 from vtexit.core.families import FamilySpec
 from vtexit.core.policy import Policy
-from vtexit.methods.base import MethodConfig
-from vtexit.methods.vtw.config import check_layer
+from vtexit.methods.base import MethodConfig, check_choice, check_float, check_int, is_bool, shown
+from vtexit.methods.vtw.config import check_layer, check_layer_index
 from vtexit.methods.yopo.heads import HeadMask
 from vtexit.methods.yopo.policy import InLayerSettings, YOPOPolicy
 
 PRUNED_TEXT = ("renormalise", "zero")
 WINDOW_KERNELS = ("auto", "flex", "tiles")  # auto: FlexAttention on CUDA, tiles of SDPA elsewhere
+STRATEGIES = ("window", "heads", "layer_drop", "ffn_ratio")
+MAX_WINDOW = 2**31 - 1  # wider than any grid: the whole image
+MAX_DENSE_BELOW = 2**62  # more visual rows than any prefill holds: always dense
 
 
 def _as_head_rows(heads: object) -> tuple[tuple[bool, ...], ...] | None:
@@ -26,7 +29,10 @@ def _as_head_rows(heads: object) -> tuple[tuple[bool, ...], ...] | None:
     if heads is None:
         return None
     if isinstance(heads, (str, Path)):
-        heads = HeadMask.load(heads)
+        try:
+            heads = HeadMask.load(heads)
+        except (ValueError, OSError) as err:
+            raise ValueError(f"heads: {err}") from None
     if isinstance(heads, HeadMask):
         heads = heads.active
     try:
@@ -68,28 +74,34 @@ class YOPOConfig(MethodConfig):
 
     def __post_init__(self):
         object.__setattr__(self, "heads", _as_head_rows(self.heads))
-        if self.window is not None and (
-            isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1 or self.window % 2 == 0
-        ):
-            raise ValueError(f"window must be an odd int >= 1 (the neighbourhood side), got {self.window!r}")
-        if self.ffn_ratio is not None and (
-            isinstance(self.ffn_ratio, bool)
-            or not isinstance(self.ffn_ratio, numbers.Real)
-            or not float(self.ffn_ratio) >= 1.0
-            or float(self.ffn_ratio) == float("inf")
-        ):
+        window = self.window
+        if window is not None:
+            odd = not is_bool(window) and isinstance(window, numbers.Integral) and window % 2 == 1
+            if not odd or not 1 <= window <= MAX_WINDOW:
+                raise ValueError(
+                    f"window must be None or an odd int in [1, 2**31) (the neighbourhood side), got {shown(window)}"
+                )
+            object.__setattr__(self, "window", int(window))
+        object.__setattr__(self, "layer_drop", check_layer_index("layer_drop", self.layer_drop, optional=True))
+        ratio = self.ffn_ratio
+        ratio = check_float("ffn_ratio", ratio, low=1, what="visual rows use m / ffn_ratio neurons", optional=True)
+        object.__setattr__(self, "ffn_ratio", ratio)
+        dense_below = check_int(
+            "dense_below",
+            self.dense_below,
+            low=0,
+            high=MAX_DENSE_BELOW,
+            bounds="in [0, 2**62]",
+            what="visual rows",
+            optional=True,
+        )
+        object.__setattr__(self, "dense_below", dense_below)
+        check_choice("window_kernel", self.window_kernel, WINDOW_KERNELS)
+        check_choice("pruned_text", self.pruned_text, PRUNED_TEXT)
+        if all(getattr(self, name) is None for name in STRATEGIES):
             raise ValueError(
-                f"ffn_ratio must be a finite number >= 1 (visual rows use m / ffn_ratio neurons), "
-                f"got {self.ffn_ratio!r}"
+                "yopo needs at least one strategy, or it prunes nothing: set window, heads, layer_drop or ffn_ratio"
             )
-        if self.dense_below is not None and (
-            isinstance(self.dense_below, bool) or not isinstance(self.dense_below, int) or self.dense_below < 0
-        ):
-            raise ValueError(f"dense_below must be None or an int >= 0 (visual rows), got {self.dense_below!r}")
-        if self.window_kernel not in WINDOW_KERNELS:
-            raise ValueError(f"window_kernel must be one of {WINDOW_KERNELS}, got {self.window_kernel!r}")
-        if self.pruned_text not in PRUNED_TEXT:
-            raise ValueError(f"pruned_text must be one of {PRUNED_TEXT}, got {self.pruned_text!r}")
 
     def head_mask(self) -> HeadMask | None:
         return None if self.heads is None else HeadMask(torch.tensor(self.heads, dtype=torch.bool))
