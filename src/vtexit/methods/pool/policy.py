@@ -9,6 +9,7 @@ from transformers import PretrainedConfig
 
 from vtexit.core.families import FamilySpec
 from vtexit.core.policy import Policy, PrefillView
+from vtexit.methods.pool.blocks import block_leaders, block_means
 
 _BLOCKS = "pool blocks"  # view.state key: keep() hands merge() each slot's block
 
@@ -32,7 +33,7 @@ class PoolPolicy(Policy):
         grid = self.family.visual_grid(self.config, view.media_original, {})
         row, col, width = (g.gather(1, index) for g in (grid.row, grid.col, grid.width))
         s = self.stride
-        leader = index - (row % s) * width - col % s
+        leader = block_leaders(index, row, col, width, s)
         batch, prompt = view.media_original.shape
         offset = torch.arange(batch, device=media.device).unsqueeze(1) * prompt
         first = media & (row % s == 0) & (col % s == 0)
@@ -45,13 +46,4 @@ class PoolPolicy(Policy):
 
     def merge(self, view: PrefillView, keep: torch.Tensor) -> torch.Tensor | None:
         bucket = view.state.pop(_BLOCKS)
-        hidden = view.hidden_states
-        media = bucket >= 0
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        index = bucket.clamp_min(0).flatten()
-        blocks = view.media_original.numel()  # block ids are original positions, offset by row
-        sums = torch.zeros(blocks, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
-        sums.index_add_(0, index, flat.float() * media.flatten().unsqueeze(1))
-        sizes = torch.zeros(blocks, device=hidden.device).index_add_(0, index, media.flatten().float())
-        means = (sums / sizes.clamp_min(1).unsqueeze(1)).to(hidden.dtype)[index].view_as(hidden)
-        return torch.where(media.unsqueeze(-1), means, hidden)
+        return block_means(view.hidden_states, bucket, view.media_original.numel())
