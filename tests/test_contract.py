@@ -39,7 +39,10 @@ def test_bad_configs_name_the_setting(llava4):
     with pytest.raises(ValueError, match="layer"):
         vtexit.config_from_dict({"method": "vtw", "layer": "two"})
     with pytest.raises(ValueError, match="config must be"):
-        vtexit.apply(llava4.model, {"method": "vtw", "layer": 2})
+        vtexit.apply(llava4.model, ["vtw", 2])
+    with pytest.raises(ValueError, match="method must be one of"):  # a dict is read as config_from_dict reads it
+        vtexit.apply(llava4.model, {"method": "nope"})
+    assert getattr(llava4.model, "_vtexit_engine", None) is None  # refused before anything was attached
 
 
 # ------------------------------------------------------------------------------------------- cost records
