@@ -18,7 +18,8 @@ TORCH_TESTS ?= tests
 # The engine's exactness tests: run on the floor in CI and on the newest release by `make canary`.
 ENGINE_TESTS := tests/test_transformers_compat.py tests/test_policy_shapes.py tests/test_withdraw_families.py \
 	tests/test_yopo.py tests/test_static_cache.py tests/test_contract.py tests/test_compiled_prefill.py \
-	tests/test_divprune.py tests/test_pool.py tests/test_dart.py tests/test_hybrid.py tests/test_visionzip.py
+	tests/test_divprune.py tests/test_pool.py tests/test_dart.py tests/test_hybrid.py tests/test_visionzip.py \
+	tests/test_speculative.py
 # make test-release TRANSFORMERS=5.23.0 [TESTS="tests"]: any release, beside the venv.
 TESTS ?= $(ENGINE_TESTS)
 CANARY_VENV := .venv-canary
@@ -45,11 +46,11 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 
 test: lint
-	$(VENV)/bin/pytest -q -n $(TEST_WORKERS)
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # The engine tests on the floor release, installed beside the venv (ahead of it on PYTHONPATH).
 test-floor: setup
-	$(PY) scripts/with_transformers.py $(TRANSFORMERS_FLOOR) .venv-floor -- $(VENV)/bin/pytest -q -n $(TEST_WORKERS) $(ENGINE_TESTS)
+	$(PY) scripts/with_transformers.py $(TRANSFORMERS_FLOOR) .venv-floor -- $(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist worksteal $(ENGINE_TESTS)
 
 test-release: setup
 	$(PY) scripts/with_transformers.py $(TRANSFORMERS) .venv-$(TRANSFORMERS) -- $(VENV)/bin/pytest -q $(TESTS)
