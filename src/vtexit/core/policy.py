@@ -5,19 +5,20 @@ with a :class:`PrefillView`; the policy answers which current slots each row kee
 decide independently (a row that keeps all of its slots is untouched), a keep may be partial, and there may be
 any number of events per prefill. Decode steps follow the prefill's schedule on their own.
 
-Optionally a policy
-  * keeps per-call results in ``view.state`` (a dict per prefill; ``handle.last_policy_state`` afterwards);
-  * reads attention keys: list the layers in ``key_layers`` and read :meth:`PrefillView.keys` later (DART);
-  * reads attention scores: list the layers in ``attention_layers`` and read :meth:`PrefillView.attention` at any
-    later boundary (the last prompt token's attention, recomputed from q/k under SDPA, no eager needed);
-  * owns modules (gates): return them from :meth:`modules`; the engine moves them to the model's device and dtype;
-  * renumbers positions after a drop (``renumber_positions``), as PyramidDrop does; VTW keeps original positions;
-  * replaces attention/MLP forwards (:meth:`replacements`), for in-layer methods; the patch handle restores them;
-  * merges dropped tokens into kept ones at an event (:meth:`merge`), e.g. pooling;
-  * declares a schedule known from the prompt alone (``withdraw_media_at``), which compiles without graph breaks;
-  * hooks modules outside the decoder layers (:meth:`outer_hooks`), e.g. the vision tower (VisionZip);
-  * asks yes/no questions of the prompt in the prefill's one host read (:meth:`prefill_checks`), e.g. whether YOPO
-    runs split or dense, instead of a host read of its own.
+Optionally a policy:
+
+* keeps per-call results in ``view.state`` (a dict per prefill; ``handle.last_policy_state`` afterwards);
+* reads attention keys: list the layers in ``key_layers`` and read :meth:`PrefillView.keys` later (DART);
+* reads attention scores: list the layers in ``attention_layers`` and read :meth:`PrefillView.attention` at any
+  later boundary (the last prompt token's attention, recomputed from q/k under SDPA, no eager needed);
+* owns modules (gates): return them from :meth:`modules`; the engine moves them to the model's device and dtype;
+* renumbers positions after a drop (``renumber_positions``), as PyramidDrop does; VTW keeps original positions;
+* replaces attention/MLP forwards (:meth:`replacements`), for in-layer methods; the patch handle restores them;
+* merges dropped tokens into kept ones at an event (:meth:`merge`), e.g. pooling;
+* declares a schedule known from the prompt alone (``withdraw_media_at``), which compiles without graph breaks;
+* hooks modules outside the decoder layers (:meth:`outer_hooks`), e.g. the vision tower (VisionZip);
+* asks yes/no questions of the prompt in the prefill's one host read (:meth:`prefill_checks`), e.g. whether YOPO
+  runs split or dense, instead of a host read of its own.
 """
 
 from __future__ import annotations
