@@ -20,7 +20,7 @@ from vtexit.methods.yopo.rows import call_rows
 
 # Visual rows per call below which the default runs dense, per device type. CUDA: from the one GPU measurement above
 # (576 visual rows lost in every strategy); benchmarks/bench_yopo.py prints split and dense at 576, 2304 and batch 16
-# so that a GPU run can move it. CPU: split always (0.87-1.00 of the FLOPs ratio at 576, README).
+# so that a GPU run can move it. CPU: split always (0.87-1.00 of the FLOPs ratio at 576, docs/results.md).
 DENSE_BELOW = {"cuda": 2048}
 
 
