@@ -25,7 +25,8 @@ from vtexit.core.families import FamilySpec, family_for
 from vtexit.core.guards import has_media_inputs
 from vtexit.methods.vtw.config import check_layer, valid_layer_range
 
-DEFAULT_ETA = 0.05  # our choice, from the testbed's KL-vs-accuracy curve (docs/methods/vtw.md); the paper tunes eta per model
+# Our choice, from the default model's KL-against-accuracy curve (docs/methods/vtw.md); the paper tunes eta per model.
+DEFAULT_ETA = 0.05
 
 
 @dataclass
