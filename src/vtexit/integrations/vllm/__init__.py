@@ -1,0 +1,23 @@
+"""vtexit's pre-LLM methods inside vLLM, as an out-of-tree plugin (LLaVA-1.5-style models with a CLIP tower).
+
+vLLM loads :func:`register` through the ``vllm.general_plugins`` entry point in every process. It registers the model
+class ``VtexitLlavaForConditionalGeneration``, which a model picks per engine with ``hf_overrides={"architectures":
+["VtexitLlavaForConditionalGeneration"], "vtexit": {"method": "pool", "stride": 2}}``. Importing this package does
+not import vLLM; :func:`register` does.
+"""
+
+from __future__ import annotations
+
+ARCHITECTURE = "VtexitLlavaForConditionalGeneration"
+
+
+def register() -> None:
+    """Register vtexit's model class with vLLM's model registry (lazily: the class is imported when a model uses
+    it). Warns once when the installed vLLM is outside the tested releases."""
+    from vtexit.integrations.vllm import compat
+
+    compat.warn_if_untested()
+    compat.register_model(ARCHITECTURE, "vtexit.integrations.vllm.model:VtexitLlavaForConditionalGeneration")
+
+
+__all__ = ["ARCHITECTURE", "register"]

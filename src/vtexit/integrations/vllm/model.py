@@ -1,0 +1,100 @@
+"""The vLLM model class: vLLM's own LLaVA, with each image's projected visual tokens reduced by a vtexit pre-LLM
+method before they fill the prompt.
+
+vLLM fixes the number of placeholder tokens per image in the front-end processor, before the encoder runs (it sizes
+the KV cache and the positions), so the kept count is content-free: :class:`VtexitLlavaProcessingInfo` gives the
+method's count for the encoder's count. Which tokens fill those slots is the method's own rule, applied per image in
+:meth:`VtexitLlavaForConditionalGeneration._process_image_input` by vtexit's selection code
+(:mod:`vtexit.integrations.vllm.reduction`). The prompt the language model sees is then the one vtexit's
+transformers path builds with renumbered positions.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from vtexit.integrations.vllm import compat
+from vtexit.integrations.vllm.reduction import ImageReduction
+
+CLIP_TOWERS = ("clip_vision_model",)
+
+
+def reduction_of(hf_config: Any) -> ImageReduction:
+    """The method named by the model config's ``vtexit`` entry (set with ``hf_overrides``); ValueError if none."""
+    setting = getattr(hf_config, "vtexit", None)
+    if setting is None:
+        raise ValueError(
+            "VtexitLlavaForConditionalGeneration needs a method: pass hf_overrides={'architectures': "
+            "['VtexitLlavaForConditionalGeneration'], 'vtexit': {'method': 'pool', 'stride': 2}}"
+        )
+    return ImageReduction.from_setting(setting)
+
+
+class VtexitLlavaProcessingInfo(compat.LlavaProcessingInfo):
+    """LLaVA's processing info with each image's placeholder count set to the method's kept count."""
+
+    @cached_property
+    def vtexit_reduction(self) -> ImageReduction:
+        return reduction_of(self.get_hf_config())
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        tokens = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+        return self.vtexit_reduction.count(tokens)
+
+
+class VtexitLlavaMultiModalProcessor(compat.LlavaMultiModalProcessor):
+    """LLaVA's processor, refusing precomputed image embeddings (the plugin reduces what the tower encodes)."""
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        reduction = self.info.vtexit_reduction
+        if compat.image_counts(mm_items):
+            images = mm_items.get_items("image", object)
+            if isinstance(images, compat.ImageEmbeddingItems):
+                raise ValueError(
+                    f"vtexit's vLLM plugin ({reduction.method}) reduces the images its vision tower encodes; "
+                    "precomputed image embeddings are not supported, pass the images"
+                )
+        return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+
+
+@compat.MULTIMODAL_REGISTRY.register_processor(
+    VtexitLlavaMultiModalProcessor,
+    info=VtexitLlavaProcessingInfo,
+    dummy_inputs=compat.LlavaDummyInputsBuilder,
+)
+class VtexitLlavaForConditionalGeneration(compat.LlavaForConditionalGeneration):
+    """vLLM's LLaVA with a vtexit pre-LLM method (``pool`` or ``divprune``) on each image's visual tokens."""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        compat.warn_if_untested()
+        config = vllm_config.model_config.hf_config
+        reduction = reduction_of(config)  # refuse a missing or unsupported method before building anything
+        tower = getattr(config.vision_config, "model_type", None)
+        if tower not in CLIP_TOWERS:
+            raise ValueError(
+                f"vtexit's vLLM plugin supports LLaVA-1.5-style models with a CLIP vision tower; this one has {tower!r}"
+            )
+        if config.vision_feature_select_strategy != "default":
+            raise ValueError(
+                "vtexit's vLLM plugin needs vision_feature_select_strategy='default' (the CLS token is not a prompt "
+                f"token), got {config.vision_feature_select_strategy!r}"
+            )
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        reduction.check_tokens(side * side)
+        if reduction.one_image_per_prompt and compat.image_limit(vllm_config) > 1:
+            raise ValueError(
+                f"{reduction.method} chooses among all the visual tokens of a prompt, and vLLM fixes each image's "
+                "token count before the encoder runs: it runs with one image per prompt. Pass "
+                "limit_mm_per_prompt={'image': 1} (vllm serve: --limit-mm-per-prompt '{\"image\": 1}')"
+            )
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.vtexit_reduction = reduction
+
+    def _process_image_input(self, image_input: Any) -> tuple[torch.Tensor, ...]:
+        if isinstance(image_input, compat.LlavaImageEmbeddingInputs):
+            raise ValueError("vtexit's vLLM plugin does not take precomputed image embeddings")
+        embeds = super()._process_image_input(image_input)
+        return tuple(self.vtexit_reduction.reduce(image) for image in embeds)

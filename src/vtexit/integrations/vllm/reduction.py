@@ -1,0 +1,87 @@
+"""What the vLLM plugin does to each image's visual tokens, without vLLM: the kept count (a function of the image's
+token count and the config only, since vLLM sizes the prompt before the encoder runs) and the kept tokens, chosen by
+vtexit's own selection code (the same functions the transformers path calls)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from vtexit.methods.base import MethodConfig
+from vtexit.methods.divprune import DivPruneConfig
+from vtexit.methods.divprune.selection import max_min_diverse
+from vtexit.methods.fastv.ranking import keep_counts
+from vtexit.methods.pool import PoolConfig
+from vtexit.methods.pool.blocks import pool_square_grid, pooled_count
+from vtexit.methods.registry import config_from_dict
+
+SUPPORTED = ("pool", "divprune")
+
+
+class ImageReduction:
+    """A pre-LLM method applied to one image's projected visual tokens at a time."""
+
+    def __init__(self, config: MethodConfig):
+        if not isinstance(config, (PoolConfig, DivPruneConfig)):
+            raise ValueError(
+                f"vtexit's vLLM plugin runs the pre-LLM methods {', '.join(SUPPORTED)}; {config.method!r} is not "
+                "supported there (use vtexit on transformers for it)"
+            )
+        self.config = config
+
+    @classmethod
+    def from_setting(cls, setting: Any) -> ImageReduction:
+        """From the ``vtexit`` entry of the model's config: a method config or its dict (``{"method": "pool",
+        "stride": 2}``, as :func:`vtexit.config_from_dict` reads it)."""
+        if isinstance(setting, MethodConfig):
+            return cls(setting)
+        if isinstance(setting, Mapping):
+            return cls(config_from_dict(dict(setting)))
+        raise ValueError(
+            "the model config's 'vtexit' entry must be a method's dict, e.g. "
+            f'{{"method": "pool", "stride": 2}}; got {type(setting).__name__}'
+        )
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    @property
+    def one_image_per_prompt(self) -> bool:
+        """DivPrune's transformers path chooses over all the visual tokens of a row; per image, it is the same only
+        with one image in the prompt."""
+        return isinstance(self.config, DivPruneConfig)
+
+    def check_tokens(self, tokens: int) -> None:
+        """Refuse a per-image token count the method cannot reduce (ValueError)."""
+        if isinstance(self.config, PoolConfig):
+            side = math.isqrt(tokens)
+            if side * side != tokens:
+                raise ValueError(f"pool needs a square grid of visual tokens per image, got {tokens} tokens")
+            if self.config.stride > side:
+                raise ValueError(
+                    f"stride={self.config.stride} is larger than this model's {side} x {side} grid of visual tokens "
+                    f"per image; set stride to an int in [2, {side}]"
+                )
+
+    def count(self, tokens: int) -> int:
+        """Visual tokens per image that the language model sees, for an image the encoder gives ``tokens`` for."""
+        if tokens <= 0:
+            return tokens
+        if isinstance(self.config, PoolConfig):
+            self.check_tokens(tokens)
+            return pooled_count(math.isqrt(tokens), self.config.stride)
+        return int(keep_counts(torch.tensor([tokens]), self.config.keep)[0])
+
+    def reduce(self, features: torch.Tensor) -> torch.Tensor:
+        """(count(tokens), dim): one image's projected tokens (tokens, dim) reduced, kept tokens in their order."""
+        tokens = features.shape[0]
+        if isinstance(self.config, PoolConfig):
+            return pool_square_grid(features, math.isqrt(tokens), self.config.stride)
+        candidates = torch.ones(1, tokens, dtype=torch.bool, device=features.device)
+        count = torch.tensor([self.count(tokens)], device=features.device)
+        chosen = max_min_diverse(features.unsqueeze(0), candidates, count)[0]
+        return features[chosen]

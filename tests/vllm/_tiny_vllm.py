@@ -1,0 +1,160 @@
+"""A tiny CLIP-LLaVA folder that both vLLM and transformers run, and the reference each plugin test compares with:
+vtexit's transformers path (``vtexit.apply`` on the same weights, then ``model.generate`` / a forward)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import vtexit
+from vtexit.testing import build_tiny
+from vtexit.testing.tiny_folder import make_processor
+
+# What vLLM's CPU backend needs to run offline on a small machine.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+ARCH = "VtexitLlavaForConditionalGeneration"
+PROMPT = "user : {images}what shape is in the image ? </s> assistant :"
+TOKENS = 6  # greedy tokens per request
+LOGPROBS = 20  # per step, vLLM's top ones, compared with the reference's
+# float32 on both sides; vLLM's fused projections, its CPU attention kernel and its CLIP differ from transformers'
+# SDPA modules by rounding only (about 1e-6 on these logprobs, whose magnitude is about 5). 1e-4 leaves room for
+# that and is far below what a wrong token choice or a wrong position moves them (0.01 and more: see each test's
+# control against the unpatched model).
+ATOL = 1e-4
+
+
+def save_tiny_llava(folder: Path, seed: int = 0):
+    """Build the tiny LLaVA (text head_dim 32: vLLM's CPU attention refuses 16), save it with its processor, and
+    rename the tower's keys to the layout vLLM's loader reads (transformers 5 saves ``vision_tower.embeddings.*``,
+    vLLM wants ``vision_tower.vision_model.*``). Returns the in-memory transformers model (the reference)."""
+    case = build_tiny("llava", num_layers=2, seed=seed, text_config={"head_dim": 32})
+    case.model.save_pretrained(folder)
+    make_processor().save_pretrained(folder)
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    renamed = {
+        ("vision_tower.vision_model." + k[len("vision_tower.") :] if k.startswith("vision_tower.") else k): v
+        for k, v in state.items()
+    }
+    save_file(renamed, path, metadata={"format": "pt"})
+    return case
+
+
+def images(count: int, seed: int, size: int = 16) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+@dataclass
+class Request:
+    images: list[Image.Image]
+
+    @property
+    def prompt(self) -> str:
+        return PROMPT.format(images="<image> " * len(self.images))
+
+    def vllm_input(self) -> dict:
+        data = {"prompt": self.prompt}
+        if self.images:
+            data["multi_modal_data"] = {"image": self.images if len(self.images) > 1 else self.images[0]}
+        return data
+
+
+def make_llm(folder: Path, method: dict, images_per_prompt: int, **kwargs):
+    from vllm import LLM
+
+    return LLM(
+        model=str(folder),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=256,
+        max_num_seqs=4,
+        max_num_batched_tokens=256,
+        limit_mm_per_prompt={"image": images_per_prompt},
+        hf_overrides={"architectures": [ARCH], "vtexit": method},
+        **kwargs,
+    )
+
+
+def allowed_ids(case) -> list[int]:
+    """Every id transformers' generate may pick (the tiny model's generation config suppresses the media and
+    special ids but EOS), for vLLM's ``allowed_token_ids``: the same greedy rule on both sides."""
+    suppressed = set(case.model.generation_config.suppress_tokens or ())
+    return [i for i in range(case.model.config.text_config.vocab_size) if i not in suppressed]
+
+
+def sampling(case):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=TOKENS, logprobs=LOGPROBS, allowed_token_ids=allowed_ids(case))
+
+
+@dataclass
+class Reference:
+    prompt_ids: list[int]  # the prompt the language model sees (each image's placeholders: its kept count)
+    tokens: list[int]
+    logprobs: list[torch.Tensor]  # per generated step, log-softmax of the raw logits (vocab,)
+
+
+def reference(case, method: dict | None, request: Request, kept: int | None) -> Reference:
+    """vtexit's transformers path on ``request``: greedy tokens and every step's logprobs (``method`` None: the
+    unpatched model). ``kept``: each image's kept token count, for the expected vLLM prompt."""
+    processor = make_processor()
+    inputs = processor(text=request.prompt, images=request.images or None, return_tensors="pt")
+    model = case.model
+    with torch.no_grad(), vtexit.apply(model, method) if method else contextlib.nullcontext():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=TOKENS,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    prompt_len = inputs["input_ids"].shape[1]
+    tokens = out.sequences[0, prompt_len:].tolist()
+    if case.model.generation_config.eos_token_id in tokens:
+        tokens = tokens[: tokens.index(case.model.generation_config.eos_token_id) + 1]
+    logprobs = [step[0].float().log_softmax(-1) for step in out.logits[: len(tokens)]]
+    image_id = case.image_token_id
+    ids, run = [], 0
+    for token in inputs["input_ids"][0].tolist():  # each image's run of placeholders shrunk to the kept count
+        if token == image_id:
+            run += 1
+            if kept is None or run <= kept:
+                ids.append(token)
+            if run == 16:
+                run = 0
+        else:
+            ids.append(token)
+    return Reference(ids, tokens, logprobs)
+
+
+def compare(output, ref: Reference) -> float:
+    """Assert vLLM's ``output`` (a RequestOutput) equals the reference: the prompt it ran, the greedy tokens, and
+    every step's top logprobs within ATOL. Returns the largest logprob difference."""
+    assert list(output.prompt_token_ids) == ref.prompt_ids
+    completion = output.outputs[0]
+    assert list(completion.token_ids) == ref.tokens
+    worst = 0.0
+    for step, (top, expected) in enumerate(zip(completion.logprobs, ref.logprobs, strict=True)):
+        for token, logprob in top.items():
+            diff = abs(logprob.logprob - float(expected[token]))
+            worst = max(worst, diff)
+            assert diff <= ATOL, f"step {step}, token {token}: vLLM {logprob.logprob}, vtexit {float(expected[token])}"
+    return worst
+
+
+def first_step_gap(output, ref: Reference) -> float:
+    """The largest first-step difference between vLLM's top logprobs and another reference (for controls)."""
+    top = output.outputs[0].logprobs[0]
+    return max(abs(lp.logprob - float(ref.logprobs[0][token])) for token, lp in top.items())

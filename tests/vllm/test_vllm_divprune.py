@@ -1,0 +1,64 @@
+"""vtexit's divprune inside vLLM equals vtexit's divprune on transformers (same weights, float32): the prompt vLLM
+runs, greedy tokens and every step's top-20 logprobs, for a batch of requests with different images and one without
+an image. DivPrune chooses among a prompt's visual tokens, so the plugin runs it with one image per prompt."""
+
+from __future__ import annotations
+
+import pytest
+from _vllm_available import SKIP_REASON, VLLM_INSTALLED
+
+if not VLLM_INSTALLED:
+    pytest.skip(SKIP_REASON, allow_module_level=True)
+pytest.importorskip("vllm", minversion="0.32")
+
+from _tiny_vllm import (  # noqa: E402
+    ATOL,
+    Request,
+    compare,
+    first_step_gap,
+    images,
+    make_llm,
+    reference,
+    sampling,
+    save_tiny_llava,
+)
+
+from vtexit.integrations.vllm.reduction import ImageReduction  # noqa: E402
+
+METHOD = {"method": "divprune", "keep": 0.25}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_llava_divprune")
+    case = save_tiny_llava(folder)
+    llm = make_llm(folder, METHOD, images_per_prompt=1)
+    yield case, llm, folder
+    del llm
+
+
+def test_divprune_count_is_content_free():
+    assert ImageReduction.from_setting(METHOD).count(16) == 4
+    assert ImageReduction.from_setting({"method": "divprune", "keep": 0.1}).count(576) == 58  # round half up
+    assert ImageReduction.from_setting({"method": "divprune", "keep": 0.001}).count(16) == 1  # at least one
+
+
+def test_batch_of_requests_matches_transformers(setup):
+    case, llm, _ = setup
+    kept = ImageReduction.from_setting(METHOD).count(16)
+    requests = [Request(images(1, seed=1)), Request([]), Request(images(1, seed=2)), Request(images(1, seed=4))]
+    outputs = llm.generate([r.vllm_input() for r in requests], sampling(case), use_tqdm=False)
+    worst = 0.0
+    for request, output in zip(requests, outputs, strict=True):
+        worst = max(worst, compare(output, reference(case, METHOD, request, kept)))
+    print(f"divprune: largest logprob difference {worst:.2e}")
+    assert worst <= ATOL
+    for request, output in zip(requests, outputs, strict=True):
+        if request.images:  # controls: pooling the same number of tokens is not what ran
+            assert first_step_gap(output, reference(case, {"method": "pool", "stride": 2}, request, kept)) > 100 * ATOL
+
+
+def test_several_images_per_prompt_are_refused(setup):
+    _, _, folder = setup
+    with pytest.raises(Exception, match="chooses among all the visual tokens of a prompt"):
+        make_llm(folder, METHOD, images_per_prompt=2)
