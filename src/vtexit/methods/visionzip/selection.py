@@ -16,6 +16,18 @@ import torch
 from torch.nn import functional as F
 
 
+def cls_attention_and_keys(query: torch.Tensor, keys: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, patches) the CLS token's attention to each patch, summed over heads, and (images, 1 + patches,
+    head_dim) the keys, mean over heads, from the layer's CLS query projection ``query`` (images, 1, dim) and key
+    projections ``keys`` (images, 1 + patches, dim) of its normed input (softmax in float32)."""
+    images, tokens, _ = keys.shape
+    query = query.view(images, 1, heads, -1).transpose(1, 2)
+    keys = keys.view(images, tokens, heads, -1).transpose(1, 2)  # (images, heads, tokens, head_dim)
+    scores = (query.float() @ keys.float().transpose(2, 3)) * keys.shape[-1] ** -0.5
+    attention = scores.softmax(dim=-1).sum(dim=1)[:, 0]  # (images, tokens)
+    return attention[:, 1:], keys.mean(dim=1)
+
+
 def dominant_indices(cls_attention: torch.Tensor, dominant: int) -> torch.Tensor:
     """(images, dominant) ascending token indices: 0 (CLS) and the ``dominant - 1`` patches with the highest
     ``cls_attention`` (images, patches)."""

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vtexit.methods.visionzip.selection import cls_attention_and_keys
+
 # Vision towers whose first token is a CLS token (VisionZip's dominant tokens are chosen by its attention).
 CLS_TOWERS = ("clip_vision_model", "dinov2")
 _NORMS = ("layer_norm1", "norm1")
@@ -31,12 +33,7 @@ class SelectedLayer:
         """(images, patches) the CLS token's attention to each patch, summed over heads, and (images, 1 + patches,
         head_dim) the keys, mean over heads, both from the layer's input ``hidden_states[feature_index - 1]``."""
         x = self.norm(hidden_states[self.feature_index - 1])
-        images, tokens, _ = x.shape
-        query = self.query(x[:, :1]).view(images, 1, self.heads, -1).transpose(1, 2)
-        keys = self.key(x).view(images, tokens, self.heads, -1).transpose(1, 2)  # (images, heads, tokens, head_dim)
-        scores = (query.float() @ keys.float().transpose(2, 3)) * keys.shape[-1] ** -0.5
-        attention = scores.softmax(dim=-1).sum(dim=1)[:, 0]  # (images, tokens)
-        return attention[:, 1:], keys.mean(dim=1)
+        return cls_attention_and_keys(self.query(x[:, :1]), self.key(x), self.heads)
 
 
 def find_selected_layer(model: nn.Module, family_name: str) -> SelectedLayer:
