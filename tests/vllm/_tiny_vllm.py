@@ -33,11 +33,12 @@ LOGPROBS = 20  # per step, vLLM's top ones, compared with the reference's
 ATOL = 1e-4
 
 
-def save_tiny_llava(folder: Path, seed: int = 0):
+def save_tiny_llava(folder: Path, seed: int = 0, **overrides):
     """Build the tiny LLaVA (text head_dim 32: vLLM's CPU attention refuses 16), save it with its processor, and
     rename the tower's keys to the layout vLLM's loader reads (transformers 5 saves ``vision_tower.embeddings.*``,
-    vLLM wants ``vision_tower.vision_model.*``). Returns the in-memory transformers model (the reference)."""
-    case = build_tiny("llava", num_layers=2, seed=seed, text_config={"head_dim": 32})
+    vLLM wants ``vision_tower.vision_model.*``). Returns the in-memory transformers model (the reference).
+    ``overrides``: config kwargs for ``build_tiny``."""
+    case = build_tiny("llava", num_layers=2, seed=seed, text_config={"head_dim": 32}, **overrides)
     case.model.save_pretrained(folder)
     make_processor().save_pretrained(folder)
     path = folder / "model.safetensors"

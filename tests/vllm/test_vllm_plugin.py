@@ -48,7 +48,8 @@ def test_untested_release_warns_once(monkeypatch, caplog):
     ("setting", "match"),
     [
         ({"method": "vtw", "layer": 2}, "'vtw' is not supported there"),
-        ({"method": "visionzip", "keep": 0.25}, "'visionzip' is not supported there"),
+        ({"method": "fastv", "layer": 1, "keep": 0.5}, "'fastv' is not supported there"),
+        ({"method": "visionzip", "keep": 0.25, "contextual_share": 1}, "contextual_share"),
         ({"method": "pool", "stride": 1}, "stride"),
         ({"method": "divprune", "keep": 0}, "keep"),
         ("pool", "must be a method's dict"),

@@ -74,6 +74,31 @@ from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 from vllm.multimodal.parse import ImageEmbeddingItems  # noqa: E402
 
 
+def clip_selected_layer(vision_tower, pixel_values):
+    """For VisionZip: run vLLM's CLIP tower (``CLIPVisionModel`` in ``vllm/model_executor/models/clip.py``) and
+    return its last layer's output (images, 1 + patches, dim; CLS first, no post-norm), that layer's CLS query
+    projection (images, 1, dim) and key projections (images, 1 + patches, dim) of its normed input, and its head count.
+
+    0.32: LLaVA builds the tower only up to ``vision_feature_layer`` (one int) with ``require_post_norm=False``, so
+    the last built layer is the one the projector reads and ``post_layernorm`` is None; the tower's forward is
+    ``embeddings`` -> ``pre_layrnorm`` -> ``encoder.layers``; a layer's attention projects with one fused
+    ``self_attn.qkv_proj`` (q, k, v chunks of its output; returns ``(output, bias)``), with
+    ``self_attn.num_heads_per_partition`` heads, split across tensor-parallel ranks when ``tp_size`` > 1."""
+    model = vision_tower.vision_model
+    if model.post_layernorm is not None:
+        raise ValueError("visionzip in vLLM expects LLaVA's tower without its post-norm (vLLM 0.32 builds it so)")
+    hidden = model.pre_layrnorm(model.embeddings(pixel_values))
+    *before, last = model.encoder.layers
+    for layer in before:
+        hidden = layer(hidden)
+    attention = last.self_attn
+    if attention.tp_size != 1:
+        raise ValueError("visionzip in vLLM runs with the vision tower on one rank (tensor parallelism: not yet)")
+    qkv, _ = attention.qkv_proj(last.layer_norm1(hidden))
+    query, keys, _ = qkv.chunk(3, dim=-1)
+    return last(hidden), query[:, :1], keys, attention.num_heads_per_partition
+
+
 def image_limit(vllm_config) -> int:
     """0.32: ``model_config.multimodal_config.get_limit_per_prompt("image")``; 999 when the user set none."""
     multimodal = vllm_config.model_config.multimodal_config
@@ -93,6 +118,7 @@ __all__ = [
     "LlavaImageEmbeddingInputs",
     "LlavaMultiModalProcessor",
     "LlavaProcessingInfo",
+    "clip_selected_layer",
     "image_counts",
     "image_limit",
     "is_tested",

@@ -1,12 +1,13 @@
-"""The vLLM model class: vLLM's own LLaVA, with each image's projected visual tokens reduced by a vtexit pre-LLM
-method before they fill the prompt.
+"""The vLLM model class: vLLM's own LLaVA, with each image's visual tokens reduced by a vtexit pre-LLM method before
+they fill the prompt.
 
 vLLM fixes the number of placeholder tokens per image in the front-end processor, before the encoder runs (it sizes
 the KV cache and the positions), so the kept count is content-free: :class:`VtexitLlavaProcessingInfo` gives the
-method's count for the encoder's count. Which tokens fill those slots is the method's own rule, applied per image in
-:meth:`VtexitLlavaForConditionalGeneration._process_image_input` by vtexit's selection code
-(:mod:`vtexit.integrations.vllm.reduction`). The prompt the language model sees is then the one vtexit's
-transformers path builds with renumbered positions.
+method's count for the encoder's count. Which tokens fill those slots is the method's own rule, applied per image by
+vtexit's selection code (:mod:`vtexit.integrations.vllm.reduction`): to the projector's output in
+:meth:`VtexitLlavaForConditionalGeneration._process_image_input` (pool, divprune), or in the vision tower in
+``_image_pixels_to_features`` (visionzip, which reads the selected layer's attention). The language model then sees
+the prompt vtexit's transformers path builds with renumbered positions.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class VtexitLlavaMultiModalProcessor(compat.LlavaMultiModalProcessor):
     dummy_inputs=compat.LlavaDummyInputsBuilder,
 )
 class VtexitLlavaForConditionalGeneration(compat.LlavaForConditionalGeneration):
-    """vLLM's LLaVA with a vtexit pre-LLM method (``pool`` or ``divprune``) on each image's visual tokens."""
+    """vLLM's LLaVA with a vtexit pre-LLM method (``pool``, ``divprune`` or ``visionzip``) on each image's visual
+    tokens."""
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         compat.warn_if_untested()
@@ -84,6 +86,13 @@ class VtexitLlavaForConditionalGeneration(compat.LlavaForConditionalGeneration):
             )
         side = config.vision_config.image_size // config.vision_config.patch_size
         reduction.check_tokens(side * side)
+        if reduction.in_tower:
+            layer, count = config.vision_feature_layer, config.vision_config.num_hidden_layers
+            if not isinstance(layer, int) or not -(count + 1) <= layer <= count or layer % (count + 1) == 0:
+                raise ValueError(
+                    f"{reduction.method} needs one vision_feature_layer that is a tower layer's output "
+                    f"(1..{count} or -{count}..-1), got {layer!r}"
+                )
         if reduction.one_image_per_prompt and compat.image_limit(vllm_config) > 1:
             raise ValueError(
                 f"{reduction.method} chooses among all the visual tokens of a prompt, and vLLM fixes each image's "
@@ -92,6 +101,12 @@ class VtexitLlavaForConditionalGeneration(compat.LlavaForConditionalGeneration):
             )
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.vtexit_reduction = reduction
+
+    def _image_pixels_to_features(self, vision_tower: Any, pixel_values: Any) -> Any:
+        if not self.vtexit_reduction.in_tower:
+            return super()._image_pixels_to_features(vision_tower, pixel_values)
+        features, query, keys, heads = compat.clip_selected_layer(vision_tower, pixel_values)
+        return self.vtexit_reduction.zip_tower(features, query, keys, heads)
 
     def _process_image_input(self, image_input: Any) -> tuple[torch.Tensor, ...]:
         if isinstance(image_input, compat.LlavaImageEmbeddingInputs):

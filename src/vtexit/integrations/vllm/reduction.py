@@ -17,15 +17,17 @@ from vtexit.methods.fastv.ranking import keep_counts
 from vtexit.methods.pool import PoolConfig
 from vtexit.methods.pool.blocks import pool_square_grid, pooled_count
 from vtexit.methods.registry import config_from_dict
+from vtexit.methods.visionzip import VisionZipConfig, split_tokens
+from vtexit.methods.visionzip.selection import cls_attention_and_keys, visionzip_tokens
 
-SUPPORTED = ("pool", "divprune")
+SUPPORTED = ("pool", "divprune", "visionzip")
 
 
 class ImageReduction:
     """A pre-LLM method applied to one image's projected visual tokens at a time."""
 
     def __init__(self, config: MethodConfig):
-        if not isinstance(config, (PoolConfig, DivPruneConfig)):
+        if not isinstance(config, (PoolConfig, DivPruneConfig, VisionZipConfig)):
             raise ValueError(
                 f"vtexit's vLLM plugin runs the pre-LLM methods {', '.join(SUPPORTED)}; {config.method!r} is not "
                 "supported there (use vtexit on transformers for it)"
@@ -55,6 +57,20 @@ class ImageReduction:
         with one image in the prompt."""
         return isinstance(self.config, DivPruneConfig)
 
+    @property
+    def in_tower(self) -> bool:
+        """VisionZip chooses and merges its tokens in the vision tower, from the selected layer's attention: the
+        model hands it that layer's outputs (:meth:`zip_tower`), and :meth:`reduce` then has nothing left to do."""
+        return isinstance(self.config, VisionZipConfig)
+
+    def zip_tower(self, features: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, heads: int) -> torch.Tensor:
+        """(images, count(patches), dim) VisionZip's tokens ``[CLS, dominant patches..., contextual...]`` from the
+        selected tower layer's output ``features`` (images, 1 + patches, dim; CLS first) and that layer's CLS query
+        projection ``query`` (images, 1, dim) and key projections ``keys`` (images, 1 + patches, dim)."""
+        dominant, contextual = split_tokens(features.shape[1] - 1, self.config.keep, self.config.contextual_share)
+        attention, mean_keys = cls_attention_and_keys(query, keys, heads)
+        return visionzip_tokens(features, attention, mean_keys, dominant, contextual)
+
     def check_tokens(self, tokens: int) -> None:
         """Refuse a per-image token count the method cannot reduce (ValueError)."""
         if isinstance(self.config, PoolConfig):
@@ -74,11 +90,15 @@ class ImageReduction:
         if isinstance(self.config, PoolConfig):
             self.check_tokens(tokens)
             return pooled_count(math.isqrt(tokens), self.config.stride)
+        if isinstance(self.config, VisionZipConfig):
+            return sum(split_tokens(tokens, self.config.keep, self.config.contextual_share))
         return int(keep_counts(torch.tensor([tokens]), self.config.keep)[0])
 
     def reduce(self, features: torch.Tensor) -> torch.Tensor:
         """(count(tokens), dim): one image's projected tokens (tokens, dim) reduced, kept tokens in their order."""
         tokens = features.shape[0]
+        if self.in_tower:  # zip_tower already chose them
+            return features
         if isinstance(self.config, PoolConfig):
             return pool_square_grid(features, math.isqrt(tokens), self.config.stride)
         candidates = torch.ones(1, tokens, dtype=torch.bool, device=features.device)
