@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 ARCH = "VtexitLlavaForConditionalGeneration"
-PROMPT = "user : {images}what shape is in the image ? </s> assistant :"
+PROMPT = "user : {images}{question} </s> assistant :"
 TOKENS = 6  # greedy tokens per request
 LOGPROBS = 20  # per step, vLLM's top ones, compared with the reference's
 # float32 on both sides; vLLM's fused projections, its CPU attention kernel and its CLIP differ from transformers'
@@ -59,10 +59,11 @@ def images(count: int, seed: int, size: int = 16) -> list[Image.Image]:
 @dataclass
 class Request:
     images: list[Image.Image]
+    question: str = "what shape is in the image ?"
 
     @property
     def prompt(self) -> str:
-        return PROMPT.format(images="<image> " * len(self.images))
+        return PROMPT.format(images="<image> " * len(self.images), question=self.question)
 
     def vllm_input(self) -> dict:
         data = {"prompt": self.prompt}
@@ -74,7 +75,7 @@ class Request:
 def make_llm(folder: Path, method: dict, images_per_prompt: int, **kwargs):
     from vllm import LLM
 
-    return LLM(
+    settings = dict(
         model=str(folder),
         dtype="float32",
         enforce_eager=True,
@@ -83,8 +84,8 @@ def make_llm(folder: Path, method: dict, images_per_prompt: int, **kwargs):
         max_num_batched_tokens=256,
         limit_mm_per_prompt={"image": images_per_prompt},
         hf_overrides={"architectures": [ARCH], "vtexit": method},
-        **kwargs,
     )
+    return LLM(**{**settings, **kwargs})
 
 
 def allowed_ids(case) -> list[int]:

@@ -62,3 +62,22 @@ def test_several_images_per_prompt_are_refused(setup):
     _, _, folder = setup
     with pytest.raises(Exception, match="chooses among all the visual tokens of a prompt"):
         make_llm(folder, METHOD, images_per_prompt=2)
+
+
+def test_chunked_prefill_and_prefix_cache_hits(setup):
+    """Prompts split across scheduler steps (8 tokens a step: an image's slots straddle two steps), requests joining
+    mid-decode, and repeated prompts answered from vLLM's prefix cache (blocks of 32 tokens: the prompts are longer
+    than one) give the same tokens and logprobs."""
+    case, _, folder = setup
+    kept = ImageReduction.from_setting(METHOD).count(16)
+    llm = make_llm(folder, METHOD, images_per_prompt=1, max_num_batched_tokens=8, max_num_seqs=3, block_size=32)
+    question = "is there a red circle or a blue triangle or a green rectangle or a yellow shape in the image ? " * 2
+    first, second = Request(images(1, seed=5), question), Request(images(1, seed=6), question)
+    requests = [first, second, Request([], question), first, second, first]
+    outputs = llm.generate([r.vllm_input() for r in requests], sampling(case), use_tqdm=False)
+    expected = {id(r): reference(case, METHOD, r, kept) for r in (first, second, requests[2])}
+    for request, output in zip(requests, outputs, strict=True):
+        compare(output, expected[id(request)])
+    repeated = llm.generate([first.vllm_input()], sampling(case), use_tqdm=False)[0]
+    assert (repeated.num_cached_tokens or 0) > 0  # answered from the prefix cache
+    compare(repeated, expected[id(first)])
