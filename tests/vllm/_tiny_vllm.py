@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +41,49 @@ def save_tiny_llava(folder: Path, seed: int = 0, **overrides):
     case = build_tiny("llava", num_layers=2, seed=seed, text_config={"head_dim": 32}, **overrides)
     case.model.save_pretrained(folder)
     make_processor().save_pretrained(folder)
-    path = folder / "model.safetensors"
+    _rename_tower_keys(folder / "model.safetensors")
+    return case
+
+
+def _rename_tower_keys(path: Path) -> None:
     state = load_file(path)
     renamed = {
         ("vision_tower.vision_model." + k[len("vision_tower.") :] if k.startswith("vision_tower.") else k): v
         for k, v in state.items()
     }
     save_file(renamed, path, metadata={"format": "pt"})
+
+
+def save_tiny_siglip_llava(folder: Path, seed: int = 0):
+    """The tiny LLaVA of :func:`save_tiny_llava` with a SigLIP tower instead of CLIP (same image and patch size:
+    16 patches, no CLS token, so ``vision_feature_select_strategy="full"``, as LLaVA models with SigLIP use), saved
+    for vLLM (keys under ``vision_tower.vision_model.*``). ``vtexit.testing`` builds LLaVA with CLIP only; the config
+    is assembled here from transformers' ``SiglipVisionConfig``. Returns the case with the SigLIP model."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+    from vtexit.testing.build import instantiate, randomise_zero_inits
+    from vtexit.testing.config_kwargs import vit_kwargs
+
+    clip = build_tiny("llava", num_layers=2, seed=seed, text_config={"head_dim": 32})
+    top = clip.model.config.to_dict()
+    for key in ("text_config", "vision_config", "architectures", "model_type", "transformers_version"):
+        top.pop(key, None)
+    top["vision_feature_select_strategy"] = "full"
+    config = LlavaConfig(
+        text_config=clip.model.config.text_config,
+        vision_config=SiglipVisionConfig(**{**vit_kwargs(16, 4), "vision_use_head": False}),
+        **top,
+    )
+    model = instantiate(LlavaForConditionalGeneration, config, "sdpa", seed)
+    randomise_zero_inits(model, seed)
+    model.generation_config = clip.model.generation_config
+    case = replace(clip, model=model)
+    model.save_pretrained(folder)
+    processor = make_processor()
+    processor.vision_feature_select_strategy = "full"
+    processor.num_additional_image_tokens = 0  # no CLS: still 16 placeholders per image
+    processor.save_pretrained(folder)
+    _rename_tower_keys(folder / "model.safetensors")
     return case
 
 

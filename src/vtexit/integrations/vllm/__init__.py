@@ -1,5 +1,5 @@
 """vtexit's pre-LLM methods (pool, divprune, visionzip) inside vLLM, as an out-of-tree plugin (LLaVA-1.5-style
-models with a CLIP tower).
+models with a CLIP tower; pool and divprune also with a SigLIP tower).
 
 vLLM loads :func:`register` through the ``vllm.general_plugins`` entry point in every process. It registers the model
 class ``VtexitLlavaForConditionalGeneration``, which a model picks per engine with ``hf_overrides={"architectures":

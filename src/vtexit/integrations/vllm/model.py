@@ -21,6 +21,7 @@ from vtexit.integrations.vllm import compat
 from vtexit.integrations.vllm.reduction import ImageReduction
 
 CLIP_TOWERS = ("clip_vision_model",)
+SIGLIP_TOWERS = ("siglip_vision_model",)  # no CLS token: pool and divprune only
 
 
 def reduction_of(hf_config: Any) -> ImageReduction:
@@ -68,21 +69,35 @@ class VtexitLlavaMultiModalProcessor(compat.LlavaMultiModalProcessor):
 )
 class VtexitLlavaForConditionalGeneration(compat.LlavaForConditionalGeneration):
     """vLLM's LLaVA with a vtexit pre-LLM method (``pool``, ``divprune`` or ``visionzip``) on each image's visual
-    tokens."""
+    tokens. Towers: CLIP (``vision_feature_select_strategy="default"``), or SigLIP (``"full"``; pool and divprune
+    only: VisionZip reads the CLS token SigLIP lacks)."""
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         compat.warn_if_untested()
         config = vllm_config.model_config.hf_config
         reduction = reduction_of(config)  # refuse a missing or unsupported method before building anything
         tower = getattr(config.vision_config, "model_type", None)
-        if tower not in CLIP_TOWERS:
+        if tower not in CLIP_TOWERS + SIGLIP_TOWERS:
             raise ValueError(
-                f"vtexit's vLLM plugin supports LLaVA-1.5-style models with a CLIP vision tower; this one has {tower!r}"
+                "vtexit's vLLM plugin supports LLaVA-1.5-style models with a CLIP or SigLIP vision tower; this one "
+                f"has {tower!r}"
             )
-        if config.vision_feature_select_strategy != "default":
+        strategy = config.vision_feature_select_strategy
+        if tower in SIGLIP_TOWERS:
+            if reduction.in_tower:
+                raise ValueError(
+                    f"{reduction.method} needs a vision tower with a CLS token (CLIP); SigLIP has none. Pool and "
+                    "divprune work on SigLIP towers"
+                )
+            if strategy != "full":
+                raise ValueError(
+                    "vtexit's vLLM plugin needs vision_feature_select_strategy='full' with a SigLIP tower (it has no "
+                    f"CLS token; 'default' would drop a patch), got {strategy!r}"
+                )
+        elif strategy != "default":
             raise ValueError(
-                "vtexit's vLLM plugin needs vision_feature_select_strategy='default' (the CLS token is not a prompt "
-                f"token), got {config.vision_feature_select_strategy!r}"
+                "vtexit's vLLM plugin needs vision_feature_select_strategy='default' with a CLIP tower (the CLS token "
+                f"is not a prompt token), got {strategy!r}"
             )
         side = config.vision_config.image_size // config.vision_config.patch_size
         reduction.check_tokens(side * side)
