@@ -161,9 +161,16 @@ def test_chat_completion_matches_llm_chat_and_transformers(served):
         max_tokens=TOKENS,
         logprobs=True,
         top_logprobs=LOGPROBS,
-        extra_body={"allowed_token_ids": allowed_ids(case), "return_tokens_as_token_ids": True},
+        extra_body={
+            "allowed_token_ids": allowed_ids(case),
+            "return_tokens_as_token_ids": True,
+            "return_token_ids": True,  # vLLM's extra fields: the prompt's token ids ...
+            "return_prompt_text": True,  # ... and the text its chat template rendered
+        },
     )
     choice = response.choices[0]
+    extra = response.model_extra
+    assert extra["prompt_text"] == request.prompt  # the template renders the prompt the offline tests use
     served_tokens = [int(step.token.removeprefix("token_id:")) for step in choice.logprobs.content]
 
     # The offline engine with the same messages (vLLM applies the same chat template) ...
@@ -185,6 +192,7 @@ def test_chat_completion_matches_llm_chat_and_transformers(served):
     ref = reference(case, METHOD, request, kept)
     compare(offline, ref)
     assert served_tokens == ref.tokens
+    assert extra["prompt_token_ids"] == ref.prompt_ids  # each image's run of placeholders: the kept count
     # The prompt the language model ran: the text tokens and each image's 8 kept tokens, not the tower's 16.
     full = len(reference(case, None, request, None).prompt_ids)
     assert response.usage.prompt_tokens == len(ref.prompt_ids) == full - 16 + kept
