@@ -114,3 +114,28 @@ def test_generate_is_the_models_own_again_after_remove(llava):
     assert "generate" in model.__dict__
     handle.remove()
     assert "generate" not in model.__dict__
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3", "internvl", "idefics3", "llava_next"])
+@pytest.mark.parametrize("method", ["vtw", "fastv"])
+@torch.no_grad()
+def test_prompt_lookup_gives_the_greedy_tokens_on_other_families(family, method):
+    """Multimodal RoPE (Qwen2-VL), bidirectional image blocks (Gemma3), tiles (InternVL, Idefics3, LLaVA-NeXT)."""
+    case = build_tiny(family, num_layers=4)
+    model = case.model
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    inputs = _repeating_prompt(case)
+    layer = vtexit.valid_layer_range(model)[0] + 1
+    patch = vtexit.withdraw(model, layer=layer) if method == "vtw" else vtexit.fastv(model, layer=layer, keep=0.5)
+    with patch:
+        greedy = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+        lookup = []
+        lengths = _first_call_lengths(
+            model,
+            lambda: lookup.append(
+                model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, prompt_lookup_num_tokens=3)
+            ),
+        )
+    assert lengths == [inputs["input_ids"].shape[1] + 3]
+    assert torch.equal(lookup[0], greedy)
