@@ -1,5 +1,6 @@
 """vtexit's pre-LLM methods (pool, divprune, visionzip) inside vLLM, as an out-of-tree plugin (LLaVA-1.5-style
-models with a CLIP tower; pool and divprune also with a SigLIP tower).
+models with a CLIP tower; pool and divprune also with a SigLIP tower or a DINOv2 tower, as vtexit's default model has,
+which vLLM's own LLaVA does not build; ``{"method": "none"}`` serves such a model unreduced).
 
 vLLM loads :func:`register` through the ``vllm.general_plugins`` entry point in every process. It registers the model
 class ``VtexitLlavaForConditionalGeneration``, which a model picks per engine with ``hf_overrides={"architectures":

@@ -6,6 +6,7 @@ Outside 0.32.x the plugin warns once and goes on; an item missing in another rel
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 
@@ -58,13 +59,28 @@ def register_model(architecture: str, target: str) -> None:
 #   profiling) and the KV-cache sizing. The processor's HF call sees the images with dummy text only.
 # LlavaImageEmbeddingInputs: the type of precomputed image_embeds inputs (type="image_embeds").
 # LlavaMultiModalProcessor, LlavaDummyInputsBuilder: the processor and profiling inputs of CLIP/SigLIP LLaVA models.
+# LlavaImagePixelInputs(type="pixel_values", pixel_values=, resolve_bindings={"h": , "w": }): the pixel inputs,
+#   validated against those sizes (LlavaForConditionalGeneration._parse_and_validate_image_input binds them to
+#   vision_config.image_size).
+# init_vision_tower_for_llava(hf_config, quant_config, *, require_post_norm, prefix): a module-level function that
+#   LlavaForConditionalGeneration.__init__ calls by name to build self.vision_tower (CLIP, SigLIP or Pixtral; any
+#   other vision config raises NotImplementedError). The tower is then called as
+#   tower(pixel_values, feature_select_strategy=...) in _image_pixels_to_features, and loaded by the class's
+#   load_weights (AutoWeightsLoader with hf_to_vllm_mapper: "model.vision_tower." -> "vision_tower.").
+from vllm.model_executor.models import llava as _llava  # noqa: E402
 from vllm.model_executor.models.llava import (  # noqa: E402
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
     LlavaImageEmbeddingInputs,
+    LlavaImagePixelInputs,
     LlavaMultiModalProcessor,
     LlavaProcessingInfo,
 )
+
+# VisionEncoderInfo (vllm/model_executor/models/vision.py): what the processing info asks a tower for
+#   (get_num_image_tokens(image_width=, image_height=) counting the CLS token, get_image_size, get_patch_size,
+#   get_patch_grid_length); get_vision_encoder_info(hf_config) knows CLIP, SigLIP and Pixtral only.
+from vllm.model_executor.models.vision import VisionEncoderInfo  # noqa: E402
 
 # --- Multimodal processing (vllm/multimodal in 0.32) ---
 # MULTIMODAL_REGISTRY.register_processor(processor, info=, dummy_inputs=) decorates a model class with its processor
@@ -99,6 +115,68 @@ def clip_selected_layer(vision_tower, pixel_values):
     return last(hidden), query[:, :1], keys, attention.num_heads_per_partition
 
 
+@contextlib.contextmanager
+def llava_vision_tower(build):
+    """While LLaVA's ``__init__`` runs inside this block, its tower is ``build(hf_config)`` (a module called as
+    ``tower(pixel_values, feature_select_strategy=...)``). 0.32: ``__init__`` looks ``init_vision_tower_for_llava``
+    up in its module's globals; it is swapped for the block only and restored after, so other LLaVA models keep
+    vLLM's towers."""
+    original = _llava.init_vision_tower_for_llava
+
+    def init_vision_tower(hf_config, quant_config, *, require_post_norm=None, prefix=""):
+        return build(hf_config)
+
+    _llava.init_vision_tower_for_llava = init_vision_tower
+    try:
+        yield
+    finally:
+        _llava.init_vision_tower_for_llava = original
+
+
+class FixedSizeEncoderInfo(VisionEncoderInfo):
+    """A tower's counts for images the processor always resizes to ``image_size`` squared (DINOv2: its config's
+    ``image_size`` is the position grid's size, 518, while the processor crops to its own size): one CLS token plus
+    a ``image_size // patch_size`` square grid of patches."""
+
+    def __init__(self, hf_config, image_size: int) -> None:
+        super().__init__(hf_config)
+        self.image_size = image_size
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        return self.get_patch_grid_length() ** 2 + 1
+
+    def get_image_size(self) -> int:
+        return self.image_size
+
+    def get_patch_size(self) -> int:
+        return self.vision_config.patch_size
+
+    def get_patch_grid_length(self) -> int:
+        return self.image_size // self.get_patch_size()
+
+
+def processor_image_size(image_processor) -> int:
+    """The side of the square images a transformers image processor outputs (its center crop, or a fixed
+    height x width resize); ValueError for one that keeps the aspect ratio."""
+    crop = getattr(image_processor, "crop_size", None) if getattr(image_processor, "do_center_crop", False) else None
+    size = crop or getattr(image_processor, "size", None) or {}
+    height, width = size.get("height"), size.get("width")
+    if height is None or height != width:
+        raise ValueError(
+            "vtexit's vLLM plugin needs an image processor that outputs square images of one size (a center crop or "
+            f"a fixed height and width) for this tower, got size={size!r}"
+        )
+    return int(height)
+
+
+def model_image_size(vllm_config) -> int:
+    """The image side of the model's own image processor, as the front end loads it. 0.32:
+    ``vllm.transformers_utils.processor.cached_image_processor_from_config(model_config)``."""
+    from vllm.transformers_utils.processor import cached_image_processor_from_config
+
+    return processor_image_size(cached_image_processor_from_config(vllm_config.model_config))
+
+
 def image_limit(vllm_config) -> int:
     """0.32: ``model_config.multimodal_config.get_limit_per_prompt("image")``; 999 when the user set none."""
     multimodal = vllm_config.model_config.multimodal_config
@@ -112,16 +190,21 @@ def image_counts(mm_items) -> int:
 
 __all__ = [
     "MULTIMODAL_REGISTRY",
+    "FixedSizeEncoderInfo",
     "ImageEmbeddingItems",
     "LlavaDummyInputsBuilder",
     "LlavaForConditionalGeneration",
     "LlavaImageEmbeddingInputs",
+    "LlavaImagePixelInputs",
     "LlavaMultiModalProcessor",
     "LlavaProcessingInfo",
     "clip_selected_layer",
     "image_counts",
     "image_limit",
     "is_tested",
+    "llava_vision_tower",
+    "model_image_size",
+    "processor_image_size",
     "register_model",
     "vllm_version",
     "warn_if_untested",

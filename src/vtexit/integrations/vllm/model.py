@@ -19,9 +19,11 @@ import torch
 
 from vtexit.integrations.vllm import compat
 from vtexit.integrations.vllm.reduction import ImageReduction
+from vtexit.integrations.vllm.towers import DINOV2_TOWERS, build_dinov2_tower
 
 CLIP_TOWERS = ("clip_vision_model",)
 SIGLIP_TOWERS = ("siglip_vision_model",)  # no CLS token: pool and divprune only
+# DINOv2 (vtexit's default model): transformers' own module, which vLLM's LLaVA does not build; pool and divprune.
 
 
 def reduction_of(hf_config: Any) -> ImageReduction:
@@ -41,6 +43,13 @@ class VtexitLlavaProcessingInfo(compat.LlavaProcessingInfo):
     @cached_property
     def vtexit_reduction(self) -> ImageReduction:
         return reduction_of(self.get_hf_config())
+
+    def get_vision_encoder_info(self):
+        config = self.get_hf_config()
+        if getattr(config.vision_config, "model_type", None) in DINOV2_TOWERS:
+            size = compat.processor_image_size(self.get_hf_processor().image_processor)
+            return compat.FixedSizeEncoderInfo(config, size)
+        return super().get_vision_encoder_info()
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         tokens = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
@@ -68,22 +77,37 @@ class VtexitLlavaMultiModalProcessor(compat.LlavaMultiModalProcessor):
     dummy_inputs=compat.LlavaDummyInputsBuilder,
 )
 class VtexitLlavaForConditionalGeneration(compat.LlavaForConditionalGeneration):
-    """vLLM's LLaVA with a vtexit pre-LLM method (``pool``, ``divprune`` or ``visionzip``) on each image's visual
-    tokens. Towers: CLIP (``vision_feature_select_strategy="default"``), or SigLIP (``"full"``; pool and divprune
-    only: VisionZip reads the CLS token SigLIP lacks)."""
+    """vLLM's LLaVA with a vtexit pre-LLM method (``pool``, ``divprune`` or ``visionzip``; ``none`` keeps every
+    token) on each image's visual tokens. Towers: CLIP (``vision_feature_select_strategy="default"``), SigLIP
+    (``"full"``; pool and divprune only: VisionZip reads the CLS token SigLIP lacks), or DINOv2 (``"default"``; pool
+    and divprune), which the plugin builds from transformers' ``Dinov2Model`` (vLLM's LLaVA has no DINOv2 tower)."""
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         compat.warn_if_untested()
         config = vllm_config.model_config.hf_config
         reduction = reduction_of(config)  # refuse a missing or unsupported method before building anything
         tower = getattr(config.vision_config, "model_type", None)
-        if tower not in CLIP_TOWERS + SIGLIP_TOWERS:
+        if tower not in CLIP_TOWERS + SIGLIP_TOWERS + DINOV2_TOWERS:
             raise ValueError(
-                "vtexit's vLLM plugin supports LLaVA-1.5-style models with a CLIP or SigLIP vision tower; this one "
-                f"has {tower!r}"
+                "vtexit's vLLM plugin supports LLaVA-1.5-style models with a CLIP, SigLIP or DINOv2 vision tower; "
+                f"this one has {tower!r}"
             )
         strategy = config.vision_feature_select_strategy
-        if tower in SIGLIP_TOWERS:
+        image_size = config.vision_config.image_size
+        if tower in DINOV2_TOWERS:
+            if reduction.in_tower:
+                raise ValueError(
+                    f"{reduction.method} in vLLM runs on CLIP towers only (it reads the tower layer's attention); "
+                    "pool and divprune work on DINOv2 towers"
+                )
+            if strategy != "default":
+                raise ValueError(
+                    "vtexit's vLLM plugin needs vision_feature_select_strategy='default' with a DINOv2 tower (the CLS "
+                    f"token is not a prompt token), got {strategy!r}"
+                )
+            # DINOv2's config gives its position grid's size (518); the images are the processor's size.
+            image_size = compat.model_image_size(vllm_config)
+        elif tower in SIGLIP_TOWERS:
             if reduction.in_tower:
                 raise ValueError(
                     f"{reduction.method} needs a vision tower with a CLS token (CLIP); SigLIP has none. Pool and "
@@ -99,7 +123,7 @@ class VtexitLlavaForConditionalGeneration(compat.LlavaForConditionalGeneration):
                 "vtexit's vLLM plugin needs vision_feature_select_strategy='default' with a CLIP tower (the CLS token "
                 f"is not a prompt token), got {strategy!r}"
             )
-        side = config.vision_config.image_size // config.vision_config.patch_size
+        side = image_size // config.vision_config.patch_size
         reduction.check_tokens(side * side)
         if reduction.in_tower:
             layer, count = config.vision_feature_layer, config.vision_config.num_hidden_layers
@@ -114,8 +138,28 @@ class VtexitLlavaForConditionalGeneration(compat.LlavaForConditionalGeneration):
                 "token count before the encoder runs: it runs with one image per prompt. Pass "
                 "limit_mm_per_prompt={'image': 1} (vllm serve: --limit-mm-per-prompt '{\"image\": 1}')"
             )
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if tower in DINOV2_TOWERS:
+            with compat.llava_vision_tower(build_dinov2_tower):
+                super().__init__(vllm_config=vllm_config, prefix=prefix)
+        else:
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.vtexit_reduction = reduction
+        self.vtexit_image_size = image_size
+
+    def _parse_and_validate_image_input(self, **kwargs: object) -> Any:
+        if getattr(self.config.vision_config, "model_type", None) not in DINOV2_TOWERS:
+            return super()._parse_and_validate_image_input(**kwargs)
+        # vLLM's LLaVA checks pixels against vision_config.image_size, DINOv2's position grid (518); they are the
+        # processor's size
+        pixel_values = kwargs.pop("pixel_values", None)
+        if kwargs.pop("image_embeds", None) is not None:
+            raise ValueError("vtexit's vLLM plugin does not take precomputed image embeddings")
+        if pixel_values is None:
+            return None
+        size = self.vtexit_image_size
+        return compat.LlavaImagePixelInputs(
+            type="pixel_values", pixel_values=pixel_values, resolve_bindings={"h": size, "w": size}
+        )
 
     def _image_pixels_to_features(self, vision_tower: Any, pixel_values: Any) -> Any:
         if not self.vtexit_reduction.in_tower:

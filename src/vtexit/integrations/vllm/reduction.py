@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from vtexit.methods.base import MethodConfig
+from vtexit.methods.baseline.config import BaselineConfig
 from vtexit.methods.divprune import DivPruneConfig
 from vtexit.methods.divprune.selection import max_min_diverse
 from vtexit.methods.fastv.ranking import keep_counts
@@ -24,10 +25,11 @@ SUPPORTED = ("pool", "divprune", "visionzip")
 
 
 class ImageReduction:
-    """A pre-LLM method applied to one image's projected visual tokens at a time."""
+    """A pre-LLM method applied to one image's projected visual tokens at a time. ``{"method": "none"}`` (vtexit's
+    baseline) keeps every token: the model as vLLM's LLaVA would run it, for towers vLLM's LLaVA lacks (DINOv2)."""
 
     def __init__(self, config: MethodConfig):
-        if not isinstance(config, (PoolConfig, DivPruneConfig, VisionZipConfig)):
+        if not isinstance(config, (BaselineConfig, PoolConfig, DivPruneConfig, VisionZipConfig)):
             raise ValueError(
                 f"vtexit's vLLM plugin runs the pre-LLM methods {', '.join(SUPPORTED)}; {config.method!r} is not "
                 "supported there (use vtexit on transformers for it)"
@@ -85,7 +87,7 @@ class ImageReduction:
 
     def count(self, tokens: int) -> int:
         """Visual tokens per image that the language model sees, for an image the encoder gives ``tokens`` for."""
-        if tokens <= 0:
+        if tokens <= 0 or isinstance(self.config, BaselineConfig):
             return tokens
         if isinstance(self.config, PoolConfig):
             self.check_tokens(tokens)
@@ -97,7 +99,7 @@ class ImageReduction:
     def reduce(self, features: torch.Tensor) -> torch.Tensor:
         """(count(tokens), dim): one image's projected tokens (tokens, dim) reduced, kept tokens in their order."""
         tokens = features.shape[0]
-        if self.in_tower:  # zip_tower already chose them
+        if self.in_tower or isinstance(self.config, BaselineConfig):  # zip_tower already chose them, or none leave
             return features
         if isinstance(self.config, PoolConfig):
             return pool_square_grid(features, math.isqrt(tokens), self.config.stride)
