@@ -207,3 +207,33 @@ def test_pool_matches_transformers(default):
 def test_divprune_matches_transformers(default):
     worst, gap = run_and_compare(default, DIVPRUNE)
     print(f"default model, divprune: largest logprob difference {worst:.2e}; smallest control gap {gap:.2e}")
+
+
+def test_visionzip_on_dinov2_is_refused(default):
+    folder = default[2]
+    # the plugin reads VisionZip's attention from vLLM's CLIP module only (vtexit on transformers runs it on DINOv2)
+    with pytest.raises(Exception, match="runs on CLIP towers only"):
+        make_llm(folder, {"method": "visionzip", "keep": 0.25})
+    gc.collect()
+
+
+def test_none_keeps_every_token():
+    reduction = ImageReduction.from_setting(NONE)
+    features = torch.randn(64, 8)
+    assert reduction.count(64) == 64
+    assert reduction.reduce(features) is features
+    assert not reduction.in_tower and not reduction.one_image_per_prompt
+
+
+def test_image_size_is_the_processors():
+    from transformers import CLIPImageProcessorPil
+
+    from vtexit.integrations.vllm import compat
+
+    cropped = CLIPImageProcessorPil(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112})
+    assert compat.processor_image_size(cropped) == 112
+    fixed = CLIPImageProcessorPil(size={"height": 96, "width": 96}, do_center_crop=False)
+    assert compat.processor_image_size(fixed) == 96
+    aspect = CLIPImageProcessorPil(size={"shortest_edge": 112}, do_center_crop=False)
+    with pytest.raises(ValueError, match="square images of one size"):
+        compat.processor_image_size(aspect)
