@@ -171,16 +171,8 @@ def decoder_shape(folder: Path) -> DecoderShape:
     from transformers import AutoConfig
 
     text = AutoConfig.from_pretrained(folder).get_text_config()
-    heads = text.num_attention_heads
-    return DecoderShape(
-        hidden=text.hidden_size,
-        heads=heads,
-        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
-        ffn=text.intermediate_size,
-        gated=text.model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"),
-        num_layers=text.num_hidden_layers,
-    )
+    gated = text.model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+    return DecoderShape.from_config(text, gated=gated)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from vtexit.core.costs import CallCost, RunCost
 from vtexit.core.families import FamilySpec, family_for
@@ -43,17 +44,21 @@ class DecoderShape:
     @classmethod
     def from_model(cls, model: nn.Module, family: FamilySpec | None = None) -> DecoderShape:
         """Read the shape from the config; whether the MLP is gated from the first layer's modules."""
-        text = model.config.get_text_config()
-        heads = text.num_attention_heads
         first_layer = (family or family_for(model)).resolve(model).layers[0]
         mlp = getattr(first_layer, "mlp", None)
+        return cls.from_config(model.config.get_text_config(), gated=mlp is not None and hasattr(mlp, "gate_proj"))
+
+    @classmethod
+    def from_config(cls, text: PretrainedConfig, *, gated: bool) -> DecoderShape:
+        """The shape a text config describes (a config alone does not say whether the MLP is gated)."""
+        heads = text.num_attention_heads
         return cls(
             hidden=text.hidden_size,
             heads=heads,
             kv_heads=getattr(text, "num_key_value_heads", None) or heads,
             head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
             ffn=text.intermediate_size,
-            gated=mlp is not None and hasattr(mlp, "gate_proj"),
+            gated=gated,
             num_layers=text.num_hidden_layers,
         )
 
