@@ -27,19 +27,13 @@ if not VLLM_INSTALLED:
     pytest.skip(SKIP_REASON, allow_module_level=True)
 pytest.importorskip("vllm", minversion="0.32")
 
-import os  # noqa: E402
-
 import torch  # noqa: E402
+from _tiny_vllm import make_llm as make_tiny_llm  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import vtexit  # noqa: E402
 from vtexit.integrations.vllm.reduction import ImageReduction  # noqa: E402
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-
-ARCH = "VtexitLlavaForConditionalGeneration"
 NONE = {"method": "none"}
 POOL = {"method": "pool", "stride": 2}  # 8 x 8 grid -> 16 tokens
 DIVPRUNE = {"method": "divprune", "keep": 0.25}  # 16 of 64
@@ -81,19 +75,8 @@ def default(tmp_path_factory):
 
 
 def make_llm(folder, method):
-    from vllm import LLM
-
-    return LLM(
-        model=str(folder),
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=256,
-        max_num_seqs=4,
-        max_num_batched_tokens=256,
-        limit_mm_per_prompt={"image": 1},
-        mm_processor_kwargs={"backend": "pil"},
-        hf_overrides={"architectures": [ARCH], "vtexit": method},
-    )
+    """The tests' engine settings, with load_default's PIL pixels (the image processor's other backend differs)."""
+    return make_tiny_llm(folder, method, 1, mm_processor_kwargs={"backend": "pil"})
 
 
 @contextlib.contextmanager
