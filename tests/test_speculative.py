@@ -64,8 +64,9 @@ METHODS = {
 }
 
 
-def _first_call_lengths(model, run) -> list[int]:
-    """Lengths of the calls of ``run()`` that reached the language model with an empty cache."""
+def _prompt_lookup(model, inputs) -> tuple[torch.Tensor, list[int]]:
+    """``generate`` with prompt lookup, and the lengths of its calls that reached the language model with an empty
+    cache (the prompt plus the first drafts, when the case under test arises)."""
     lengths = []
 
     def note(module, args, kwargs):
@@ -76,10 +77,10 @@ def _first_call_lengths(model, run) -> list[int]:
 
     handle = model.model.register_forward_pre_hook(note, with_kwargs=True)
     try:
-        run()
+        tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, prompt_lookup_num_tokens=3)
     finally:
         handle.remove()
-    return lengths
+    return tokens, lengths
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -91,19 +92,13 @@ def test_speculative_decoding_gives_the_greedy_tokens(llava, method):
     handle = METHODS[method](model)
     try:
         greedy = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-        lookup = []
-        lengths = _first_call_lengths(
-            model,
-            lambda: lookup.append(
-                model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, prompt_lookup_num_tokens=3)
-            ),
-        )
+        lookup, lengths = _prompt_lookup(model, inputs)
         assisted = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, assistant_model=assistant)
     finally:
         handle.remove()
     prompt = inputs["input_ids"].shape[1]
     assert lengths == [prompt + 3]  # the first call verified drafts with the prompt: the case under test
-    assert torch.equal(lookup[0], greedy)
+    assert torch.equal(lookup, greedy)
     assert torch.equal(assisted, greedy)
 
 
@@ -130,12 +125,6 @@ def test_prompt_lookup_gives_the_greedy_tokens_on_other_families(family, method)
     patch = vtexit.withdraw(model, layer=layer) if method == "vtw" else vtexit.fastv(model, layer=layer, keep=0.5)
     with patch:
         greedy = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-        lookup = []
-        lengths = _first_call_lengths(
-            model,
-            lambda: lookup.append(
-                model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, prompt_lookup_num_tokens=3)
-            ),
-        )
+        lookup, lengths = _prompt_lookup(model, inputs)
     assert lengths == [inputs["input_ids"].shape[1] + 3]
-    assert torch.equal(lookup[0], greedy)
+    assert torch.equal(lookup, greedy)
