@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -15,6 +16,8 @@ from vtexit.methods.base import MethodConfig, check_float, check_renumbering
 from vtexit.methods.fastv.ranking import MAX_DENOMINATOR, check_keep, keep_counts
 from vtexit.methods.visionzip.policy import VisionZipPolicy
 from vtexit.methods.visionzip.tower import find_selected_layer
+from vtexit.methods.visionzip.tower_policy import TowerVisionZipPolicy
+from vtexit.methods.visionzip.towers import QWEN_FAMILIES, VIT_FAMILIES, find_qwen_groups, find_vit_groups
 
 PAPER_CONTEXTUAL_SHARE = 10 / 64  # 54 + 10, 108 + 20 and 162 + 30 tokens of LLaVA-1.5's 576 (VisionZip, Table 1)
 
@@ -33,7 +36,8 @@ class VisionZipConfig(MethodConfig):
     """Before the language model, each image keeps ``keep`` of its visual tokens: dominant ones (the CLS token and
     the patches it attends to most in the projector's vision-tower layer) and ``contextual_share`` of them as
     contextual tokens (the other tokens merged by key similarity). ``keep=64/576`` on LLaVA-1.5 gives the paper's
-    54 + 10. LLaVA-1.5-style models with a CLIP or DINOv2 tower and 1D rotary positions."""
+    54 + 10. LLaVA-1.5-style models with a CLIP or DINOv2 tower; InternVL, Gemma3, Idefics3 / SmolVLM and the
+    Qwen-VL families, whose prompt tokens are groups of patches (see :mod:`vtexit.methods.visionzip.towers`)."""
 
     method: ClassVar[str] = "visionzip"
     keep: float
@@ -47,6 +51,12 @@ class VisionZipConfig(MethodConfig):
         object.__setattr__(self, "contextual_share", share)
 
     def build_policy(self, model: nn.Module, family: FamilySpec) -> Policy:
+        if family.name in VIT_FAMILIES or family.name in QWEN_FAMILIES:
+            source = find_qwen_groups(model) if family.name in QWEN_FAMILIES else find_vit_groups(model, family.name)
+            check_renumbering(self.method, model, family, before_llm=True)
+            return TowerVisionZipPolicy(
+                source, partial(split_tokens, keep=self.keep, contextual_share=self.contextual_share)
+            )
         layer = find_selected_layer(model, family.name)
         check_renumbering(self.method, model, family, before_llm=True)
         dominant, contextual = split_tokens(layer.patches, self.keep, self.contextual_share)

@@ -66,3 +66,58 @@ def visionzip_tokens(
 
 def _rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return values.gather(1, index.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
+
+
+# Query rows per block when scoring a whole tower layer: bounds the (heads, rows, tokens) scores a block holds.
+SCORE_BLOCK_ELEMENTS = 1 << 26
+
+
+def attention_received(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """(..., tokens) the attention each token receives, mean over heads and queries, from per-head ``query`` and
+    ``keys`` (..., heads, tokens, head_dim) of one attention (softmax in float32, in blocks of query rows so a large
+    image never holds the whole matrix). The dominant-token score of towers without a CLS token."""
+    tokens, head_dim = keys.shape[-2:]
+    keys_t = keys.float().transpose(-1, -2)
+    rows = max(1, SCORE_BLOCK_ELEMENTS // max(1, keys[..., 0].numel()))
+    received = torch.zeros(keys.shape[:-1], dtype=torch.float32, device=keys.device)
+    for start in range(0, tokens, rows):
+        scores = (query[..., start : start + rows, :].float() @ keys_t) * head_dim**-0.5
+        received = received + scores.softmax(dim=-1).sum(dim=-2)
+    return received.mean(dim=-2) / tokens
+
+
+def zip_plan(
+    scores: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VisionZip on prompt tokens that stay in place: ``scores`` (rows, tokens) each token's dominance, ``keys``
+    (rows, tokens, head_dim). Returns ``kept`` (rows, tokens) bool: the ``dominant`` highest-scoring tokens and the
+    ``contextual`` targets; ``targets`` (rows, contextual) their indices; ``weights`` (rows, contextual, tokens): each
+    target's merged vector is ``weights @ features`` (the mean of the target and the tokens that joined it)."""
+    rows, tokens = scores.shape
+    device = scores.device
+    kept = torch.zeros(rows, tokens, dtype=torch.bool, device=device)
+    kept.scatter_(1, scores.topk(dominant, dim=1).indices, True)
+    if contextual == 0:
+        return kept, kept.new_zeros(rows, 0, dtype=torch.long), scores.new_zeros(rows, 0, tokens)
+    rest = (~kept).nonzero()[:, 1].view(rows, tokens - dominant)  # ascending per row
+    remaining = rest.shape[1]
+    is_target = torch.zeros(remaining, dtype=torch.bool, device=device)
+    is_target[torch.arange(0, remaining, max(1, remaining // contextual), device=device)[:contextual]] = True
+    targets, others = rest[:, is_target], rest[:, ~is_target]
+    unit = F.normalize(keys.float(), dim=-1)
+    similarity = _rows(unit, others) @ _rows(unit, targets).transpose(1, 2)  # (rows, others, targets)
+    members = torch.zeros(rows, contextual, tokens, dtype=torch.float32, device=device)
+    members.scatter_(2, targets.unsqueeze(-1), 1.0)
+    joins = F.one_hot(similarity.argmax(dim=2), contextual).float().transpose(1, 2)  # (rows, targets, others)
+    members.scatter_(2, others.unsqueeze(1).expand(-1, contextual, -1), joins)
+    kept.scatter_(1, targets, True)
+    return kept, targets, members / members.sum(dim=2, keepdim=True)
+
+
+def apply_plan(features: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``features`` (rows, tokens, dim) with each contextual target replaced by its group's mean (see
+    :func:`zip_plan`); the other tokens unchanged."""
+    if targets.shape[1] == 0:
+        return features
+    merged = (weights @ features.float()).to(features.dtype)
+    return features.scatter(1, targets.unsqueeze(-1).expand(-1, -1, features.shape[-1]), merged)

@@ -41,8 +41,9 @@ def find_selected_layer(model: nn.Module, family_name: str) -> SelectedLayer:
     config = model.config
     if family_name != "llava":
         raise ValueError(
-            f"visionzip is supported for LLaVA-1.5-style models (family 'llava': one block of vision-tower patches "
-            f"per image), got {family_name!r}"
+            f"visionzip is supported for LLaVA-1.5-style models (family 'llava'), internvl, gemma3, idefics3, "
+            f"qwen2_vl, qwen2_5_vl and qwen3_vl, got {family_name!r} (its images enter the prompt as tiles with "
+            "newline tokens)"
         )
     vision = config.vision_config
     if vision.model_type not in CLS_TOWERS:

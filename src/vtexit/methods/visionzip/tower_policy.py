@@ -1,0 +1,109 @@
+"""VisionZip before the language model on towers whose prompt tokens are groups of patches (see
+:mod:`vtexit.methods.visionzip.towers`). Each prompt token stays in its own slot: hooks on the tower capture the
+scored block's input and, on the module whose output enters the prompt, replace each contextual target with its
+group's mean and note which slots each image keeps; the event before decoder layer 0 keeps those slots. So the
+language model sees each image's dominant and contextual tokens in the prompt's order of their originals."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from vtexit.core.policy import Policy, PrefillView
+from vtexit.methods.fastv.ranking import record_kept
+from vtexit.methods.visionzip.selection import apply_plan, zip_plan
+from vtexit.methods.visionzip.towers import QwenGroups, ViTGroups
+
+
+class TowerVisionZipPolicy(Policy):
+    """Each image (each tile, on towers that see tiles) keeps ``keep`` of its prompt tokens, split by ``split``."""
+
+    event_layers = frozenset({0})
+    renumber_positions = True
+
+    def __init__(self, source: ViTGroups | QwenGroups, split):
+        self.source, self.split = source, split  # split(tokens) -> (dominant, contextual)
+        self._local = threading.local()  # this thread's call: the captured block input and the kept slots
+
+    def outer_hooks(self, model: nn.Module) -> list[RemovableHandle]:
+        source = self.source
+        hooks = [
+            model.model.register_forward_pre_hook(self._start, with_kwargs=True),
+            source.block.register_forward_pre_hook(self._capture("block"), with_kwargs=True),
+        ]
+        if isinstance(source, QwenGroups):
+            hooks.append(source.tower.register_forward_pre_hook(self._capture("tower"), with_kwargs=True))
+            hooks.append(source.tower.register_forward_hook(self._zip_qwen))
+        else:
+            hooks.append(source.output.register_forward_hook(self._zip_vit))
+        return hooks
+
+    def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """A new call of the model: forget the last one's tower."""
+        if kwargs.get("pixel_values_videos") is not None:
+            raise ValueError(f"visionzip supports images on {self.source.model_type}, not videos")
+        self._local.seen, self._local.kept = {}, None
+
+    def _capture(self, name: str):
+        def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if not hasattr(self._local, "seen"):
+                self._local.seen = {}
+            self._local.seen[name] = (args, kwargs)
+
+        return capture
+
+    def _note(self, kept: torch.Tensor) -> None:
+        if getattr(self._local, "kept", None) is not None:
+            raise ValueError(f"visionzip saw the {self.source.model_type} image features computed twice in one call")
+        self._local.kept = kept
+
+    def _zip_vit(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        source = self.source
+        block_args, block_kwargs = self._local.seen["block"]
+        hidden = block_args[0] if block_args else block_kwargs["hidden_states"]
+        scores, keys = source.scores_and_keys(hidden)
+        if output.shape[1] != source.tokens:
+            raise ValueError(
+                f"visionzip expects {source.tokens} prompt tokens per image from the {source.model_type} projector, "
+                f"got {output.shape[1]}"
+            )
+        kept, targets, weights = zip_plan(scores, keys, *self.split(source.tokens))
+        self._note(kept.flatten())
+        return apply_plan(output, targets, weights.to(output.device))
+
+    def _zip_qwen(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        tower_args, tower_kwargs = self._local.seen["tower"]
+        grid = tower_kwargs.get("grid_thw", tower_args[1] if len(tower_args) > 1 else None)
+        scores, keys = self.source.scores_and_keys(grid, *self._local.seen["block"])
+        sizes = (grid.prod(dim=1) // self.source.unit).tolist()
+        features = [output.pooler_output, *(getattr(output, "deepstack_features", None) or [])]
+        pieces: list[list[torch.Tensor]] = [[] for _ in features]
+        kept, start = [], 0
+        for size in sizes:  # images differ in size: one plan each
+            part = slice(start, start + size)
+            plan = zip_plan(scores[None, part], keys[None, part], *self.split(size))
+            kept.append(plan[0][0])
+            for piece, values in zip(pieces, features, strict=True):
+                piece.append(apply_plan(values[None, part], plan[1], plan[2].to(values.device))[0])
+            start += size
+        self._note(torch.cat(kept))
+        output.pooler_output = torch.cat(pieces[0])
+        if len(pieces) > 1:
+            output.deepstack_features = [torch.cat(piece) for piece in pieces[1:]]
+        return output
+
+    def keep(self, view: PrefillView) -> torch.Tensor | None:
+        kept = getattr(self._local, "kept", None)
+        if kept is None:
+            raise ValueError(
+                f"visionzip found no {self.source.model_type} vision tower output in this call (it chooses tokens "
+                "in the tower: pass pixel values, not image features)"
+            )
+        media = view.media
+        mask = view.text | torch.zeros_like(media).masked_scatter(media, kept.to(media.device))
+        record_kept(view, mask)
+        return mask
