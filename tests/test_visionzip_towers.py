@@ -12,9 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reduced_prompt import check_against_reduced_prompt
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
 import vtexit
+from vtexit.methods.visionzip.selection import attention_received
 from vtexit.testing.tiny_models import build_tiny
 
 KEEP, SHARE = 0.5, 0.25
@@ -274,3 +276,31 @@ def test_visionzip_keeps_what_the_hand_reference_keeps(name, overrides):
         assert layout.index[b][layout.valid[b]].tolist() == row
     torch.testing.assert_close(logits[layout.valid], expected[prompt["attention_mask"].bool()], atol=2e-5, rtol=1e-4)
     assert torch.equal(model(**inputs, use_cache=False).logits, before)  # removed: the model as it was
+
+
+@pytest.mark.parametrize("name", ["internvl", "idefics3"])
+@torch.no_grad()
+def test_visionzip_generates_as_the_unpatched_model_on_the_reduced_prompt(name):
+    case = make_case(name)
+    inputs = case.inputs([2, 1], text_len=[4, 6])
+    _, prompt = reduced_prompt(case, inputs)
+    config = vtexit.VisionZipConfig(keep=KEEP, contextual_share=SHARE)
+    patch = lambda m: vtexit.apply(m, config)  # noqa: E731
+    check_against_reduced_prompt(case.model, inputs, prompt["inputs_embeds"], prompt["attention_mask"], patch, 3)
+
+
+@torch.no_grad()
+def test_attention_received_in_blocks_of_queries_equals_the_whole_matrix():
+    generator = torch.Generator().manual_seed(1)
+    query, keys = torch.randn(2, 3, 7, 4, generator=generator), torch.randn(2, 3, 7, 4, generator=generator)
+    expected = attention(query.double().numpy().reshape(6, 7, 4), keys.double().numpy().reshape(6, 7, 4))
+    expected = expected.reshape(2, 3, 7, 7).mean(axis=(1, 2))
+    for block in (1, 20, 10**6):  # one query row per block, a few, all at once
+        np.testing.assert_allclose(attention_received(query, keys, block).numpy(), expected, rtol=1e-5)
+
+
+def test_visionzip_refuses_videos_on_qwen():
+    case = make_case("qwen2_vl")
+    inputs = case.inputs([0, 1], videos_per_row=[1, 0], text_len=[4, 6])
+    with vtexit.visionzip(case.model, keep=KEEP), pytest.raises(ValueError, match="images only"):
+        case.model(**inputs, use_cache=False)

@@ -72,13 +72,15 @@ def _rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 SCORE_BLOCK_ELEMENTS = 1 << 26
 
 
-def attention_received(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def attention_received(
+    query: torch.Tensor, keys: torch.Tensor, block_elements: int = SCORE_BLOCK_ELEMENTS
+) -> torch.Tensor:
     """(..., tokens) the attention each token receives, mean over heads and queries, from per-head ``query`` and
     ``keys`` (..., heads, tokens, head_dim) of one attention (softmax in float32, in blocks of query rows so a large
     image never holds the whole matrix). The dominant-token score of towers without a CLS token."""
     tokens, head_dim = keys.shape[-2:]
     keys_t = keys.float().transpose(-1, -2)
-    rows = max(1, SCORE_BLOCK_ELEMENTS // max(1, keys[..., 0].numel()))
+    rows = max(1, block_elements // max(1, keys[..., 0].numel()))
     received = torch.zeros(keys.shape[:-1], dtype=torch.float32, device=keys.device)
     for start in range(0, tokens, rows):
         scores = (query[..., start : start + rows, :].float() @ keys_t) * head_dim**-0.5

@@ -27,26 +27,17 @@ class TowerVisionZipPolicy(Policy):
 
     def __init__(self, source: ViTGroups | QwenGroups, split):
         self.source, self.split = source, split  # split(tokens) -> (dominant, contextual)
-        self._local = threading.local()  # this thread's call: the captured block input and the kept slots
+        self._local = threading.local()  # this thread's tower calls: the captured block input, the kept slots
 
     def outer_hooks(self, model: nn.Module) -> list[RemovableHandle]:
         source = self.source
-        hooks = [
-            model.model.register_forward_pre_hook(self._start, with_kwargs=True),
-            source.block.register_forward_pre_hook(self._capture("block"), with_kwargs=True),
-        ]
+        hooks = [source.block.register_forward_pre_hook(self._capture("block"), with_kwargs=True)]
         if isinstance(source, QwenGroups):
             hooks.append(source.tower.register_forward_pre_hook(self._capture("tower"), with_kwargs=True))
             hooks.append(source.tower.register_forward_hook(self._zip_qwen))
         else:
             hooks.append(source.output.register_forward_hook(self._zip_vit))
         return hooks
-
-    def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """A new call of the model: forget the last one's tower."""
-        if kwargs.get("pixel_values_videos") is not None:
-            raise ValueError(f"visionzip supports images on {self.source.model_type}, not videos")
-        self._local.seen, self._local.kept = {}, None
 
     def _capture(self, name: str):
         def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -57,9 +48,11 @@ class TowerVisionZipPolicy(Policy):
         return capture
 
     def _note(self, kept: torch.Tensor) -> None:
-        if getattr(self._local, "kept", None) is not None:
-            raise ValueError(f"visionzip saw the {self.source.model_type} image features computed twice in one call")
-        self._local.kept = kept
+        """Keep each tower call's slots until the next prefill's event reads them (generate computes the image
+        features before it calls the model, so no hook on the model's call could tell one prompt's from the next)."""
+        if not hasattr(self._local, "kept"):
+            self._local.kept = []
+        self._local.kept.append(kept)
 
     def _zip_vit(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         source = self.source
@@ -97,13 +90,15 @@ class TowerVisionZipPolicy(Policy):
         return output
 
     def keep(self, view: PrefillView) -> torch.Tensor | None:
-        kept = getattr(self._local, "kept", None)
-        if kept is None:
+        found, self._local.kept = getattr(self._local, "kept", []), []
+        if len(found) != 1:
             raise ValueError(
-                f"visionzip found no {self.source.model_type} vision tower output in this call (it chooses tokens "
-                "in the tower: pass pixel values, not image features)"
+                f"visionzip needs the {self.source.model_type} vision tower to run once for each prompt's images, "
+                f"it ran {len(found)} times: it chooses tokens in the tower, so pass pixel values (not image "
+                "features), "
+                "images only (not videos), and no get_image_features calls of your own while patched"
             )
         media = view.media
-        mask = view.text | torch.zeros_like(media).masked_scatter(media, kept.to(media.device))
+        mask = view.text | torch.zeros_like(media).masked_scatter(media, found[0].to(media.device))
         record_kept(view, mask)
         return mask
