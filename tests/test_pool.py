@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
+from grid_reference import blocks_by_hand, hand_places
 from reduced_prompt import check_against_reduced_prompt, greedy_case, layer0_inputs, left_pad, rebuild_rows
 from reference import record_layer_inputs, scheduled_logits
 
 import vtexit
+from vtexit.core.families import family_for
 from vtexit.testing.tiny_models import build_tiny
 
 
@@ -77,11 +80,69 @@ def test_pool_then_vtw_equals_layers_run_by_hand(llava):
     assert torch.equal(model(**inputs).logits, before)
 
 
-@pytest.mark.parametrize("family, why", [("llava_next", "visual grid"), ("qwen2_vl", "not supported for")])
-def test_pool_refuses_families_it_cannot_describe(family, why):
-    model = build_tiny(family, num_layers=4).model
-    with pytest.raises(ValueError, match=why):
-        vtexit.pool(model)
+def _first_layer_inputs(model, inputs: dict) -> torch.Tensor:
+    """What the unpatched model's first decoder layer receives: the prompt's embeddings, visual features in place."""
+    seen = {}
+    first = family_for(model).resolve(model).layers[0]
+    hook = first.register_forward_pre_hook(
+        lambda m, a, k: seen.update(h=a[0] if a else k["hidden_states"]), with_kwargs=True
+    )
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        hook.remove()
+    return seen["h"].detach()
+
+
+def _pooled_by_hand(model, inputs: dict, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's real tokens, every block of visual tokens (same frame, same stride x stride cell of its grid, as
+    tests/grid_reference.py finds them from the model's own features) replaced by its mean at its top-left token."""
+    embeds = _first_layer_inputs(model, inputs)
+    places = hand_places(model, inputs)
+    rows = []
+    for b in range(embeds.shape[0]):
+        blocks = blocks_by_hand(places[b], stride)
+        real = inputs["attention_mask"][b].bool().tolist()
+        kept = []
+        for i, place in enumerate(places[b]):
+            if not real[i]:
+                continue
+            if place is None:
+                kept.append(embeds[b, i])
+            elif i in blocks:
+                kept.append(embeds[b, blocks[i]].float().mean(0).to(embeds.dtype))
+        rows.append(torch.stack(kept))
+    return left_pad(rows)
+
+
+POOL_FAMILIES = {
+    "llava_next": dict(images_per_row=[1, 2, 0], text_len=[5, 3, 7]),
+    "llava_onevision": dict(images_per_row=[1, 2, 0], videos_per_row=[0, 0, 1], text_len=[5, 3, 7]),
+    "internvl": dict(images_per_row=[1, 2, 0], text_len=[5, 3, 7]),
+    "idefics3": dict(images_per_row=[1, 2, 0], text_len=[5, 3, 7]),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", list(POOL_FAMILIES))
+def test_pool_on_tiles_anyres_and_video_equals_the_pooled_prompt(name):
+    """Blocks stay inside a tile / crop / video frame / anyres part; an anyres grid's newline column pools with
+    itself (one newline per pooled row)."""
+    case = greedy_case(name)
+    inputs = case.inputs(**POOL_FAMILIES[name])
+    embeds, mask = _pooled_by_hand(case.model, inputs, 2)
+    patch = lambda m: vtexit.pool(m, stride=2)  # noqa: E731
+    check_against_reduced_prompt(case.model, inputs, embeds, mask, patch, steps=3)
+
+
+def test_pool_refuses_a_family_without_a_grid_and_bad_strides():
+    model = build_tiny("internvl", num_layers=4).model
+    without_grid = dataclasses.replace(family_for(model), visual_grid=None)
+    with pytest.raises(ValueError, match="visual grid"):
+        vtexit.pool(model, family=without_grid)
+    side = int(model.config.vision_config.image_size[0] // model.config.vision_config.patch_size[0] * 0.5)
+    with pytest.raises(ValueError, match=f"larger than this model's {side} x {side} grid"):
+        vtexit.pool(model, stride=side + 1)  # a tile's grid after pixel shuffle is fixed by the config
     assert vtexit.patch_of(model) is None
     with pytest.raises(ValueError, match="stride must be"):
         vtexit.PoolConfig(stride=1)

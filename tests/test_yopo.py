@@ -5,6 +5,7 @@ cached greedy generation against a no-cache recomputation of the simulation."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from reference import greedy_no_cache
 from yopo_reference import hand_grid, simulate
 
 import vtexit
+from vtexit.core.families import family_for
 from vtexit.core.flops import DecoderShape, run_flops
 from vtexit.methods.yopo.rows import split_rows
 from vtexit.testing.tiny_models import build_tiny
@@ -146,13 +148,26 @@ def test_window_on_video_frames():
 
 
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "internvl", "idefics3", "qwen3_vl"])
-def test_heads_ffn_and_drop_on_other_families(family):
+def test_every_strategy_on_other_families(family):
     case = build_tiny(family, num_layers=LAYERS)
     case.model.generation_config.eos_token_id = None
-    settings = dict(_strategies(case)["all"])
-    if family != "qwen3_vl":
-        del settings["window"]
-    _check(case, settings, family)
+    _check(case, dict(_strategies(case)["all"]), family)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "internvl", "idefics3"])
+def test_window_on_tiles_and_anyres_grids(family):
+    """The window against the brute-force neighbourhood of frames cut from the model's own features: InternVL tiles
+    and Idefics3 crops are frames of their own; an anyres image is its base frame, its high-res grid and that grid's
+    newline column (a frame of its own), OneVision's video frames and trailing newline too. Tiles of SDPA, the dense
+    masks, and (anyres) FlexAttention."""
+    case = _case(family, "sdpa")
+    inputs = case.inputs(
+        images_per_row=[1, 2, 0], text_len=[5, 3, 7], videos_per_row=[0, 0, 1] if case.supports_video else None
+    )
+    _check(case, dict(window=3), f"{family}, tiles", inputs)
+    _check(case, dict(window=3, dense_below=10**9), f"{family}, dense", inputs)
+    if family == "llava_onevision":
+        _check(case, dict(window=3, window_kernel="flex"), f"{family}, FlexAttention", inputs)
 
 
 def test_remove_restores_the_model_bit_for_bit():
@@ -280,8 +295,10 @@ def test_config_round_trips_and_refuses_bad_settings(tmp_path):
         with pytest.raises(ValueError, match=name):
             vtexit.yopo(case.model, vtexit.YOPOConfig(**settings))
         assert vtexit.patch_of(case.model) is None
+    without_grid = dataclasses.replace(family_for(case.model), visual_grid=None)
     with pytest.raises(ValueError, match="window needs the visual patch grid"):
-        vtexit.yopo(build_tiny("llava_next", num_layers=LAYERS).model, vtexit.YOPOConfig(window=3))
+        vtexit.yopo(case.model, vtexit.YOPOConfig(window=3), family=without_grid)
+    assert vtexit.patch_of(case.model) is None
     gemma = build_tiny("gemma3", num_layers=LAYERS).model
     with pytest.raises(ValueError, match="gemma3|sliding"):
         vtexit.yopo(

@@ -4,7 +4,8 @@ per-head 4D masks, post-softmax weights, zeroed head outputs, and an FFN whose u
 ``simulate(model, ...)`` returns a deep copy of an unpatched model whose attention and MLP forwards are replaced by
 dense reference computations. Masks come from the prompt itself, recomputed at every forward (so a no-cache greedy
 recomputation works): which positions are visual and where each sits on its image grid are found by walking the
-tokens in Python, not with vtexit's code.
+tokens in Python (for tiled and anyres families, with frames cut from the model's own features by
+tests/grid_reference.py), not with vtexit's code.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import sys
 import types
 
 import torch
+from grid_reference import hand_places
 from torch import nn
 
 from vtexit.core.families import family_for
+
+HAND_PLACED = ("llava_next", "llava_onevision", "internvl", "idefics3", "gemma3")
 
 
 def hand_grid(model: nn.Module, input_ids: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, ...]:
@@ -29,6 +33,15 @@ def hand_grid(model: nn.Module, input_ids: torch.Tensor, inputs: dict) -> tuple[
     frame = torch.full((batch, length), -1)
     row = torch.zeros(batch, length, dtype=torch.long)
     col = torch.zeros(batch, length, dtype=torch.long)
+    if config.model_type in HAND_PLACED:  # frames from the model's own features (tests/grid_reference.py)
+        for b, places in enumerate(hand_places(model, inputs, input_ids)):
+            labels: dict = {}
+            for p, place in enumerate(places):
+                media[b, p] = place is not None
+                if place is not None:
+                    frame[b, p] = labels.setdefault(place[0], len(labels))
+                    row[b, p], col[b, p] = place[1], place[2]
+        return media, frame, row, col
     if config.model_type not in ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         return media, frame, row, col  # no grid: only heads / FFN / drop are simulated
     media = torch.zeros(batch, length, dtype=torch.bool)

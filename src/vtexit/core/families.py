@@ -15,7 +15,16 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from vtexit.core.grids import merged_patch_media_count, qwen_grid, square_grid, square_media_count
+from vtexit.core.anyres_grid import anyres_grid
+from vtexit.core.grids import (
+    gemma3_grid,
+    idefics3_grid,
+    internvl_grid,
+    merged_patch_media_count,
+    qwen_grid,
+    square_grid,
+    square_media_count,
+)
 
 
 def first_layer_of_each_type(text_config: PretrainedConfig) -> int:
@@ -113,6 +122,13 @@ _QWEN_GRID = {
     "media_count": merged_patch_media_count,
 }
 
+# Anyres: the base frame and the unpadded high-res grid of each image, from image_sizes (and OneVision's images per
+# row and video frames), or in generate from the media features encoded before the prefill.
+_ANYRES_GRID = {
+    "visual_grid": anyres_grid,
+    "grid_inputs": ("image_sizes", "batch_num_images", "pixel_values", "pixel_values_videos", "mm_encoder_outputs"),
+}
+
 _BUILTIN = (
     FamilySpec(
         "llava",
@@ -121,16 +137,26 @@ _BUILTIN = (
         visual_grid=square_grid,
         media_count=square_media_count,
     ),
-    FamilySpec("llava_next", ("llava_next",), media_token_attrs=("image_token_id",)),
-    FamilySpec("llava_onevision", ("llava_onevision",)),
+    FamilySpec("llava_next", ("llava_next",), media_token_attrs=("image_token_id",), **_ANYRES_GRID),
+    FamilySpec("llava_onevision", ("llava_onevision",), **_ANYRES_GRID),
     FamilySpec("qwen2_vl", ("qwen2_vl",), **_QWEN_GRID),
     FamilySpec("qwen2_5_vl", ("qwen2_5_vl",), **_QWEN_GRID),
     FamilySpec("qwen3_vl", ("qwen3_vl",), min_layer=deepstack_min_layer, **_QWEN_GRID),
-    FamilySpec("internvl", ("internvl",), media_token_attrs=("image_token_id",)),
+    FamilySpec("internvl", ("internvl",), media_token_attrs=("image_token_id",), visual_grid=internvl_grid),
     FamilySpec(
-        "idefics3", ("idefics3", "smolvlm"), language_model="model.text_model", media_token_attrs=("image_token_id",)
+        "idefics3",
+        ("idefics3", "smolvlm"),
+        language_model="model.text_model",
+        media_token_attrs=("image_token_id",),
+        visual_grid=idefics3_grid,
     ),
-    FamilySpec("gemma3", ("gemma3",), media_token_attrs=("image_token_id",), media_blocks="token_type_ids"),
+    FamilySpec(
+        "gemma3",
+        ("gemma3",),
+        media_token_attrs=("image_token_id",),
+        media_blocks="token_type_ids",
+        visual_grid=gemma3_grid,
+    ),
 )
 
 _REGISTRY: dict[str, FamilySpec] = {t: spec for spec in _BUILTIN for t in spec.model_types}

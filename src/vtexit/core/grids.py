@@ -2,17 +2,26 @@
 
 A family describes its geometry with a function ``(config, media, inputs) -> VisualGrid``: ``media`` flags the
 visual tokens of the prompt, ``inputs`` holds its ``input_ids`` and the multimodal core's kwargs the family names in
-``FamilySpec.grid_inputs``. Two layouts cover the built-in families
-that have one: LLaVA-1.5 style (each ``<image>`` expands to a square grid of ``image_seq_length`` tokens, row-major)
-and Qwen2-VL style (``image_grid_thw`` / ``video_grid_thw`` in patches, merged ``spatial_merge_size`` x
-``spatial_merge_size``; a video is ``t`` frames of one grid). Everything is computed on the device, without a sync.
-Every frame's tokens are consecutive in the prompt, row-major: the token ``dr`` rows and ``dc`` columns away sits
-``dr * width + dc`` positions away.
+``FamilySpec.grid_inputs``. Layouts of the built-in families:
+
+* runs of square frames (:class:`SquareRuns`): every visual token belongs to a run of ``side * side`` tokens, one
+  frame, row-major: an image (LLaVA-1.5, Gemma3), a tile after pixel shuffle (InternVL), a crop or the global image
+  (Idefics3 / SmolVLM); the side comes from the config;
+* Qwen2-VL style (``image_grid_thw`` / ``video_grid_thw`` in patches, merged ``spatial_merge_size`` x
+  ``spatial_merge_size``; a video is ``t`` frames of one grid);
+* anyres (LLaVA-NeXT, LLaVA-OneVision: :mod:`vtexit.core.anyres_grid`): a base frame, then the unpadded high-res
+  grid whose rows each end with a newline token.
+
+Everything is computed on the device, without a sync (anyres reads ``image_sizes`` on the host, as transformers
+does). Every frame's tokens are consecutive in the prompt, row-major, except that a row may be followed by tokens of
+another frame (anyres newline tokens): the token ``dr`` rows and ``dc`` columns away sits ``dr * row_step + dc``
+positions away (``row_step``: ``pitch``, or ``width`` when the grid has no pitch).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,13 +33,20 @@ class VisualGrid:
     """Per prompt position (batch, length), long tensors; at non-visual positions ``frame`` is -1, the rest 0.
 
     ``frame`` identifies the image (or video frame) within the row; ``row``/``col`` the token's place on that
-    frame's grid of ``height`` x ``width`` tokens."""
+    frame's grid of ``height`` x ``width`` tokens; ``pitch`` the prompt positions from one row of the frame to the
+    next (None: ``width``, the rows are back to back)."""
 
     frame: torch.Tensor
     row: torch.Tensor
     col: torch.Tensor
     height: torch.Tensor
     width: torch.Tensor
+    pitch: torch.Tensor | None = None
+
+    @property
+    def row_step(self) -> torch.Tensor:
+        """Prompt positions between a token and the one below it on its frame."""
+        return self.width if self.pitch is None else self.pitch
 
 
 def square_side(config: PretrainedConfig) -> int:
@@ -45,9 +61,40 @@ def square_side(config: PretrainedConfig) -> int:
     return side
 
 
-def square_grid(config: PretrainedConfig, media: torch.Tensor, inputs: dict) -> VisualGrid:
-    """LLaVA-1.5: the k-th run of ``image_seq_length`` image tokens in a row is image k, a square grid."""
-    side = square_side(config)
+def _pair(value: int | list | tuple) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def internvl_side(config: PretrainedConfig) -> int:
+    """InternVL: a tile's ``image_size / patch_size`` patches a side, pixel-shuffled by ``downsample_ratio``, as
+    ``InternVLModel.get_image_features`` reshapes them."""
+    vision = config.vision_config
+    (height, width), (patch_h, patch_w) = _pair(vision.image_size), _pair(vision.patch_size)
+    if height // patch_h != width // patch_w:
+        raise ValueError(f"InternVL tiles of {height} x {width} pixels are not a square grid of patches")
+    return int(height // patch_h * config.downsample_ratio)
+
+
+def idefics3_side(config: PretrainedConfig) -> int:
+    """Idefics3 / SmolVLM: a crop's ``image_size // patch_size`` patches a side, pixel-shuffled by ``scale_factor``
+    (the connector's ``image_seq_len`` tokens)."""
+    vision = config.vision_config
+    return vision.image_size // vision.patch_size // config.scale_factor
+
+
+def gemma3_side(config: PretrainedConfig) -> int:
+    """Gemma3: the projector average-pools the tower's patch grid to ``mm_tokens_per_image`` tokens, a square."""
+    tokens = config.mm_tokens_per_image
+    patches = config.vision_config.image_size // config.vision_config.patch_size
+    kernel = patches // math.isqrt(tokens) if tokens > 0 else 0
+    side = patches // kernel if kernel > 0 else 0
+    if side * side != tokens:
+        raise ValueError(f"mm_tokens_per_image={tokens} is not the projector's square grid ({side} x {side})")
+    return side
+
+
+def square_runs(media: torch.Tensor, side: int) -> VisualGrid:
+    """The k-th run of ``side * side`` visual tokens of a row is its frame k, a square grid, row-major."""
     rank = media.long().cumsum(1) - 1
     local = rank % (side * side)
     zero = torch.zeros_like(rank)
@@ -58,6 +105,27 @@ def square_grid(config: PretrainedConfig, media: torch.Tensor, inputs: dict) -> 
         height=torch.where(media, side, zero),
         width=torch.where(media, side, zero),
     )
+
+
+@dataclass(frozen=True)
+class SquareRuns:
+    """A layout of square frames of one side, fixed by the config (``side_of``): every frame is a run of
+    ``side * side`` visual tokens (see :func:`square_runs`). Callable as a family's ``visual_grid``."""
+
+    side_of: Callable[[PretrainedConfig], int]
+
+    def __call__(self, config: PretrainedConfig, media: torch.Tensor, inputs: dict) -> VisualGrid:
+        return square_runs(media, self.side_of(config))
+
+
+# LLaVA-1.5: the k-th run of ``image_seq_length`` image tokens in a row is image k.
+square_grid = SquareRuns(square_side)
+# InternVL: an image is its tiles (crops, then the thumbnail) between ``<img>`` and ``</img>``, each tile a frame.
+internvl_grid = SquareRuns(internvl_side)
+# Idefics3 / SmolVLM: each crop and the global image is a run of ``image_seq_len`` tokens between text tokens.
+idefics3_grid = SquareRuns(idefics3_side)
+# Gemma3: each image is ``mm_tokens_per_image`` tokens between ``<start_of_image>`` and ``<end_of_image>``.
+gemma3_grid = SquareRuns(gemma3_side)
 
 
 def qwen_grid(config: PretrainedConfig, media: torch.Tensor, inputs: dict) -> VisualGrid:

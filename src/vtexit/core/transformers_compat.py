@@ -9,6 +9,7 @@ passes on each tested release; ``make canary`` tries the newest one).
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import sys
 import warnings
@@ -37,6 +38,7 @@ __all__ = [
     "TESTED_FLOOR",
     "TESTED_NEXT",
     "TESTED_RANGE",
+    "anyres_helpers",
     "blockwise_overlay",
     "cache_keyword",
     "cache_kwargs",
@@ -285,3 +287,20 @@ def deferred_stop_checks(device_type: str = "cuda") -> Iterator[None]:
 def rotary_function(attention: nn.Module) -> Callable | None:
     """The module-level ``apply_rotary_pos_emb`` of ``attention``'s modeling file (None if it has none)."""
     return getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
+
+
+# ------------------------------------------------------------------------------------------------ anyres
+# LLaVA-NeXT and LLaVA-OneVision lay out an anyres image with module-level helpers of their modeling files (5.17-5.25,
+#   the same code in both files): ``get_anyres_image_grid_shape(image_size, grid_pinpoints, patch_size)`` -> (tiles
+#   high, tiles wide) of the canvas ``select_best_resolution`` picks, and ``unpad_image(tensor, original_size)``, the
+#   (channels, height, width) feature map cropped back to the image's aspect ratio. OneVision's video newline is
+#   appended by ``forward`` in 5.17 and by ``get_video_features`` in 5.25; the prompt's layout is the same.
+# ``generate`` in 5.25 (not 5.17) encodes the media before the prefill (``_prepare_multimodal_encoder_kwargs_for_
+#   generation``) and passes the core ``mm_encoder_outputs`` ({"image": ..., "video": ...}, each with
+#   ``pooler_output``: per image its packed features, per video its frames' and newline's) instead of the pixels and
+#   ``image_sizes``; vtexit.core.anyres_grid reads the layout off those features then.
+def anyres_helpers(model_type: str) -> tuple[Callable, Callable]:
+    """``(get_anyres_image_grid_shape, unpad_image)`` of the modeling file of ``model_type`` (llava_next or
+    llava_onevision)."""
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    return module.get_anyres_image_grid_shape, module.unpad_image

@@ -14,7 +14,7 @@ def block_leaders(
     index: torch.Tensor, row: torch.Tensor, col: torch.Tensor, width: torch.Tensor, stride: int
 ) -> torch.Tensor:
     """The position of each token's block leader, for tokens at positions ``index`` and grid places ``row``, ``col``
-    on grids ``width`` tokens wide (all long tensors of one shape)."""
+    on grids whose rows are ``width`` positions apart (all long tensors of one shape)."""
     return index - (row % stride) * width - col % stride
 
 

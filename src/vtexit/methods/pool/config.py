@@ -8,7 +8,7 @@ from typing import ClassVar
 from torch import nn
 
 from vtexit.core.families import FamilySpec
-from vtexit.core.grids import square_grid, square_side
+from vtexit.core.grids import SquareRuns
 from vtexit.core.policy import Policy
 from vtexit.methods.base import MethodConfig, check_int, check_renumbering, shown
 from vtexit.methods.pool.policy import PoolPolicy
@@ -17,8 +17,9 @@ from vtexit.methods.pool.policy import PoolPolicy
 @dataclass(frozen=True)
 class PoolConfig(MethodConfig):
     """Before the language model, average each image's ``stride`` x ``stride`` blocks of visual tokens into one
-    token (2: a quarter of the tokens). Needs the family's visual grid and 1D rotary positions (LLaVA-1.5). A
-    stride larger than the grid's side is refused when the patch is applied (it would pool as the side does)."""
+    token (2: a quarter of the tokens). Needs the family's visual grid (every built-in family describes one); a
+    block never crosses a frame's border (a tile, a video frame, an anyres newline column). A stride larger than
+    the side of a grid the config fixes is refused when the patch is applied (it would pool as the side does)."""
 
     method: ClassVar[str] = "pool"
     stride: int = 2
@@ -43,11 +44,12 @@ class PoolConfig(MethodConfig):
 
 
 def grid_side(model: nn.Module, family: FamilySpec) -> int | None:
-    """The side of every image's square grid of visual tokens when the model's config fixes it (LLaVA-1.5 style);
-    None when the grid is known only from each call's inputs (e.g. Qwen2-VL's dynamic resolution)."""
-    if family.visual_grid is not square_grid:
+    """The side of every frame's square grid of visual tokens when the model's config fixes it (LLaVA-1.5, InternVL
+    tiles, Idefics3 crops, Gemma3 images); None when the grid is known only from each call's inputs (Qwen2-VL's
+    dynamic resolution, anyres images)."""
+    if not isinstance(family.visual_grid, SquareRuns):
         return None
     try:
-        return square_side(model.config)
+        return family.visual_grid.side_of(model.config)
     except ValueError as err:
         raise ValueError(f"pool needs each image's square grid of visual tokens: {err}") from None

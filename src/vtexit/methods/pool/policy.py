@@ -28,10 +28,11 @@ class PoolPolicy(Policy):
     def _blocks(self, view: PrefillView) -> tuple[torch.Tensor, torch.Tensor]:
         """Per slot: the id of its block, unique in the batch (-1 at text slots), and whether it leads its block. A
         block's id is its top-left token's original position (tokens of a frame are row-major, so the token ``dr``
-        rows and ``dc`` columns back sits ``dr * width + dc`` positions back), offset by row."""
+        rows and ``dc`` columns back sits ``dr * row_step + dc`` positions back), offset by row. Blocks never cross
+        a frame's border (an image, a tile, a video frame, an anyres newline column)."""
         media, index = view.media, view.layout.index
         grid = self.family.visual_grid(self.config, view.media_original, {})
-        row, col, width = (g.gather(1, index) for g in (grid.row, grid.col, grid.width))
+        row, col, width = (g.gather(1, index) for g in (grid.row, grid.col, grid.row_step))
         s = self.stride
         leader = block_leaders(index, row, col, width, s)
         batch, prompt = view.media_original.shape

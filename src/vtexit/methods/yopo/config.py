@@ -121,7 +121,7 @@ class YOPOConfig(MethodConfig):
         if self.window is not None and family.visual_grid is None:
             raise ValueError(
                 f"window needs the visual patch grid, which family {family.name!r} does not describe "
-                "(described: LLaVA-1.5 style square grids, Qwen2-VL / Qwen2.5-VL / Qwen3-VL grids)"
+                "(described: every built-in family; pass a FamilySpec with visual_grid=... for this one)"
             )
         if self.window is not None:
             # The grid function refuses layouts it cannot describe (e.g. LLaVA keeping a CLS token).

@@ -43,11 +43,10 @@ def tiles(rows: QueryRows, grid: VisualGrid, index: torch.Tensor, size: int) -> 
     radius = (size - 1) // 2
     slot = visual.gather_index
     position = index.gather(1, slot)
-    # The one device-to-host copy of the call: grid sizes and slots of the visual entries, and the text slots.
+    # The one device-to-host copy of the call: grid places and slots of the visual entries, and the text slots.
     host = torch.cat(
         [
-            grid.height.gather(1, position),
-            grid.width.gather(1, position),
+            *(g.gather(1, position) for g in (grid.height, grid.width, grid.row_step, grid.row, grid.col)),
             slot,
             visual.valid.sum(1, keepdim=True),
             text.gather_index,
@@ -55,24 +54,29 @@ def tiles(rows: QueryRows, grid: VisualGrid, index: torch.Tensor, size: int) -> 
         ],
         dim=1,
     ).cpu()
-    heights, widths, slots_h = (host[:, k * width_v : (k + 1) * width_v].tolist() for k in range(3))
-    counts = host[:, 3 * width_v].tolist()
-    text_slots = host[:, 3 * width_v + 1 : 3 * width_v + 1 + text.slots.shape[1]]
-    text_valid = host[:, 3 * width_v + 1 + text.slots.shape[1] :].bool()
-    frames = []  # (row, first block entry, first slot, height, width, the row's text slots before its last query)
+    heights, widths, steps, rows_at, cols_at, slots_h = (
+        host[:, k * width_v : (k + 1) * width_v].tolist() for k in range(6)
+    )
+    counts = host[:, 6 * width_v].tolist()
+    text_slots = host[:, 6 * width_v + 1 : 6 * width_v + 1 + text.slots.shape[1]]
+    text_valid = host[:, 6 * width_v + 1 + text.slots.shape[1] :].bool()
+    # (row, first block entry, first slot, height, width, row step, the row's text slots before its last query)
+    frames = []
     for b in range(batch):
-        j = 0
-        while j < counts[b]:  # a frame is a run of h * w consecutive entries of the visual block
-            h, w = heights[b][j], widths[b][j]
-            before = text_slots[b][text_valid[b] & (text_slots[b] < slots_h[b][j + h * w - 1])]
-            frames.append((b, j, slots_h[b][j], h, w, before))
-            j += h * w
+        # A frame starts at its top-left token; its token (r, c) is r * step + c entries further (the visual block
+        # holds every visual slot of the row, and a frame's rows are ``step`` slots apart).
+        for j in range(counts[b]):
+            if rows_at[b][j] or cols_at[b][j]:
+                continue
+            h, w, step = heights[b][j], widths[b][j], steps[b][j]
+            before = text_slots[b][text_valid[b] & (text_slots[b] < slots_h[b][j + (h - 1) * step + w - 1])]
+            frames.append((b, j, slots_h[b][j], h, w, step, before))
     # One tile shape per call (no larger than the largest frame, so small images are one tile).
     tile_h = min(TILE, max(f[3] for f in frames))
     tile_w = min(TILE, max(f[4] for f in frames))
     q_row, q_col = torch.arange(tile_h).repeat_interleave(tile_w), torch.arange(tile_w).repeat(tile_h)
     pieces = []
-    for b, j, first, h, w, text_keys in frames:
+    for b, j, first, h, w, step, text_keys in frames:
         for r0 in range(0, h, tile_h):
             for c0 in range(0, w, tile_w):
                 qr, qc = r0 + q_row, c0 + q_col
@@ -84,9 +88,9 @@ def tiles(rows: QueryRows, grid: VisualGrid, index: torch.Tensor, size: int) -> 
                 near = ((qr.view(-1, 1) - kr.view(1, -1)).abs() <= radius) & (
                     (qc.view(-1, 1) - kc.view(1, -1)).abs() <= radius
                 )
-                earlier = text_keys.view(1, -1) < (first + qr * w + qc).view(-1, 1)
-                queries = torch.where(q_ok, b * width_v + j + qr * w + qc, batch * width_v)
-                pieces.append((b, queries, b * length + first + kr * w + kc, near, text_keys, earlier, q_ok))
+                earlier = text_keys.view(1, -1) < (first + qr * step + qc).view(-1, 1)
+                queries = torch.where(q_ok, b * width_v + j + qr * step + qc, batch * width_v)
+                pieces.append((b, queries, b * length + first + kr * step + kc, near, text_keys, earlier, q_ok))
     halo = max(len(p[2]) for p in pieces)
     text_width = max(len(p[4]) for p in pieces)
     q_list, k_list, a_list = [], [], []
