@@ -14,8 +14,9 @@ from vtexit.methods.visionzip.selection import visionzip_tokens
 
 def visionzip(model: nn.Module, *, keep: float, family: FamilySpec | None = None) -> PatchHandle:
     """Each image enters the language model as ``keep`` of its visual tokens: VisionZip's dominant and contextual
-    tokens, chosen in the vision tower by its own attention (recomputed, so the tower stays on SDPA), with renumbered
-    positions. The same as ``vtexit.apply(model, VisionZipConfig(keep=...))``."""
+    tokens, chosen in the vision tower by its own attention (recomputed, so the tower stays on SDPA): the CLS token's
+    where the tower has one, else the attention each token receives. The same as
+    ``vtexit.apply(model, VisionZipConfig(keep=...))``."""
     return apply(model, VisionZipConfig(keep=keep), family=family)
 
 
