@@ -47,6 +47,13 @@ class TowerVisionZipPolicy(Policy):
 
         return capture
 
+    def _taken(self, name: str) -> tuple[tuple, dict]:
+        """The captured call ``name`` of this tower call, forgotten here so that no activation outlives the call."""
+        found = getattr(self._local, "seen", {}).pop(name, None)
+        if found is None:
+            raise ValueError(f"visionzip did not see the {self.source.model_type} vision tower's {name} run")
+        return found
+
     def _note(self, kept: torch.Tensor) -> None:
         """Keep each tower call's slots until the next prefill's event reads them (generate computes the image
         features before it calls the model, so no hook on the model's call could tell one prompt's from the next)."""
@@ -56,7 +63,7 @@ class TowerVisionZipPolicy(Policy):
 
     def _zip_vit(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         source = self.source
-        block_args, block_kwargs = self._local.seen["block"]
+        block_args, block_kwargs = self._taken("block")
         hidden = block_args[0] if block_args else block_kwargs["hidden_states"]
         scores, keys = source.scores_and_keys(hidden)
         if output.shape[1] != source.tokens:
@@ -69,9 +76,9 @@ class TowerVisionZipPolicy(Policy):
         return apply_plan(output, targets, weights.to(output.device))
 
     def _zip_qwen(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        tower_args, tower_kwargs = self._local.seen["tower"]
+        tower_args, tower_kwargs = self._taken("tower")
         grid = tower_kwargs.get("grid_thw", tower_args[1] if len(tower_args) > 1 else None)
-        scores, keys = self.source.scores_and_keys(grid, *self._local.seen["block"])
+        scores, keys = self.source.scores_and_keys(grid, *self._taken("block"))
         sizes = (grid.prod(dim=1) // self.source.unit).tolist()
         features = [output.pooler_output, *(getattr(output, "deepstack_features", None) or [])]
         pieces: list[list[torch.Tensor]] = [[] for _ in features]

@@ -92,17 +92,18 @@ def find_vit_groups(model: nn.Module, family_name: str) -> ViTGroups:
         query_norm = key_norm = None
     side = _patches_per_side(vision, model_type)
     if family_name == "internvl":
-        ratio = config.downsample_ratio
+        ratio = _setting(config, "downsample_ratio", model_type)
         index = torch.arange(side * side, dtype=torch.float64).view(1, side, side, 1)
-        groups = core.pixel_shuffle(index, scale_factor=ratio).reshape(-1, round(ratio**-2))
+        groups = _setting(core, "pixel_shuffle", model_type)(index, scale_factor=ratio).reshape(-1, round(ratio**-2))
         output = core.multi_modal_projector
     elif family_name == "idefics3":
         connector = _module(core, ("connector",), model_type, "connector")
         index = torch.arange(side * side, dtype=torch.float64).view(1, side * side, 1)
-        groups = connector.pixel_shuffle(index, connector.scale_factor).reshape(-1, connector.scale_factor**2)
+        scale = _setting(connector, "scale_factor", model_type)
+        groups = _setting(connector, "pixel_shuffle", model_type)(index, scale).reshape(-1, scale**2)
         output = connector
     else:  # gemma3: average pooling of kernel x kernel patches, row-major
-        per_side = round(config.mm_tokens_per_image**0.5)
+        per_side = round(_setting(config, "mm_tokens_per_image", model_type) ** 0.5)
         kernel = side // per_side
         grid = torch.arange(side * side).view(per_side, kernel, per_side, kernel)
         groups = grid.permute(0, 2, 1, 3).reshape(per_side * per_side, kernel * kernel)
@@ -208,6 +209,14 @@ def _patches_per_side(vision, model_type: str) -> int:
     size = size[0] if isinstance(size, (list, tuple)) else size
     patch = patch[0] if isinstance(patch, (list, tuple)) else patch
     return size // patch
+
+
+def _setting(owner: object, name: str, model_type: str):
+    """``owner.name``, or a ValueError naming the model type (transformers may rename what VisionZip reads)."""
+    found = getattr(owner, name, None)
+    if found is None:
+        raise ValueError(f"visionzip found no {name} in the {model_type} model's {type(owner).__name__}")
+    return found
 
 
 def _module(parent: nn.Module, names: tuple[str, ...], model_type: str, what: str) -> nn.Module:
