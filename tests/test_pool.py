@@ -94,24 +94,29 @@ def _first_layer_inputs(model, inputs: dict) -> torch.Tensor:
     return seen["h"].detach()
 
 
-def _pooled_by_hand(model, inputs: dict, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pooled_by_hand(model, inputs: dict, stride: int, flags: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's real tokens, every block of visual tokens (same frame, same stride x stride cell of its grid, as
-    tests/grid_reference.py finds them from the model's own features) replaced by its mean at its top-left token."""
+    tests/grid_reference.py finds them from the model's own features) replaced by its mean at its top-left token.
+    ``flags``, if given, receives per row whether each kept token is visual."""
     embeds = _first_layer_inputs(model, inputs)
     places = hand_places(model, inputs)
     rows = []
     for b in range(embeds.shape[0]):
         blocks = blocks_by_hand(places[b], stride)
         real = inputs["attention_mask"][b].bool().tolist()
-        kept = []
+        kept, visual = [], []
         for i, place in enumerate(places[b]):
             if not real[i]:
                 continue
             if place is None:
                 kept.append(embeds[b, i])
+                visual.append(False)
             elif i in blocks:
                 kept.append(embeds[b, blocks[i]].float().mean(0).to(embeds.dtype))
+                visual.append(True)
         rows.append(torch.stack(kept))
+        if flags is not None:
+            flags.append(visual)
     return left_pad(rows)
 
 
@@ -133,6 +138,26 @@ def test_pool_on_tiles_anyres_and_video_equals_the_pooled_prompt(name):
     embeds, mask = _pooled_by_hand(case.model, inputs, 2)
     patch = lambda m: vtexit.pool(m, stride=2)  # noqa: E731
     check_against_reduced_prompt(case.model, inputs, embeds, mask, patch, steps=3)
+
+
+@torch.no_grad()
+def test_pool_on_gemma3_equals_the_pooled_prompt():
+    """Gemma3's images (square grids of mm_tokens_per_image tokens) pooled; the reference gets the pooled prompt's
+    token types, so each image's pooled tokens still attend to each other both ways."""
+    case = greedy_case("gemma3")
+    model = case.model
+    inputs = case.inputs([1, 2, 0], text_len=[5, 3, 7])
+    flags: list = []
+    embeds, mask = _pooled_by_hand(model, inputs, 2, flags)
+    types = torch.zeros_like(mask)
+    for b, visual in enumerate(flags):
+        types[b, mask.shape[1] - len(visual) :] = torch.tensor(visual, dtype=torch.long)
+    reference = model(inputs_embeds=embeds, attention_mask=mask, token_type_ids=types, use_cache=False).logits
+    with vtexit.pool(model, stride=2) as handle:
+        logits = model(**inputs, use_cache=False).logits
+        layout = handle.last_layout
+    assert layout.valid.sum(1).tolist() == mask.sum(1).tolist()
+    torch.testing.assert_close(logits[layout.valid], reference[mask.bool()], atol=2e-5, rtol=1e-4)
 
 
 def test_pool_refuses_a_family_without_a_grid_and_bad_strides():
