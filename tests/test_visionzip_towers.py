@@ -17,6 +17,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_
 
 import vtexit
 from vtexit.methods.visionzip.selection import attention_received
+from vtexit.methods.visionzip.towers import find_qwen_groups, find_vit_groups
 from vtexit.testing.tiny_models import build_tiny
 
 KEEP, SHARE = 0.5, 0.25
@@ -304,3 +305,27 @@ def test_visionzip_refuses_videos_on_qwen():
     inputs = case.inputs([0, 1], videos_per_row=[1, 0], text_len=[4, 6])
     with vtexit.visionzip(case.model, keep=KEEP), pytest.raises(ValueError, match="images only"):
         case.model(**inputs, use_cache=False)
+
+
+@pytest.mark.parametrize("name", [*VIT, *QWEN])
+@torch.no_grad()
+def test_tower_scores_and_keys_equal_the_hand_reference(name):
+    """The towers' scores and keys alone (no engine): what the reduced prompt above is chosen from."""
+    case = make_case(name)
+    inputs = case.inputs([2, 1], text_len=[4, 6])
+    if name in QWEN:
+        source = find_qwen_groups(case.model)
+        seen = Capture(case, inputs, source.block)
+        scores, keys = source.scores_and_keys(inputs["image_grid_thw"], seen.block_args, seen.block_kwargs)
+        expected = qwen_images(case, inputs, seen)
+        sizes = [len(s) for s, _ in expected]
+        scores, keys = scores.split(sizes), keys.split(sizes)
+    else:
+        source = find_vit_groups(case.model, name)
+        seen = Capture(case, inputs, source.block)
+        scores, keys = source.scores_and_keys(seen.block_args[0])
+        expected = vit_images(case, seen)
+    assert len(scores) == len(expected)
+    for got_scores, got_keys, (want_scores, want_keys) in zip(scores, keys, expected, strict=True):
+        np.testing.assert_allclose(got_scores.numpy(), want_scores, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(got_keys.numpy(), want_keys, rtol=1e-5, atol=1e-6)
