@@ -8,6 +8,8 @@ with Gemma3's bidirectional image blocks where the row still holds image tokens.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -115,7 +117,11 @@ def scheduled_logits(
                 first = _row(kwargs["position_ids"], b, -1, idx[:1])
                 positions = first + torch.arange(len(idx)).unsqueeze(0)
                 kwargs["position_ids"] = positions
-                kwargs["position_embeddings"] = lm.rotary_emb(hidden, positions)
+                # Gemma3's rotary embedding takes the layer type (one base per attention type).
+                takes_type = "layer_type" in inspect.signature(lm.rotary_emb.forward).parameters
+                kwargs["position_embeddings"] = (
+                    lm.rotary_emb(hidden, positions, types[j]) if takes_type else lm.rotary_emb(hidden, positions)
+                )
             else:
                 kwargs["position_embeddings"] = tuple(_row(t, b, -2, idx) for t in kwargs["position_embeddings"])
                 if kwargs.get("position_ids") is not None:

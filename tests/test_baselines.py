@@ -33,7 +33,7 @@ from vtexit.core.policy import PrefillView
 from vtexit.methods.fastv.ranking import keep_top
 
 NEW_TOKENS = 3
-RENUMBER_REFUSED = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"}  # M-RoPE families and Gemma3
+RENUMBER_REFUSED = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}  # multimodal RoPE has no renumbering
 
 
 def expected_count(keep: float, visual: int) -> int:

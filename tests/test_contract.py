@@ -140,7 +140,7 @@ def test_renumbered_positions_match_layers_run_by_hand_and_decode(llava4):
         assert not torch.allclose(llava4.model(**inputs).logits[:, -1], logits[:, -1])  # renumbering mattered
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
 def test_renumbering_is_refused_where_positions_are_not_1d(family):
     case = build_tiny(family)
     with pytest.raises(ValueError, match="renumber_positions"):

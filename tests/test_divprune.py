@@ -93,14 +93,6 @@ def test_divprune_shortens_the_kv_cache_of_every_layer():
     assert [layer.keys.shape[2] for layer in cache.layers] == [kept] * 4
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
-def test_divprune_refuses_families_without_1d_positions(family):
-    model = build_tiny(family, num_layers=4).model
-    with pytest.raises(ValueError, match="not supported for|must keep the full sequence|to keep the full sequence"):
-        vtexit.divprune(model, keep=0.5)
-    assert vtexit.patch_of(model) is None
-
-
 @torch.no_grad()
 def test_divprune_refuses_bad_settings():
     case = build_tiny("llava", num_layers=4)

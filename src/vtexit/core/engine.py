@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from vtexit.core.calls import dynamic_decode, eager_prefill, kinds, static_decode, traced_prefill
+from vtexit.core.calls.deepstack import deepstack_on_layout
 from vtexit.core.compiled import eager_under_compile as _eager
 from vtexit.core.compiled import forget_compiled_graphs
 from vtexit.core.engine_state import EngineState
@@ -35,7 +36,12 @@ from vtexit.core.layout import Layout
 from vtexit.core.loss import kept_positions_loss
 from vtexit.core.static_cache import drop_plan
 from vtexit.core.torch_support import check_tested_torch
-from vtexit.core.transformers_compat import check_tested_version, forget_compiled_call
+from vtexit.core.transformers_compat import (
+    DEEPSTACK_METHOD,
+    check_tested_version,
+    forget_compiled_call,
+    has_deepstack,
+)
 
 
 class ScheduleEngine(EngineState):
@@ -67,9 +73,7 @@ class ScheduleEngine(EngineState):
         hooks.append(self.model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True))
         hooks.append(self.model.register_forward_hook(self._top_post_hook, always_call=True))
         hooks.append(self.parts.core.register_forward_pre_hook(self._core_pre_hook, with_kwargs=True))
-        hooks.append(
-            self.parts.core.register_forward_hook(self._core_post_hook, with_kwargs=True, always_call=True)
-        )
+        hooks.append(self.parts.core.register_forward_hook(self._core_post_hook, with_kwargs=True, always_call=True))
         first = self.first_hooked_layer
         for i, layer in enumerate(self.parts.layers[first:], start=first):
             hooks.append(layer.register_forward_pre_hook(partial(self._layer_pre_hook, i), with_kwargs=True))
@@ -80,6 +84,8 @@ class ScheduleEngine(EngineState):
             module.forward = partial(forward, module)
             self.replaced.append(module)
         hooks.extend(self.policy.outer_hooks(self.model))
+        if self._reduces_prompt(0) and 0 in (self.event_layers or ()) and has_deepstack(self.parts.language_model):
+            setattr(self.parts.language_model, DEEPSTACK_METHOD, partial(deepstack_on_layout, self))
         if hasattr(type(self.model), "generate"):  # a partial, as for replaced forwards (deep copies follow)
             self.model.generate = partial(kinds.generate_under_patch, self)
         self.model._vtexit_engine = self
@@ -93,6 +99,7 @@ class ScheduleEngine(EngineState):
         for module in self.replaced:
             del module.forward
         self.replaced.clear()
+        self.parts.language_model.__dict__.pop(DEEPSTACK_METHOD, None)
         if isinstance(self.model.__dict__.get("generate"), partial):
             del self.model.generate
         with self.lock:

@@ -7,9 +7,10 @@ The modules that carry out each kind of call (``vtexit.core.calls``) read and wr
 
 from __future__ import annotations
 
-import inspect
 import threading
 import weakref
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from vtexit.core.families import FamilySpec, family_for
 from vtexit.core.layout import Layout
 from vtexit.core.masks import layer_types, rebuild_mask
 from vtexit.core.policy import Policy
-from vtexit.core.transformers_compat import Cache
+from vtexit.core.transformers_compat import Cache, mrope_offset
 
 
 class EngineState(CallAccess):
@@ -111,6 +112,26 @@ class EngineState(CallAccess):
         check_supported(attention)
         return attention
 
+    @property
+    def multimodal_rope(self) -> bool:
+        """Whether the language model numbers positions in 3D (Qwen-VL's M-RoPE: time, height, width)."""
+        rope = getattr(self.text_config, "rope_parameters", None) or {}
+        return "mrope_section" in rope
+
+    @property
+    def grid_offset(self) -> Callable[[], torch.Tensor | None] | None:
+        """On multimodal RoPE: reads the core's stored offset of text positions after the image grids (see
+        :func:`vtexit.core.transformers_compat.mrope_offset`); None on 1D positions."""
+        return partial(mrope_offset, self.parts.core) if self.multimodal_rope else None
+
+    def renumbers_at(self, layer_idx: int) -> bool:
+        """Whether the event before ``layer_idx`` renumbers positions. A reduction before the language model
+        (layer 0) gives the kept tokens the positions of the shorter prompt where positions are 1D; on multimodal
+        RoPE every kept token keeps its original (t, h, w) position, as the text after it does."""
+        if layer_idx == 0 and self.multimodal_rope:
+            return False
+        return self.policy.renumbers_at(layer_idx)
+
     def check_policy(self) -> None:
         """Refuse, before anything is attached, a policy this model cannot run (ValueError saying why)."""
         early = sorted(i for i in self.event_layers or () if i < self.min_layer and not self._reduces_prompt(i))
@@ -119,25 +140,26 @@ class EngineState(CallAccess):
                 f"the policy's event_layers include {early}; this model needs layers 0..{self.min_layer - 1} to keep "
                 "the full sequence (transformers sizes masks and positions from them)"
             )
-        if self.policy.renumber_positions:
-            rope = getattr(self.text_config, "rope_parameters", None) or {}
-            rotary = getattr(self.parts.language_model, "rotary_emb", None)
-            if "mrope_section" in rope or rotary is None:
-                raise ValueError(
-                    f"renumber_positions is not supported for {self.family.name}: it needs 1D rotary positions "
-                    "(multimodal RoPE positions have no renumbering)"
-                )
-            if "layer_type" in inspect.signature(rotary.forward).parameters:
-                raise ValueError(
-                    f"renumber_positions is not supported for {self.family.name}: its rotary embedding depends on "
-                    "the layer type"
-                )
+        later = self.event_layers if self.event_layers is not None else range(self.min_layer, self.num_layers)
+        if not any(self.policy.renumbers_at(i) for i in later if i > 0 or not self._reduces_prompt(i)):
+            return
+        rotary = getattr(self.parts.language_model, "rotary_emb", None)
+        if self.multimodal_rope or rotary is None:
+            raise ValueError(
+                f"renumber_positions is not supported for {self.family.name}: it needs 1D rotary positions "
+                "(multimodal RoPE positions have no renumbering)"
+            )
 
     def _reduces_prompt(self, layer_idx: int) -> bool:
-        """An event before layer 0 shortens the prompt the language model sees (pre-LLM reduction). Allowed with
-        renumbered positions (the kept tokens then sit where a shorter prompt would put them) on families whose
-        masks and positions follow layer 0 alone (min layer 1: no hybrid attention, no deepstack)."""
-        return layer_idx == 0 and self.policy.renumber_positions and self.min_layer == 1
+        """An event before layer 0 that renumbers positions shortens the prompt the language model sees (a pre-LLM
+        reduction), on every family: every layer then holds the shorter prompt, so the engine rebuilds every mask
+        (the first layer of each attention type included) and feeds deepstack features to the kept tokens only."""
+        return layer_idx == 0 and self.policy.renumbers_at(0) and self.rotary_renumbers()
+
+    def rotary_renumbers(self) -> bool:
+        """The language model has a rotary embedding the engine can recompute for renumbered positions (with the
+        layer type where it takes one, as Gemma3's does), or numbers positions in 3D (kept, not renumbered)."""
+        return self.multimodal_rope or getattr(self.parts.language_model, "rotary_emb", None) is not None
 
     # ----------------------------------------------------------------------------------------- reused tensors
     def media_mask(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,8 @@ class PrefillView:
     # Scratch space of this call for the policy (e.g. the layer each row exited at): one dict per prefill, so
     # concurrent calls never share it. After the call the handle shows it as ``last_policy_state``.
     state: dict = field(default_factory=dict)
+    # The core kwargs the family's visual grid is computed from (``input_ids`` and the family's ``grid_inputs``).
+    grid_inputs: dict = field(default_factory=dict)
 
     @property
     def media(self) -> torch.Tensor:

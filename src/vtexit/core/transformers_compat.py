@@ -45,12 +45,17 @@ __all__ = [
     "causal_mask",
     "check_tested_version",
     "compiled_decode_config",
+    "DEEPSTACK_METHOD",
     "deferred_stop_checks",
     "find_cache",
     "forget_compiled_call",
+    "has_deepstack",
+    "mrope_offset",
     "is_tested_version",
     "kv_bytes_per_layer",
     "output_cache",
+    "takes_layer_type",
+    "rotary_embeddings",
     "rotary_function",
     "size_static_layer",
     "sliding_window_overlay",
@@ -204,6 +209,41 @@ def size_static_layer(layer: StaticLayer, length: int) -> None:
 # in most families (not Qwen3-VL or Gemma3, whose core alone gets it). tests/test_transformers_compat.py checks these
 # on every family with the installed release.
 LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids")
+
+
+# ------------------------------------------------------------------------------------------------ rotary embeddings
+# The text model's ``rotary_emb(hidden, position_ids)`` returns (cos, sin) for the positions (5.17-5.25). Gemma3's
+#   takes a third argument, ``layer_type``, and the text model computes one pair per attention type (its sliding and
+#   full layers use different bases); the Qwen-VL families' take (3, batch, length) M-RoPE positions.
+def takes_layer_type(rotary: nn.Module) -> bool:
+    """Whether ``rotary``'s forward needs the layer type (one embedding per attention type)."""
+    return "layer_type" in inspect.signature(rotary.forward).parameters
+
+
+def rotary_embeddings(rotary: nn.Module, hidden: torch.Tensor, positions: torch.Tensor, layer_type: str) -> tuple:
+    """(cos, sin) of ``positions`` for a layer of ``layer_type``, as the text model computes them for its layers."""
+    if takes_layer_type(rotary):
+        return rotary(hidden, positions, layer_type)
+    return rotary(hidden, positions)
+
+
+# Qwen2-VL / Qwen2.5-VL / Qwen3-VL cores keep ``rope_deltas`` (batch, 1) after a prefill with media: the next text
+#   position minus the prompt's length (the image grids take fewer positions than tokens), from which they number
+#   decode tokens when no ``position_ids`` are passed (5.17-5.25). In 5.25 such a call with a 2D attention mask
+#   fails in the unpatched model too (it numbers every column of the mask): pass ``position_ids`` or no mask.
+def mrope_offset(core: nn.Module) -> torch.Tensor | None:
+    return getattr(core, "rope_deltas", None)
+
+
+# ------------------------------------------------------------------------------------------------ deepstack
+# Qwen3-VL's text model adds visual features from inner tower layers to the output of its first few decoder layers,
+#   ``hidden = self._deepstack_process(hidden, visual_pos_masks, deepstack_visual_embeds[layer_idx])`` with a
+#   full-prompt (batch, length) mask and one feature row per visual token, in the mask's row-major order (5.17-5.25).
+DEEPSTACK_METHOD = "_deepstack_process"
+
+
+def has_deepstack(language_model: nn.Module) -> bool:
+    return callable(getattr(type(language_model), DEEPSTACK_METHOD, None))
 
 
 # ------------------------------------------------------------------------------------------------ masks

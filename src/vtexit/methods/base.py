@@ -4,7 +4,6 @@ the method's policy for a model. ``vtexit.apply(model, config)`` patches any of 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import numbers
 import typing
@@ -201,23 +200,23 @@ RUNS_ON_EVERY_FAMILY = "vtw, fastv, dart, random_drop or pdrop with renumber=Fal
 
 
 def renumbering_refusal(model: nn.Module, family: FamilySpec, before_llm: bool) -> str | None:
-    """Why ``model`` cannot run a policy that renumbers positions (``before_llm``: one that drops before decoder
-    layer 0), in the user's words; None when it can. The same rules as the engine's own check, asked first so that
-    the refusal names the method and what to use instead."""
+    """Why ``model`` cannot run a policy that renumbers positions, in the user's words; None when it can. The same
+    rules as the engine's own check, asked first so that the refusal names the method and what to use instead.
+
+    ``before_llm``: a reduction before the language model (decoder layer 0), which runs on every family with a
+    rotary embedding: 1D positions are renumbered as in the shorter prompt (per attention type where the rotary
+    embedding has one, Gemma3), multimodal RoPE keeps each kept token's original (t, h, w) position."""
     text = model.config.get_text_config()
     rope = getattr(text, "rope_parameters", None) or {}
     rotary = getattr(family.resolve(model).language_model, "rotary_emb", None)
     if "mrope_section" in rope:
-        return "it renumbers positions, which multimodal RoPE (3D positions of the image grid) has no form for"
+        return (
+            None
+            if before_llm
+            else "it renumbers positions, which multimodal RoPE (3D positions of the image grid) has no form for"
+        )
     if rotary is None:
         return "it renumbers positions, and this language model has no rotary embedding vtexit can renumber"
-    if "layer_type" in inspect.signature(rotary.forward).parameters:
-        return "it renumbers positions, which this model's rotary embedding (one per attention type) has no form for"
-    if before_llm and max(1, family.min_layer(model.config)) > 1:
-        return (
-            "it shortens the prompt before the language model, and this model's first layer of each attention type "
-            "(or its deepstack layers) must see the whole prompt"
-        )
     return None
 
 

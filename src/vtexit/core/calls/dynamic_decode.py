@@ -55,5 +55,13 @@ def decode_layer(engine: EngineState, layer_idx: int, call: CallState, args: tup
     key_padding = decode_key_padding(call, stage)
     kwargs = dict(kwargs)
     kwargs["attention_mask"] = engine.layer_mask(layer_idx, call, hidden, key_padding, find_cache(kwargs))
-    renumber_decode(engine.parts.language_model, call.memo, stage, record.stages[stage].position_shift, hidden, kwargs)
+    renumber_decode(
+        engine.parts.language_model,
+        call.memo,
+        stage,
+        engine.layer_types[layer_idx],
+        record.stages[stage].position_shift,
+        hidden,
+        kwargs,
+    )
     return args, kwargs

@@ -21,7 +21,7 @@ from vtexit.core.layout import Layout, gather_sequence
 from vtexit.core.masks import media_block_ids
 from vtexit.core.policy import PREFILL_CHECKS, PrefillView
 from vtexit.core.static_cache import is_static, size_compacted_layer
-from vtexit.core.transformers_compat import Cache, find_cache, with_cache
+from vtexit.core.transformers_compat import Cache, find_cache, rotary_embeddings, with_cache
 
 
 def start_prefill(engine: EngineState, cache, static: bool, input_ids: torch.Tensor, padding, kwargs: dict) -> bool:
@@ -111,7 +111,7 @@ def prefill_layer(engine: EngineState, layer_idx: int, call: CallState, args: tu
     if event is not None:
         call.layout, source = event
         hidden = compact_hidden(hidden, source, call.layout)
-        if engine.policy.renumbers_at(layer_idx):
+        if engine.renumbers_at(layer_idx):
             call.renumbered = call.layout
         call.stages.append(Stage(call.layout, _position_shift(call)))  # its counts: when a cost is read
         call.stage += 1
@@ -138,6 +138,7 @@ def _policy_event(engine: EngineState, layer_idx: int, call: CallState, hidden: 
         scores=call.scores,
         state=call.policy_state,
         key_states=call.key_states,
+        grid_inputs=call.grid_inputs,
     )
     if draft:
         positions = call.media.shape[1] - draft
@@ -174,7 +175,7 @@ def compacted_kwargs(engine: EngineState, layer_idx: int, call: CallState, hidde
     kwargs = dict(kwargs)
     index = call.layout.index
     if call.renumbered is not None:
-        kwargs["position_ids"], kwargs["position_embeddings"] = _renumbered(engine, call, hidden, kwargs)
+        kwargs["position_ids"], kwargs["position_embeddings"] = _renumbered(engine, layer_idx, call, hidden, kwargs)
     else:
         if kwargs.get("position_embeddings") is not None:
             kwargs["position_embeddings"] = _memo(
@@ -193,10 +194,12 @@ def compacted_kwargs(engine: EngineState, layer_idx: int, call: CallState, hidde
     return kwargs
 
 
-def _renumbered(engine: EngineState, call: CallState, hidden: torch.Tensor, kwargs: dict):
+def _renumbered(engine: EngineState, layer_idx: int, call: CallState, hidden: torch.Tensor, kwargs: dict):
     """Positions after dropping: each kept token moves down by the number of real tokens dropped before it at
-    renumbering events (a later event that keeps positions, e.g. VTW after a pre-LLM step, moves nothing)."""
-    key = ("renumbered", call.stage)
+    renumbering events (a later event that keeps positions, e.g. VTW after a pre-LLM step, moves nothing); their
+    cos/sin as the text model computes them for this layer's attention type."""
+    layer_type = engine.layer_types[layer_idx]
+    key = ("renumbered", call.stage, layer_type)
     if key not in call.memo:
         layout, renumbered = call.layout, call.renumbered
         original = gather_sequence(kwargs["position_ids"], layout.index, -1).expand(layout.index.shape)
@@ -205,7 +208,8 @@ def _renumbered(engine: EngineState, call: CallState, hidden: torch.Tensor, kwar
         kept = torch.zeros_like(call.full_valid).scatter(1, renumbered.index, renumbered.valid)
         kept_before = kept.cumsum(1) - kept.long()
         positions = original - (valid_before - kept_before).gather(1, layout.index)
-        call.memo[key] = (positions, engine.parts.language_model.rotary_emb(hidden, positions))
+        rotary = engine.parts.language_model.rotary_emb
+        call.memo[key] = (positions, rotary_embeddings(rotary, hidden, positions, layer_type))
     return call.memo[key]
 
 

@@ -52,7 +52,7 @@ def begin_call(engine: EngineState, args: tuple, kwargs: dict) -> tuple | None:
         plan = static_decode_plan(engine, kwargs)
         if plan is not None:  # its prefill checked the cache
             enter_static_decode(engine, plan, input_ids, kwargs)
-            return static_decode_positions(plan, args, kwargs)
+            return static_decode_positions(plan, args, kwargs, engine.grid_offset)
         check_static_cache(cache)
         other = plan_of(cache)
         if other is not None and other.owner is not engine and other.record is not None and other.record.compacted:
@@ -76,7 +76,7 @@ def begin_call(engine: EngineState, args: tuple, kwargs: dict) -> tuple | None:
         call = engine.current_call
         if call is None:
             return None
-        return reduced_prompt_positions(call.record, args, kwargs, lambda: call.past_length)
+        return reduced_prompt_positions(call.record, args, kwargs, lambda: call.past_length, engine.grid_offset)
     if input_ids is None:
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError(

@@ -67,12 +67,20 @@ def static_decode_layer(
     if key not in memo:
         memo[key] = plan.layer_mask(layer_idx, kwargs.get("attention_mask"), find_cache(kwargs), hidden.shape[1])
     kwargs["attention_mask"] = memo[key]
-    renumber_decode(engine.parts.language_model, memo, stage, plan.stages[stage].position_shift, hidden, kwargs)
+    renumber_decode(
+        engine.parts.language_model,
+        memo,
+        stage,
+        engine.layer_types[layer_idx],
+        plan.stages[stage].position_shift,
+        hidden,
+        kwargs,
+    )
     return args, kwargs
 
 
-def static_decode_positions(plan: StaticPlan, args: tuple, kwargs: dict) -> tuple | None:
+def static_decode_positions(plan: StaticPlan, args: tuple, kwargs: dict, grid_offset=None) -> tuple | None:
     """:func:`~vtexit.core.calls.decode_positions.reduced_prompt_positions` on a static cache: the full prompt's
     past length from the slots layer 0 has written (a 0-dim tensor; no host read)."""
     past = lambda: static_layer_length(find_cache(kwargs).layers[0]) + plan.record.dropped_before_layer0  # noqa: E731
-    return reduced_prompt_positions(plan.record, args, kwargs, past)
+    return reduced_prompt_positions(plan.record, args, kwargs, past, grid_offset)
