@@ -54,23 +54,19 @@ def tiles(rows: QueryRows, grid: VisualGrid, index: torch.Tensor, size: int) -> 
         ],
         dim=1,
     ).cpu()
-    heights, widths, steps, rows_at, cols_at, slots_h = (
-        host[:, k * width_v : (k + 1) * width_v].tolist() for k in range(6)
-    )
-    counts = host[:, 6 * width_v].tolist()
+    heights, widths, steps, slots_h = (host[:, k * width_v : (k + 1) * width_v].tolist() for k in (0, 1, 2, 5))
+    counts = host[:, 6 * width_v]
     text_slots = host[:, 6 * width_v + 1 : 6 * width_v + 1 + text.slots.shape[1]]
     text_valid = host[:, 6 * width_v + 1 + text.slots.shape[1] :].bool()
-    # (row, first block entry, first slot, height, width, row step, the row's text slots before its last query)
-    frames = []
-    for b in range(batch):
-        # A frame starts at its top-left token; its token (r, c) is r * step + c entries further (the visual block
-        # holds every visual slot of the row, and a frame's rows are ``step`` slots apart).
-        for j in range(counts[b]):
-            if rows_at[b][j] or cols_at[b][j]:
-                continue
-            h, w, step = heights[b][j], widths[b][j], steps[b][j]
-            before = text_slots[b][text_valid[b] & (text_slots[b] < slots_h[b][j + (h - 1) * step + w - 1])]
-            frames.append((b, j, slots_h[b][j], h, w, step, before))
+    # A frame starts at its top-left token (row 0, column 0); its token (r, c) is r * step + c entries further (the
+    # visual block holds every visual slot of the row, and a frame's rows are ``step`` slots apart).
+    top_left = (host[:, 3 * width_v : 4 * width_v] == 0) & (host[:, 4 * width_v : 5 * width_v] == 0)
+    top_left &= torch.arange(width_v) < counts.unsqueeze(1)
+    frames = []  # (row, first block entry, first slot, height, width, row step, the text slots before its last query)
+    for b, j in top_left.nonzero().tolist():
+        h, w, step = heights[b][j], widths[b][j], steps[b][j]
+        before = text_slots[b][text_valid[b] & (text_slots[b] < slots_h[b][j + (h - 1) * step + w - 1])]
+        frames.append((b, j, slots_h[b][j], h, w, step, before))
     # One tile shape per call (no larger than the largest frame, so small images are one tile).
     tile_h = min(TILE, max(f[3] for f in frames))
     tile_w = min(TILE, max(f[4] for f in frames))
