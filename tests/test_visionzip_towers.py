@@ -9,26 +9,32 @@ mean, M-RoPE columns of the full prompt, Gemma3's token types, Qwen3-VL's deepst
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from reduced_prompt import check_against_reduced_prompt
+from transformers import LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
 import vtexit
 from vtexit.methods.visionzip.selection import attention_received
 from vtexit.methods.visionzip.towers import find_qwen_groups, find_vit_groups
+from vtexit.testing.build import instantiate
+from vtexit.testing.config_kwargs import vit_kwargs
 from vtexit.testing.tiny_models import build_tiny
 
 KEEP, SHARE = 0.5, 0.25
-VIT = ("internvl", "idefics3", "gemma3")
+VIT = ("internvl", "idefics3", "gemma3", "llava_siglip")
 QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def make_case(name: str, **overrides):
     """A tiny model whose vision attention is far from uniform: the tiny models' query/key weights (std 0.02) give
-    scores equal to float precision, which would leave the choice to rounding (and a zero CLS token, uniform)."""
-    case = build_tiny(name, num_layers=4, **overrides)
+    scores equal to float precision, which would leave the choice to rounding (and a zero CLS token, uniform).
+    ``llava_siglip``: LLaVA-1.5's layout with a SigLIP tower (no CLS token, every patch a prompt token)."""
+    case = siglip_llava() if name == "llava_siglip" else build_tiny(name, num_layers=4, **overrides)
     case.model.generation_config.eos_token_id = None
     case.model.generation_config.pad_token_id = 0
     core = case.model.model
@@ -41,6 +47,17 @@ def make_case(name: str, **overrides):
             if name.endswith("cls_token"):  # InternViT's starts at zero: its query would be the bias alone
                 weight.copy_(torch.randn(weight.shape, generator=generator))
     return case
+
+
+def siglip_llava():
+    base = build_tiny("llava", num_layers=4)
+    top = {k: v for k, v in base.model.config.to_dict().items() if k not in ("text_config", "vision_config")}
+    top.update(vision_feature_select_strategy="full", vision_feature_layer=-2)
+    vision = SiglipVisionConfig(**{**vit_kwargs(16, 4), "num_hidden_layers": 2, "vision_use_head": False})
+    config = LlavaConfig(**{**top, "text_config": base.model.config.text_config, "vision_config": vision})
+    model = instantiate(LlavaForConditionalGeneration, config, "sdpa", seed=0)
+    model.generation_config = base.model.generation_config
+    return replace(base, model=model)
 
 
 def counts(tokens: int) -> tuple[int, int]:
@@ -124,6 +141,7 @@ def vit_block(case):
         "internvl": lambda: core.vision_tower.encoder.layer,
         "gemma3": lambda: core.vision_tower.encoder.layers,
         "idefics3": lambda: core.vision_model.encoder.layers,
+        "llava": lambda: core.vision_tower.encoder.layers,
     }[case.name]()
     layer = getattr(config, "vision_feature_layer", -1)
     return layers[layer % (config.vision_config.num_hidden_layers + 1) - 1]
@@ -140,7 +158,8 @@ def vit_images(case, seen: Capture) -> list[tuple[np.ndarray, np.ndarray]]:
     heads, cls = vision.num_attention_heads, name == "internvl"
     size, patch = (v if isinstance(v, int) else v[0] for v in (vision.image_size, vision.patch_size))
     side = size // patch
-    kernel = 2 if name != "gemma3" else side // round(case.model.config.mm_tokens_per_image**0.5)
+    kernel = {"gemma3": side // round(getattr(case.model.config, "mm_tokens_per_image", 1) ** 0.5), "llava": 1}
+    kernel = kernel.get(name, 2)
     groups = grid_groups(side, kernel)
     out = []
     for row in hidden:
@@ -279,7 +298,7 @@ def test_visionzip_keeps_what_the_hand_reference_keeps(name, overrides):
     assert torch.equal(model(**inputs, use_cache=False).logits, before)  # removed: the model as it was
 
 
-@pytest.mark.parametrize("name", ["internvl", "idefics3"])
+@pytest.mark.parametrize("name", ["internvl", "idefics3", "llava_siglip"])
 @torch.no_grad()
 def test_visionzip_generates_as_the_unpatched_model_on_the_reduced_prompt(name):
     case = make_case(name)
@@ -321,7 +340,7 @@ def test_tower_scores_and_keys_equal_the_hand_reference(name):
         sizes = [len(s) for s, _ in expected]
         scores, keys = scores.split(sizes), keys.split(sizes)
     else:
-        source = find_vit_groups(case.model, name)
+        source = find_vit_groups(case.model, case.name)
         seen = Capture(case, inputs, source.block)
         scores, keys = source.scores_and_keys(seen.block_args[0])
         expected = vit_images(case, seen)

@@ -15,7 +15,7 @@ from vtexit.core.policy import Policy
 from vtexit.methods.base import MethodConfig, check_float, check_renumbering
 from vtexit.methods.fastv.ranking import MAX_DENOMINATOR, check_keep, keep_counts
 from vtexit.methods.visionzip.policy import VisionZipPolicy
-from vtexit.methods.visionzip.tower import find_selected_layer
+from vtexit.methods.visionzip.tower import CLS_TOWERS, find_selected_layer
 from vtexit.methods.visionzip.tower_policy import TowerVisionZipPolicy
 from vtexit.methods.visionzip.towers import QWEN_FAMILIES, VIT_FAMILIES, find_qwen_groups, find_vit_groups
 
@@ -34,10 +34,11 @@ def split_tokens(patches: int, keep: float, contextual_share: float) -> tuple[in
 @dataclass(frozen=True)
 class VisionZipConfig(MethodConfig):
     """Before the language model, each image keeps ``keep`` of its visual tokens: dominant ones (the CLS token and
-    the patches it attends to most in the projector's vision-tower layer) and ``contextual_share`` of them as
-    contextual tokens (the other tokens merged by key similarity). ``keep=64/576`` on LLaVA-1.5 gives the paper's
-    54 + 10. LLaVA-1.5-style models with a CLIP or DINOv2 tower; InternVL, Gemma3, Idefics3 / SmolVLM and the
-    Qwen-VL families, whose prompt tokens are groups of patches (see :mod:`vtexit.methods.visionzip.towers`)."""
+    the patches it attends to most in the projector's vision-tower layer; without a CLS token, the tokens that
+    receive the most attention) and ``contextual_share`` of them as contextual tokens (the other tokens merged by key
+    similarity). ``keep=64/576`` on LLaVA-1.5 gives the paper's 54 + 10. LLaVA-1.5-style models with a CLIP, DINOv2
+    or SigLIP tower; InternVL, Gemma3, Idefics3 / SmolVLM and the Qwen-VL families, whose prompt tokens are groups of
+    patches (see :mod:`vtexit.methods.visionzip.towers`)."""
 
     method: ClassVar[str] = "visionzip"
     keep: float
@@ -51,7 +52,8 @@ class VisionZipConfig(MethodConfig):
         object.__setattr__(self, "contextual_share", share)
 
     def build_policy(self, model: nn.Module, family: FamilySpec) -> Policy:
-        if family.name in VIT_FAMILIES or family.name in QWEN_FAMILIES:
+        no_cls = family.name == "llava" and model.config.vision_config.model_type not in CLS_TOWERS
+        if family.name in VIT_FAMILIES or family.name in QWEN_FAMILIES or no_cls:
             source = find_qwen_groups(model) if family.name in QWEN_FAMILIES else find_vit_groups(model, family.name)
             check_renumbering(self.method, model, family, before_llm=True)
             return TowerVisionZipPolicy(

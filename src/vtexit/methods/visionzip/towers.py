@@ -17,7 +17,7 @@ from torch import nn
 from vtexit.methods.visionzip.selection import attention_received
 from vtexit.methods.visionzip.tower import _attribute, _encoder_layers, _projection
 
-VIT_FAMILIES = ("internvl", "gemma3", "idefics3")
+VIT_FAMILIES = ("internvl", "gemma3", "idefics3")  # and LLaVA-1.5's layout with a tower without CLS token
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 _NORMS = ("layernorm_before", "layer_norm1", "norm1")
 
@@ -69,18 +69,20 @@ class ViTGroups:
 
 
 def find_vit_groups(model: nn.Module, family_name: str) -> ViTGroups:
-    """The scored block and patch groups of an InternVL, Gemma3 or Idefics3 / SmolVLM model."""
+    """The scored block and patch groups of an InternVL, Gemma3, Idefics3 / SmolVLM model, or of a LLaVA-1.5-style
+    model whose tower has no CLS token (SigLIP, ``vision_feature_select_strategy="full"``: one patch per token)."""
     config, core = model.config, model.model
     vision = config.vision_config
     model_type = config.model_type
     count = vision.num_hidden_layers
     layer, cls = -1, False
-    if family_name == "internvl":
-        layer, cls = config.vision_feature_layer, True
-        if config.vision_feature_select_strategy != "default":
+    if family_name in ("internvl", "llava"):
+        layer, cls = config.vision_feature_layer, family_name == "internvl"
+        strategy = "default" if cls else "full"  # the CLS token is not a prompt token; without one, every patch is
+        if config.vision_feature_select_strategy != strategy:
             raise ValueError(
-                "visionzip needs vision_feature_select_strategy='default' on internvl (the CLS token is not a prompt "
-                f"token), got {config.vision_feature_select_strategy!r}"
+                f"visionzip needs vision_feature_select_strategy={strategy!r} on {model_type} with a "
+                f"{vision.model_type} tower, got {config.vision_feature_select_strategy!r}"
             )
         if not isinstance(layer, int) or not -(count + 1) <= layer <= count or layer % (count + 1) == 0:
             raise ValueError(f"visionzip needs one vision_feature_layer that is a tower layer's output, got {layer!r}")
@@ -102,6 +104,9 @@ def find_vit_groups(model: nn.Module, family_name: str) -> ViTGroups:
         scale = _setting(connector, "scale_factor", model_type)
         groups = _setting(connector, "pixel_shuffle", model_type)(index, scale).reshape(-1, scale**2)
         output = connector
+    elif family_name == "llava":
+        groups = torch.arange(side * side).view(-1, 1)
+        output = core.multi_modal_projector
     else:  # gemma3: average pooling of kernel x kernel patches, row-major
         per_side = round(_setting(config, "mm_tokens_per_image", model_type) ** 0.5)
         kernel = side // per_side
