@@ -65,13 +65,18 @@ def test_grid_matches_the_model_s_own_features(name):
     assert check_grid(grid, places) == visual > 0
 
 
-@pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
+@pytest.mark.parametrize(
+    "name, overrides",
+    [("llava_next", {}), ("llava_onevision", {}), ("llava_onevision", {"vision_aspect_ratio": "anyres_max_1"})],
+    ids=["llava_next", "llava_onevision", "llava_onevision-shrunk"],
+)
 @torch.no_grad()
-def test_anyres_grid_unpads_wide_tall_and_padded_images(name):
+def test_anyres_grid_unpads_wide_tall_and_padded_images(name, overrides):
     """One anyres image per row, of each size the input spec cycles through (LLaVA-NeXT: 1 x 2, 2 x 1 and 1 x 1
     tiles; OneVision: a 4:3 image whose tile grid is cropped back, a square one, a tall one): the high-res grid has
-    the unpadded shape the newlines show, a different one per image."""
-    case = build_tiny(name, num_layers=2)
+    the unpadded shape the newlines show, a different one per image. With ``anyres_max_1`` OneVision shrinks grids
+    larger than one tile (bilinear), as the model does."""
+    case = build_tiny(name, num_layers=2, **overrides)
     inputs = case.inputs([1, 1, 1], text_len=[4, 2, 3])
     places = hand_places(case.model, inputs)
     check_grid(family_grid(case.model, inputs), places)
