@@ -11,6 +11,7 @@ import torch
 from grid_reference import blocks_by_hand, hand_places
 from reduced_prompt import check_against_reduced_prompt, greedy_case, layer0_inputs, left_pad, rebuild_rows
 from reference import record_layer_inputs, scheduled_logits
+from yopo_reference import hand_grid
 
 import vtexit
 from vtexit.core.families import family_for
@@ -158,6 +159,49 @@ def test_pool_on_gemma3_equals_the_pooled_prompt():
         layout = handle.last_layout
     assert layout.valid.sum(1).tolist() == mask.sum(1).tolist()
     torch.testing.assert_close(logits[layout.valid], reference[mask.bool()], atol=2e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+def test_pool_on_qwen_grids_equals_the_pooled_prompt_at_its_mrope_positions(name):
+    """Qwen-VL frames from image_grid_thw (walked by hand in tests/yopo_reference.py); a pooled token keeps its
+    block leader's (t, h, w) position. Forward logits, and generate's first step (its grid from the M-RoPE
+    position ids generate passes), against the unpatched model on the pooled prompt at those positions."""
+    case = greedy_case(name)
+    model = case.model
+    inputs = case.inputs([1, 2, 0], text_len=[5, 3, 7])
+    seen = {}
+    hook = model.model.language_model.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        hook.remove()
+    embeds, positions = seen["inputs_embeds"], seen["position_ids"][-3:]  # (t, h, w) rows
+    media, frame, row, col = hand_grid(model, inputs["input_ids"], inputs)
+    rows, kept_positions = [], []
+    for b in range(media.shape[0]):
+        places = [
+            None if not media[b, i] else (int(frame[b, i]), int(row[b, i]), int(col[b, i]), 0, 0)
+            for i in range(media.shape[1])
+        ]
+        blocks = blocks_by_hand(places, 2)
+        real = inputs["attention_mask"][b].bool().tolist()
+        kept = [i for i, place in enumerate(places) if real[i] and (place is None or i in blocks)]
+        means = {i: embeds[b, block].float().mean(0).to(embeds.dtype) for i, block in blocks.items()}
+        rows.append(torch.stack([means[i] if i in means else embeds[b, i] for i in kept]))
+        kept_positions.append(positions[:, b, kept])
+    pooled, mask = left_pad(rows)
+    at = torch.zeros(3, *mask.shape, dtype=torch.long)
+    for b, p in enumerate(kept_positions):
+        at[:, b, mask.shape[1] - p.shape[1] :] = p
+    reference = model(inputs_embeds=pooled, attention_mask=mask, position_ids=at, use_cache=False).logits
+    with vtexit.pool(model, stride=2) as handle:
+        logits = model(**inputs, use_cache=False).logits
+        layout = handle.last_layout
+        first = model.generate(**inputs, max_new_tokens=1, output_logits=True, return_dict_in_generate=True).logits[0]
+    assert layout.valid.sum(1).tolist() == mask.sum(1).tolist()
+    torch.testing.assert_close(logits[layout.valid], reference[mask.bool()], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(first, reference[:, -1], atol=2e-5, rtol=1e-4)
 
 
 def test_pool_refuses_a_family_without_a_grid_and_bad_strides():
