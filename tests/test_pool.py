@@ -1,5 +1,7 @@
 """Visual-grid pooling before the language model against the unpatched model on the pooled prompt built by hand
-(each image's 2 x 2 blocks averaged with plain loops, fed as ``inputs_embeds``), forward and cached generate."""
+(each frame's 2 x 2 blocks averaged with plain loops, fed as ``inputs_embeds``), forward and cached generate. The
+frames: LLaVA's square images walked by hand; the other families' cut from the model's own vision features
+(tests/grid_reference.py) or, on Qwen-VL, walked from image_grid_thw (tests/yopo_reference.py)."""
 
 from __future__ import annotations
 
