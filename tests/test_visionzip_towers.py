@@ -348,3 +348,16 @@ def test_tower_scores_and_keys_equal_the_hand_reference(name):
     for got_scores, got_keys, (want_scores, want_keys) in zip(scores, keys, expected, strict=True):
         np.testing.assert_allclose(got_scores.numpy(), want_scores, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(got_keys.numpy(), want_keys, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_beam_search_copies_keep_what_their_row_keeps():
+    """generate encodes each row's images once and repeats them for the row's beams: every copy keeps its row's."""
+    case = make_case("internvl")
+    inputs = case.inputs([2, 0, 1], text_len=[4, 5, 6])
+    _, prompt = reduced_prompt(case, inputs)
+    beams = dict(max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+    expected = case.model.generate(**prompt, **beams)
+    with vtexit.apply(case.model, vtexit.VisionZipConfig(keep=KEEP, contextual_share=SHARE)):
+        result = case.model.generate(**inputs, **beams)
+    assert result[:, inputs["input_ids"].shape[1] :].tolist() == expected.tolist()

@@ -102,10 +102,28 @@ class TowerVisionZipPolicy(Policy):
             raise ValueError(
                 f"visionzip needs the {self.source.model_type} vision tower to run once for each prompt's images, "
                 f"it ran {len(found)} times: it chooses tokens in the tower, so pass pixel values (not image "
-                "features), "
-                "images only (not videos), and no get_image_features calls of your own while patched"
+                "features), images only (not videos), and no get_image_features calls of your own while patched"
             )
         media = view.media
-        mask = view.text | torch.zeros_like(media).masked_scatter(media, found[0].to(media.device))
+        kept = _expanded(found[0].to(media.device), media)
+        mask = view.text | torch.zeros_like(media).masked_scatter(media, kept)
         record_kept(view, mask)
         return mask
+
+
+def _expanded(kept: torch.Tensor, media: torch.Tensor) -> torch.Tensor:
+    """``kept`` (one flag per visual token the tower made) for the prompt's visual slots ``media`` (batch, length).
+    Beam search and ``num_return_sequences`` encode each row's images once and repeat them for the row's copies
+    (consecutive rows): each copy keeps what its row keeps."""
+    total = int(media.sum())
+    if total == kept.numel():
+        return kept
+    counts = media.sum(dim=1).tolist()
+    copies = total // max(1, kept.numel())
+    if copies * kept.numel() != total or len(counts) % copies:
+        raise ValueError(f"visionzip chose among {kept.numel()} visual tokens, the prompt holds {total}")
+    pieces, start = [], 0
+    for row in range(0, len(counts), copies):
+        pieces += [kept[start : start + counts[row]]] * copies
+        start += counts[row]
+    return torch.cat(pieces)
