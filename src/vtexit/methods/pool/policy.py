@@ -31,7 +31,7 @@ class PoolPolicy(Policy):
         rows and ``dc`` columns back sits ``dr * row_step + dc`` positions back), offset by row. Blocks never cross
         a frame's border (an image, a tile, a video frame, an anyres newline column)."""
         media, index = view.media, view.layout.index
-        grid = self.family.visual_grid(self.config, view.media_original, {})
+        grid = self.family.visual_grid(self.config, view.media_original, view.grid_inputs)
         row, col, width = (g.gather(1, index) for g in (grid.row, grid.col, grid.row_step))
         s = self.stride
         leader = block_leaders(index, row, col, width, s)
