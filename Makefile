@@ -27,7 +27,7 @@ CANARY_VENV := .venv-canary
 # core busy, so two use both of CI's cores (docs/development.md).
 TEST_WORKERS ?= 2
 
-.PHONY: setup test test-floor test-release test-torch test-vllm canary constraints demo bench lint gpu-check docs wheel-check
+.PHONY: setup test test-floor test-release test-torch test-vllm canary constraints demo bench lint gpu-check docs wheel-check matrix
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	# `lmms` extra holds the ones its CLI imports.
 	$(PIP) --no-deps lmms-eval==0.7.3
 	touch $(STAMP)
+
+# README.md's support matrix, generated from vtexit/methods/support.py (tests/test_support.py checks it is current).
+matrix: setup
+	$(PY) scripts/write_support_matrix.py README.md docs/families.md
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks scripts

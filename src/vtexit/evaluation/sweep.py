@@ -72,7 +72,7 @@ def default_grid(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def reduces_prompt(model: nn.Module) -> bool:
-    """Whether pre-LLM methods (DivPrune) can shorten this model's prompt: 1D rotary positions, no hybrid layers."""
+    """Whether pre-LLM methods (DivPrune) can shorten this model's prompt (every built-in family can)."""
     try:
         ScheduleEngine(model, DivPrunePolicy(0.5)).check_policy()
     except ValueError:

@@ -1,7 +1,9 @@
-"""Which model families each method accepts: README.md's "Supported families and methods" table, as data.
+"""Which model families each method accepts, as data: the one support matrix.
 
-``vtexit methods`` prints it; tests/test_support.py checks it against what :func:`vtexit.apply` accepts on every tiny
-family (:mod:`vtexit.testing.tiny_models`) and against README.md's table. Plain data: importing it loads nothing.
+README.md's "Supported families and methods" table is generated from it (``python -m vtexit.methods.support``
+prints it; ``make matrix`` writes it into the README); ``vtexit methods`` prints it per method; tests/test_support.py
+checks it against what :func:`vtexit.apply` accepts on every tiny family (:mod:`vtexit.testing.tiny_models`) and the
+README's table against :func:`markdown`. Plain data: importing it loads nothing.
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ FAMILY_NAMES = {
     "idefics3": "Idefics3 / SmolVLM",
     "gemma3": "Gemma3",
 }
-ROPE_1D = ("llava", "llava_next", "llava_onevision", "internvl", "idefics3")
+ROPE_1D = ("llava", "llava_next", "llava_onevision", "internvl", "idefics3", "gemma3")
 RENUMBERING = (
-    "renumbering positions after a drop needs 1D rotary positions: the Qwen-VL families use multimodal RoPE, "
-    "Gemma3's rotary embedding depends on the layer type"
+    "renumbering positions after a drop inside the language model needs 1D rotary positions: the Qwen-VL families "
+    "use multimodal RoPE (3D positions of the image grid), which has no renumbering"
 )
 
 
@@ -64,25 +66,19 @@ SUPPORT: tuple[Support, ...] = (
     Support(
         "PyramidDrop with renumber=True", ("pdrop",), ROPE_1D, RENUMBERING, readme="PyramidDrop with `renumber=True`"
     ),
-    Support("DivPrune", ("divprune",), ROPE_1D, f"a reduction before the language model renumbers: {RENUMBERING}"),
+    Support("DivPrune", ("divprune",), ALL_FAMILIES),
     Support(
         "VisionZip",
         ("visionzip",),
-        ("llava",),
-        "VisionZip reads the CLS token of a CLIP or DINOv2 vision tower in LLaVA-1.5's layout",
+        ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "idefics3", "gemma3"),
+        "VisionZip does not yet score the anyres layout (a base image, its high-res tiles and newline tokens)",
     ),
-    Support(
-        "pooling",
-        ("pool",),
-        ("llava",),
-        "pooling needs the family's visual patch grid, described for LLaVA-1.5's square grid, and 1D rotary positions",
-    ),
+    Support("pooling", ("pool",), ALL_FAMILIES),
     Support(
         "YOPO window",
         ("yopo",),
-        ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
-        "the window needs the family's visual patch grid (LLaVA-1.5's square grid, the Qwen-VL grids); "
-        "Gemma3's attention (sliding window, logit softcapping) is refused",
+        ALL_FAMILIES[:-1],
+        "YOPO's attention forward does not yet run Gemma3's attention (sliding window, bidirectional image blocks)",
         readme="YOPO `window`",
     ),
     Support(
@@ -96,7 +92,7 @@ SUPPORT: tuple[Support, ...] = (
     Support(
         "hybrid",
         ("hybrid",),
-        ROPE_1D,
+        ALL_FAMILIES,
         "a hybrid runs where its pre-LLM step runs (DivPrune, VisionZip or pooling; the families here: DivPrune's)",
     ),
 )
@@ -114,3 +110,32 @@ def family_list(families: tuple[str, ...], *, named: bool = False) -> str:
     if families == ALL_FAMILIES and not named:
         return f"every family ({len(ALL_FAMILIES)})"
     return ", ".join(FAMILY_NAMES[f] for f in families)
+
+
+# README.md holds the generated table between these two lines.
+BEGIN_MARK = "<!-- support matrix: generated from vtexit/methods/support.py by `make matrix`; do not edit -->"
+END_MARK = "<!-- end of support matrix -->"
+
+
+def markdown() -> str:
+    """The matrix as README.md shows it: a row per method (or setting), a column per family (✓ accepted, ✗ refused
+    with a ``ValueError`` before the model is touched), then why each refused cell is refused."""
+    lines = [
+        "| method | " + " | ".join(FAMILY_NAMES[f] for f in ALL_FAMILIES) + " |",
+        "|---" * (len(ALL_FAMILIES) + 1) + "|",
+    ]
+    for row in SUPPORT:
+        if row.methods == ("hybrid",):
+            cells = ["where both its steps run"] + [""] * (len(ALL_FAMILIES) - 1)
+        else:
+            cells = ["✓" if f in row.families else "✗" for f in ALL_FAMILIES]
+        lines.append(f"| {row.readme} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for row in SUPPORT:
+        if row.refused and row.methods != ("hybrid",):
+            lines.append(f"- {row.readme}, ✗ on {family_list(row.refused, named=True)}: {row.why}.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown())
