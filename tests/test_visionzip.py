@@ -167,8 +167,7 @@ def test_token_split_matches_the_papers_llava_settings():
 @pytest.mark.parametrize(
     "name, overrides, match",
     [
-        ("llava_onevision", {}, "LLaVA-1.5-style"),
-        ("llava_next", {}, "LLaVA-1.5-style"),
+        ("llava_next", {"vision_feature_select_strategy": "full"}, "vision_feature_select_strategy"),
         ("internvl", {"vision_feature_select_strategy": "full"}, "vision_feature_select_strategy"),
         ("llava", {"vision_feature_select_strategy": "full"}, "vision_feature_select_strategy"),
         ("llava", {"vision_feature_layer": [-1, -2]}, "vision_feature_layer"),

@@ -142,6 +142,8 @@ def vit_block(case):
         "gemma3": lambda: core.vision_tower.encoder.layers,
         "idefics3": lambda: core.vision_model.encoder.layers,
         "llava": lambda: core.vision_tower.encoder.layers,
+        "llava_next": lambda: core.vision_tower.encoder.layers,
+        "llava_onevision": lambda: core.vision_tower.encoder.layers,
     }[case.name]()
     layer = getattr(config, "vision_feature_layer", -1)
     return layers[layer % (config.vision_config.num_hidden_layers + 1) - 1]
@@ -209,30 +211,36 @@ def qwen_block(visual) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def reduced_prompt(case, inputs: dict) -> tuple[list[list[int]], dict]:
-    """Per row the kept prompt positions, and the language model's kwargs for the reduced prompt (left-padded)."""
+def reduced_prompt(case, inputs: dict, images_of=None) -> tuple[list[list[int]], dict]:
+    """Per row the kept prompt positions, and the language model's kwargs for the reduced prompt (left-padded).
+    ``images_of(case, inputs, seen)``: per image its scores, keys and, where the image's block of slots holds more
+    (newline tokens), the offsets of its scored tokens in the block and the block's length."""
     model = case.model
     block = qwen_block(model.model.visual) if case.name in QWEN else vit_block(case)
     seen = Capture(case, inputs, block)
-    images = qwen_images(case, inputs, seen) if case.name in QWEN else vit_images(case, seen)
+    if images_of is None:
+        images_of = qwen_images if case.name in QWEN else lambda case, inputs, seen: vit_images(case, seen)
+    images = images_of(case, inputs, seen)
     embeds = seen.lm["inputs_embeds"].clone()
     media = case.media_mask(inputs) & inputs["attention_mask"].bool()
     slots = media.flatten().nonzero().flatten()  # the visual slots in the order images fill them
     deepstack = [d.clone() for d in seen.lm.get("deepstack_visual_embeds") or []]
     keep_flat = torch.zeros(len(slots), dtype=torch.bool)
     start = 0
-    for scores, keys in images:
+    for scores, keys, *block in images:
+        offsets, length = block or (range(len(scores)), len(scores))
+        place = [start + offset for offset in offsets]  # each scored token's place among the visual slots
         chosen, groups = zip_by_hand(scores, keys, *counts(len(scores)))
         for i in chosen:
-            keep_flat[start + i] = True
+            keep_flat[place[i]] = True
         for target, members in groups.items():
-            keep_flat[start + target] = True
-            rows = [int(slots[start + m]) for m in members]
+            keep_flat[place[target]] = True
+            rows = [int(slots[place[m]]) for m in members]
             flat = embeds.view(-1, embeds.shape[-1])
-            flat[slots[start + target]] = flat[rows].double().mean(dim=0).to(flat.dtype)
+            flat[slots[place[target]]] = flat[rows].double().mean(dim=0).to(flat.dtype)
             for features in deepstack:
-                features[start + target] = features[[start + m for m in members]].double().mean(0).to(features.dtype)
-        start += len(scores)
+                features[place[target]] = features[[place[m] for m in members]].double().mean(0).to(features.dtype)
+        start += length
     assert start == len(slots)
     keep = ~media & inputs["attention_mask"].bool()
     keep.view(-1)[slots] = keep_flat

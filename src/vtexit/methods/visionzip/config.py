@@ -14,6 +14,7 @@ from vtexit.core.families import FamilySpec
 from vtexit.core.policy import Policy
 from vtexit.methods.base import MethodConfig, check_float, check_renumbering
 from vtexit.methods.fastv.ranking import MAX_DENOMINATOR, check_keep, keep_counts
+from vtexit.methods.visionzip.anyres import ANYRES_FAMILIES, AnyresVisionZipPolicy, find_anyres_groups
 from vtexit.methods.visionzip.policy import VisionZipPolicy
 from vtexit.methods.visionzip.tower import CLS_TOWERS, find_selected_layer
 from vtexit.methods.visionzip.tower_policy import TowerVisionZipPolicy
@@ -37,8 +38,9 @@ class VisionZipConfig(MethodConfig):
     the patches it attends to most in the projector's vision-tower layer; without a CLS token, the tokens that
     receive the most attention) and ``contextual_share`` of them as contextual tokens (the other tokens merged by key
     similarity). ``keep=64/576`` on LLaVA-1.5 gives the paper's 54 + 10. LLaVA-1.5-style models with a CLIP, DINOv2
-    or SigLIP tower; InternVL, Gemma3, Idefics3 / SmolVLM and the Qwen-VL families, whose prompt tokens are groups of
-    patches (see :mod:`vtexit.methods.visionzip.towers`)."""
+    or SigLIP tower; LLaVA-NeXT and LLaVA-OneVision (tiles, see :mod:`vtexit.methods.visionzip.anyres`); InternVL,
+    Gemma3, Idefics3 / SmolVLM and the Qwen-VL families, whose prompt tokens are groups of patches (see
+    :mod:`vtexit.methods.visionzip.towers`)."""
 
     method: ClassVar[str] = "visionzip"
     keep: float
@@ -52,13 +54,16 @@ class VisionZipConfig(MethodConfig):
         object.__setattr__(self, "contextual_share", share)
 
     def build_policy(self, model: nn.Module, family: FamilySpec) -> Policy:
+        split = partial(split_tokens, keep=self.keep, contextual_share=self.contextual_share)
+        if family.name in ANYRES_FAMILIES:
+            source = find_anyres_groups(model)
+            check_renumbering(self.method, model, family, before_llm=True)
+            return AnyresVisionZipPolicy(source, model.model, split)
         no_cls = family.name == "llava" and model.config.vision_config.model_type not in CLS_TOWERS
         if family.name in VIT_FAMILIES or family.name in QWEN_FAMILIES or no_cls:
             source = find_qwen_groups(model) if family.name in QWEN_FAMILIES else find_vit_groups(model, family.name)
             check_renumbering(self.method, model, family, before_llm=True)
-            return TowerVisionZipPolicy(
-                source, partial(split_tokens, keep=self.keep, contextual_share=self.contextual_share)
-            )
+            return TowerVisionZipPolicy(source, split)
         layer = find_selected_layer(model, family.name)
         check_renumbering(self.method, model, family, before_llm=True)
         dominant, contextual = split_tokens(layer.patches, self.keep, self.contextual_share)

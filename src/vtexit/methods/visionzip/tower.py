@@ -40,11 +40,7 @@ def find_selected_layer(model: nn.Module, family_name: str) -> SelectedLayer:
     """The layer of ``model``'s vision tower that VisionZip reads; a ValueError says why a model is not supported."""
     config = model.config
     if family_name != "llava":
-        raise ValueError(
-            f"visionzip is supported for LLaVA-1.5-style models (family 'llava'), internvl, gemma3, idefics3, "
-            f"qwen2_vl, qwen2_5_vl and qwen3_vl, got {family_name!r} (its images enter the prompt as tiles with "
-            "newline tokens)"
-        )
+        raise ValueError(f"visionzip does not know the vision tower of the family {family_name!r}")
     vision = config.vision_config
     if vision.model_type not in CLS_TOWERS:
         raise ValueError(

@@ -47,7 +47,7 @@ class TowerVisionZipPolicy(Policy):
 
         return capture
 
-    def _taken(self, name: str) -> tuple[tuple, dict]:
+    def _taken(self, name: str) -> tuple:
         """The captured call ``name`` of this tower call, forgotten here so that no activation outlives the call."""
         found = getattr(self._local, "seen", {}).pop(name, None)
         if found is None:

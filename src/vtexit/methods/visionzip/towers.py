@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vtexit.methods.visionzip.selection import attention_received
-from vtexit.methods.visionzip.tower import _attribute, _encoder_layers, _projection
+from vtexit.methods.visionzip.tower import CLS_TOWERS, _attribute, _encoder_layers, _projection
 
 VIT_FAMILIES = ("internvl", "gemma3", "idefics3")  # and LLaVA-1.5's layout with a tower without CLS token
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -69,15 +69,17 @@ class ViTGroups:
 
 
 def find_vit_groups(model: nn.Module, family_name: str) -> ViTGroups:
-    """The scored block and patch groups of an InternVL, Gemma3, Idefics3 / SmolVLM model, or of a LLaVA-1.5-style
-    model whose tower has no CLS token (SigLIP, ``vision_feature_select_strategy="full"``: one patch per token)."""
+    """The scored block and patch groups of an InternVL, Gemma3, Idefics3 / SmolVLM model, or (``family_name``
+    "llava") of a LLaVA-style tower whose patches are each a token: SigLIP with ``vision_feature_select_strategy=
+    "full"``, or each tile of LLaVA-NeXT / OneVision before packing."""
     config, core = model.config, model.model
     vision = config.vision_config
     model_type = config.model_type
     count = vision.num_hidden_layers
     layer, cls = -1, False
     if family_name in ("internvl", "llava"):
-        layer, cls = config.vision_feature_layer, family_name == "internvl"
+        layer = config.vision_feature_layer
+        cls = family_name == "internvl" or vision.model_type in CLS_TOWERS
         strategy = "default" if cls else "full"  # the CLS token is not a prompt token; without one, every patch is
         if config.vision_feature_select_strategy != strategy:
             raise ValueError(
