@@ -92,3 +92,11 @@ def test_visionzip_keeps_what_the_hand_reference_keeps_on_anyres_prompts(name):
     with vtexit.apply(model, CONFIG):
         result = model.generate(**inputs, **beams)
     assert result[:, inputs["input_ids"].shape[1] :].tolist() == reference.tolist()
+
+
+def test_visionzip_refuses_videos_on_onevision():
+    case = make_case("llava_onevision")
+    inputs = case.inputs([0, 1], videos_per_row=[1, 0], text_len=[4, 6])
+    with vtexit.apply(case.model, CONFIG), pytest.raises(ValueError, match="not videos"):
+        case.model(**inputs, use_cache=False)
+    assert "pack_image_features" not in case.model.model.__dict__

@@ -121,7 +121,9 @@ def _expanded(kept: torch.Tensor, media: torch.Tensor) -> torch.Tensor:
     counts = media.sum(dim=1).tolist()
     copies = total // max(1, kept.numel())
     if copies * kept.numel() != total or len(counts) % copies:
-        raise ValueError(f"visionzip chose among {kept.numel()} visual tokens, the prompt holds {total}")
+        raise ValueError(
+            f"visionzip chose among {kept.numel()} visual tokens, the prompt holds {total} (images only, not videos)"
+        )
     pieces, start = [], 0
     for row in range(0, len(counts), copies):
         pieces += [kept[start : start + counts[row]]] * copies
