@@ -33,7 +33,7 @@ from vtexit.methods.base import MethodConfig
 from vtexit.methods.divprune.policy import DivPrunePolicy
 from vtexit.methods.patch import apply
 from vtexit.methods.registry import config_from_dict
-from vtexit.methods.visionzip.tower import find_selected_layer
+from vtexit.methods.visionzip.config import VisionZipConfig
 from vtexit.methods.vtw.config import valid_layer_range
 
 BASELINE = {"method": "none"}
@@ -81,9 +81,9 @@ def reduces_prompt(model: nn.Module) -> bool:
 
 
 def zips_images(model: nn.Module) -> bool:
-    """Whether VisionZip can read this model's vision tower (LLaVA-1.5 layout, a tower with a CLS token)."""
+    """Whether VisionZip can read this model's vision tower (every built-in family's)."""
     try:
-        find_selected_layer(model, family_for(model).name)
+        VisionZipConfig(keep=0.5).build_policy(model, family_for(model))
     except ValueError:
         return False
     return True

@@ -67,12 +67,7 @@ SUPPORT: tuple[Support, ...] = (
         "PyramidDrop with renumber=True", ("pdrop",), ROPE_1D, RENUMBERING, readme="PyramidDrop with `renumber=True`"
     ),
     Support("DivPrune", ("divprune",), ALL_FAMILIES),
-    Support(
-        "VisionZip",
-        ("visionzip",),
-        ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "idefics3", "gemma3"),
-        "VisionZip does not yet score the anyres layout (a base image, its high-res tiles and newline tokens)",
-    ),
+    Support("VisionZip", ("visionzip",), ALL_FAMILIES),
     Support("pooling", ("pool",), ALL_FAMILIES),
     Support(
         "YOPO window",
