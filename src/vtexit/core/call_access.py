@@ -52,6 +52,20 @@ class CallAccess:
             call.memo["current media"] = (layout, media)
         return media
 
+    def current_block_ids(self) -> torch.Tensor | None:
+        """(batch, length) the bidirectional media block of each slot the running layer holds in this thread's prefill
+        (-1: text or pad), for families whose media blocks attend both ways (Gemma3's images); None when the call
+        passed none (its mask is then causal) or outside a prefill. Made once per layout, like ``current_media``."""
+        call = self._call
+        if call is None or call.mode != "prefill" or call.block_ids is None:
+            return None
+        layout, blocks = call.memo.get("current block ids", (None, None))
+        if layout is not call.layout:
+            layout = call.layout
+            blocks = torch.where(layout.valid, call.block_ids.gather(1, layout.index), -1)
+            call.memo["current block ids"] = (layout, blocks)
+        return blocks
+
     def prefill_check(self, name: str) -> bool | None:
         """The value of the policy's prefill check ``name`` (:meth:`Policy.prefill_checks`) in this thread's prefill,
         read with the prefill's one host read; None when the policy did not ask it in this call."""

@@ -57,6 +57,9 @@ __all__ = [
     "takes_layer_type",
     "rotary_embeddings",
     "rotary_function",
+    "attention_is_causal",
+    "attention_sliding_window",
+    "attention_softcap",
     "size_static_layer",
     "sliding_window_overlay",
     "take_cache",
@@ -327,6 +330,32 @@ def deferred_stop_checks(device_type: str = "cuda") -> Iterator[None]:
 def rotary_function(attention: nn.Module) -> Callable | None:
     """The module-level ``apply_rotary_pos_emb`` of ``attention``'s modeling file (None if it has none)."""
     return getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
+
+
+# ------------------------------------------------------------------------------------------------ attention rules
+# What an attention module says about its mask (5.17-5.25): ``sliding_window`` is the window of a sliding layer and None
+#   on a full one (Gemma3Attention; Qwen2-style modules use the same name); the model's mask of a sliding layer keeps
+#   key slot k for query slot q when ``k > q - sliding_window`` (masking_utils.sliding_window_overlay: one-sided, so
+#   later keys of the query's own bidirectional block stay), and a sliding cache layer keeps the last
+#   ``sliding_window - 1`` keys (``Cache.get_seq_length(layer_idx)`` counts every key it has seen, an int).
+#   Gemma3 composes its masks as AND(sliding window, OR(causal, same image block)) on sliding layers and OR(causal,
+#   same image block) on full ones (modeling_gemma3.create_masks_for_vision_model, image blocks from
+#   ``token_type_ids``). ``is_causal`` is False under ``use_bidirectional_attention`` (every key, both ways).
+#   ``attn_logit_softcapping`` (Gemma3, None by default) is stored but not passed to the attention function by
+#   Gemma3Attention.forward in 5.17-5.25, so the model does not cap; vtexit refuses a module where it is set.
+def attention_sliding_window(attention: nn.Module) -> int | None:
+    """The sliding window of ``attention``'s layer (None: full attention)."""
+    return getattr(attention, "sliding_window", None)
+
+
+def attention_softcap(attention: nn.Module) -> float | None:
+    """``attention``'s logit softcapping setting (None when unset or absent)."""
+    return getattr(attention, "attn_logit_softcapping", None)
+
+
+def attention_is_causal(attention: nn.Module) -> bool:
+    """Whether ``attention`` masks its text causally (False: a bidirectional text model)."""
+    return getattr(attention, "is_causal", True) is not False
 
 
 # ------------------------------------------------------------------------------------------------ anyres

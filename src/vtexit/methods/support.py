@@ -69,20 +69,8 @@ SUPPORT: tuple[Support, ...] = (
     Support("DivPrune", ("divprune",), ALL_FAMILIES),
     Support("VisionZip", ("visionzip",), ALL_FAMILIES),
     Support("pooling", ("pool",), ALL_FAMILIES),
-    Support(
-        "YOPO window",
-        ("yopo",),
-        ALL_FAMILIES[:-1],
-        "YOPO's attention forward does not yet run Gemma3's attention (sliding window, bidirectional image blocks)",
-        readme="YOPO `window`",
-    ),
-    Support(
-        "YOPO heads",
-        ("yopo",),
-        ALL_FAMILIES[:-1],
-        "pruned heads refuse Gemma3's attention (sliding window, logit softcapping)",
-        readme="YOPO `heads`",
-    ),
+    Support("YOPO window", ("yopo",), ALL_FAMILIES, readme="YOPO `window`"),
+    Support("YOPO heads", ("yopo",), ALL_FAMILIES, readme="YOPO `heads`"),
     Support("YOPO ffn_ratio, layer_drop", ("yopo",), ALL_FAMILIES, readme="YOPO `ffn_ratio`, `layer_drop`"),
     Support(
         "hybrid",

@@ -2,14 +2,17 @@
 
 In a prefill with visual tokens, one decoder layer's attention runs as
   * keys and values of every slot, as the model would (they go to the cache);
-  * text query rows in every head, over the keys the causal mask allows; in a head pruned for visual tokens the
+  * text query rows in every head, over the keys the model's mask allows (causal; a sliding layer's window, see
+    :mod:`vtexit.methods.yopo.model_mask`); in a head pruned for visual tokens the
     visual keys are invisible (``pruned_text="renormalise"``: softmax over the other keys) or, as in the public
     simulation, weighted 0 after the softmax (``"zero"``: the weights no longer sum to 1);
   * visual query rows only in the heads active for visual tokens (q/o projections sliced to those heads): over the
-    causal keys, or under ``window`` over the visual keys of their w x w neighbourhood on their image's grid
-    (gathered, never a dense masked matrix) plus every earlier text key.
+    keys the model's mask allows (causal; on Gemma3 also the rest of their own image, and the sliding window), or
+    under ``window`` over the visual keys of their w x w neighbourhood on their image's grid (gathered, never a dense
+    masked matrix) plus every earlier text key, cut to the model's mask.
 Decode steps and continued text are text queries: heads pruned for visual tokens see the cached visual keys the
-same way; the window is a prefill-only rule. Outside a patched call the module's own forward runs.
+same way (a sliding layer's cache holds the last keys); the window is a prefill-only rule. Outside a patched call
+the module's own forward runs.
 Everything but the per-call index tensors is computed without a host read.
 """
 
@@ -23,11 +26,19 @@ from torch.nn import functional as F
 
 from vtexit.core.call_access import CallAccess
 from vtexit.core.compiled import eager_under_compile
-from vtexit.core.transformers_compat import rotary_function, take_cache, with_cache
+from vtexit.core.transformers_compat import (
+    attention_is_causal,
+    attention_sliding_window,
+    attention_softcap,
+    rotary_function,
+    take_cache,
+    with_cache,
+)
 from vtexit.methods.yopo import sliced
-from vtexit.methods.yopo.dense import DenseHeadMasks, additive_mask, dense_mask, without_visual_keys
+from vtexit.methods.yopo.dense import DenseHeadMasks, additive_mask, without_visual_keys
 from vtexit.methods.yopo.execution import runs_split
 from vtexit.methods.yopo.flex_window import FlexWindow, compiled_flex_attention, flex_window, flex_window_attention
+from vtexit.methods.yopo.model_mask import dense_model_mask, restrict_tiles, rows_mask
 from vtexit.methods.yopo.rows import QueryRows, RowBlock, call_rows
 from vtexit.methods.yopo.window import Tiles, tiled_attention, tiles
 
@@ -69,8 +80,14 @@ def check_attention(module: nn.Module, what: str) -> None:
     ]
     if missing:
         raise ValueError(f"{what} needs Llama-style attention; {type(module).__name__} lacks {missing}")
-    if getattr(module, "sliding_window", None) is not None or getattr(module, "attn_logit_softcapping", None):
-        raise ValueError(f"{what} does not support {type(module).__name__} with a sliding window or logit softcapping")
+    # Sliding windows and Gemma3's bidirectional image blocks are part of the masks (model_mask); softcapping is not.
+    if attention_softcap(module) is not None:
+        raise ValueError(
+            f"{what} does not support {type(module).__name__} with attn_logit_softcapping set "
+            f"({attention_softcap(module)}): YOPO's attention does not cap logits; unset it in the text config"
+        )
+    if not attention_is_causal(module):
+        raise ValueError(f"{what} does not support {type(module).__name__} with bidirectional text attention")
     if rotary_function(module) is None:
         raise ValueError(f"{what}: {type(module).__name__}'s module has no apply_rotary_pos_emb")
 
@@ -172,18 +189,20 @@ class YOPOAttention:
         # A prefill fills an empty cache from its first slot (a static cache returns its whole buffer).
         key, value = key[:, :, : hidden.shape[1]], value[:, :, : hidden.shape[1]]
         scale = module.scaling
+        # The model's mask beyond causal (Gemma3): per call and sliding window, so sliding and full layers differ.
+        slide, blocks = attention_sliding_window(module), engine.current_block_ids()
         # Text rows: every head.
         text = rows.text
         query = self._query_rows(module, hidden, text, cos, sin)
-        allowed = engine.call_memo("yopo text mask", lambda: _causal_rows(text, layout.valid))
+        text_mask = ("yopo text mask", slide)
+        allowed = engine.call_memo(text_mask, lambda: rows_mask(text, layout.valid, blocks, slide))
         if not plan.pruned or self.pruned_text == "renormalise":
-            bias = self._bias("yopo text mask", allowed, query.dtype)
+            bias = self._bias(text_mask, allowed, query.dtype)
             if plan.pruned:  # per layer a choice between two masks of the call
-                text_keys = engine.call_memo(
-                    "yopo text rows' text keys", lambda: without_visual_keys(allowed, rows.media)
-                )
+                text_keys_name = ("yopo text rows' text keys", slide)
+                text_keys = engine.call_memo(text_keys_name, lambda: without_visual_keys(allowed, rows.media))
                 bias = torch.where(
-                    plan.active.view(1, -1, 1, 1), bias, self._bias("yopo text rows' text keys", text_keys, query.dtype)
+                    plan.active.view(1, -1, 1, 1), bias, self._bias(text_keys_name, text_keys, query.dtype)
                 )
             attended = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale, enable_gqa=True)
         else:
@@ -196,7 +215,7 @@ class YOPOAttention:
         flex = self._uses_flex(hidden.device)
         window = None
         if self.window is not None and visual.slots.shape[1]:
-            window = self._flex_window(rows, layout) if flex else self._tiles(rows, layout)
+            window = self._flex_window(rows, layout, slide) if flex else self._tiles(rows, layout, slide)
         if heads and visual.slots.shape[1]:
             rows_q = None  # every head: the full projections, no weight slices copied
             if plan.pruned:
@@ -209,13 +228,14 @@ class YOPOAttention:
             if not plan.every_kv_head:
                 key_a, value_a = key.index_select(1, plan.kv_index), value.index_select(1, plan.kv_index)
             if self.window is None:
-                allowed = engine.call_memo("yopo visual mask", lambda: _causal_rows(visual, layout.valid))
-                bias = self._bias("yopo visual mask", allowed, query.dtype)
+                visual_mask = ("yopo visual mask", slide)
+                allowed = engine.call_memo(visual_mask, lambda: rows_mask(visual, layout.valid, blocks, slide))
+                bias = self._bias(visual_mask, allowed, query.dtype)
                 attended = F.scaled_dot_product_attention(query, key_a, value_a, attn_mask=bias, scale=scale)
             elif flex:
                 attended = flex_window_attention(query, key_a, value_a, window, scale, self._flex(hidden.device))
             else:
-                bias = self._bias("yopo tiles", window.allowed, query.dtype)
+                bias = self._bias(("yopo tiles", slide), window.allowed, query.dtype)
                 attended = tiled_attention(query, key_a, value_a, window, scale, bias)
             merged = _merge_heads(attended)
             visual_out = (
@@ -240,17 +260,22 @@ class YOPOAttention:
             key, value = cache.update(key, value, module.layer_idx)
             key, value = key[:, :, : hidden.shape[1]], value[:, :, : hidden.shape[1]]
         grid = engine.media_grid() if self.window is not None else None
+        slide, blocks = attention_sliding_window(module), engine.current_block_ids()
+        dense_name = ("yopo dense mask", slide)
         allowed = engine.call_memo(
-            "yopo dense mask", lambda: dense_mask(media, layout.valid, grid, layout.index, self.window)
+            dense_name,
+            lambda: dense_model_mask(media, layout.valid, grid, layout.index, self.window, blocks, slide),
         )
         if not plan.pruned:
-            bias = self._bias("yopo dense mask", allowed, query.dtype)
+            bias = self._bias(dense_name, allowed, query.dtype)
             attended = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=bias, scale=module.scaling, enable_gqa=True
             )
         else:
             # Per layer only choices between tensors made once per call: few kernels, as the unpatched layer.
-            masks = engine.call_memo("yopo dense head masks", lambda: DenseHeadMasks.of(allowed, media, query.dtype))
+            masks = engine.call_memo(
+                ("yopo dense head masks", slide), lambda: DenseHeadMasks.of(allowed, media, query.dtype)
+            )
             per_head = plan.active.view(1, -1, 1, 1)
             if self.pruned_text == "renormalise":
                 mask = torch.where(per_head, masks.allowed, masks.text_keys)
@@ -276,16 +301,22 @@ class YOPOAttention:
             self._flex_kernels[device.type] = compiled_flex_attention(device)
         return self._flex_kernels[device.type]
 
-    def _flex_window(self, rows: QueryRows, layout) -> FlexWindow:
+    def _flex_window(self, rows: QueryRows, layout, slide: int | None) -> FlexWindow:
         engine = self.engine
+        blocks = engine.current_block_ids()
         return engine.call_memo(
-            "yopo flex window",
-            lambda: flex_window(rows, engine.media_grid(), layout.index, layout.valid, self.window),
+            ("yopo flex window", slide),
+            lambda: flex_window(rows, engine.media_grid(), layout.index, layout.valid, self.window, blocks, slide),
         )
 
-    def _tiles(self, rows: QueryRows, layout) -> Tiles:
+    def _tiles(self, rows: QueryRows, layout, slide: int | None) -> Tiles:
+        """The call's tiles (built once), their mask cut to the model's mask of this layer's kind (once per kind)."""
         engine = self.engine
-        return engine.call_memo("yopo tiles", lambda: tiles(rows, engine.media_grid(), layout.index, self.window))
+        base = engine.call_memo("yopo tiles", lambda: tiles(rows, engine.media_grid(), layout.index, self.window))
+        blocks = engine.current_block_ids()
+        return engine.call_memo(
+            ("yopo tiles", slide), lambda: restrict_tiles(base, rows.visual, rows.length, blocks, slide)
+        )
 
     def _query_rows(self, module, hidden, block: RowBlock, cos, sin, rows_q=None) -> torch.Tensor:
         """Queries of a block's rows (only the q_proj outputs ``rows_q`` when given: the active heads)."""
@@ -312,7 +343,11 @@ class YOPOAttention:
             allowed = attention_mask[..., :keys]
         else:
             allowed = attention_mask[..., :keys] > torch.finfo(attention_mask.dtype).min / 2
-        key_media = self.engine.key_media(module.layer_idx, keys)
+        # A sliding layer's cache holds the last keys it has seen: their media flags are the last of the sequence's.
+        offset = 0
+        if cache is not None and attention_sliding_window(module) is not None:
+            offset = max(0, cache.get_seq_length(module.layer_idx) - keys)
+        key_media = self.engine.key_media(module.layer_idx, offset + keys)[:, offset:]
         attended = self._attend(query, key, value, allowed, plan, key_media, module.scaling)
         return module.o_proj(_merge_heads(attended))
 
@@ -320,10 +355,3 @@ class YOPOAttention:
 def _merge_heads(states: torch.Tensor) -> torch.Tensor:
     batch, heads, length, dim = states.shape
     return states.transpose(1, 2).reshape(batch, length, heads * dim)
-
-
-def _causal_rows(block: RowBlock, valid: torch.Tensor) -> torch.Tensor:
-    """(batch, 1, n, length) causal mask of a block's query rows over the valid keys; pad rows read every key."""
-    slots = torch.arange(valid.shape[1], device=valid.device)
-    allowed = (slots.view(1, 1, -1) <= block.slots.unsqueeze(-1)) & valid.unsqueeze(1)
-    return (allowed | ~block.valid.unsqueeze(-1)).unsqueeze(1)

@@ -27,9 +27,19 @@ class FlexWindow:
     computed_keys: torch.Tensor  # (batch,) per head, for cost records
 
 
-def flex_window(rows: QueryRows, grid: VisualGrid, index: torch.Tensor, valid: torch.Tensor, size: int) -> FlexWindow:
+def flex_window(
+    rows: QueryRows,
+    grid: VisualGrid,
+    index: torch.Tensor,
+    valid: torch.Tensor,
+    size: int,
+    block_ids: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> FlexWindow:
     """The window rule for the visual block of ``rows`` (queries) over every slot (keys). ``grid`` is per original
-    position, ``index`` maps slots to positions, ``valid`` (batch, length) flags real slots."""
+    position, ``index`` maps slots to positions, ``valid`` (batch, length) flags real slots. ``block_ids`` (per slot,
+    -1 outside a block) and ``sliding_window``, where the model's mask has them (Gemma3), cut the window to that
+    mask (see :mod:`vtexit.methods.yopo.model_mask`)."""
     radius = (size - 1) // 2
     visual = rows.visual
     frame, row, col = (g.gather(1, index) for g in (grid.frame, grid.row, grid.col))
@@ -40,10 +50,18 @@ def flex_window(rows: QueryRows, grid: VisualGrid, index: torch.Tensor, valid: t
     q_frame = torch.where(visual.valid, key_frame.gather(1, slot), -2)  # pad queries match nothing
     q_row, q_col, q_slot = row.gather(1, slot), col.gather(1, slot), slot
 
+    q_block = None if block_ids is None else torch.where(visual.valid, block_ids.gather(1, slot), -1)
+
     def mask_mod(b, h, q, kv):
         near = (key_frame[b, kv] == q_frame[b, q]) & ((row[b, kv] - q_row[b, q]).abs() <= radius)
         near = near & ((col[b, kv] - q_col[b, q]).abs() <= radius)
-        return near | (key_text[b, kv] & (kv < q_slot[b, q]) & (q_frame[b, q] >= 0))
+        allowed = near | (key_text[b, kv] & (kv < q_slot[b, q]) & (q_frame[b, q] >= 0))
+        if sliding_window is not None:
+            allowed = allowed & (kv > q_slot[b, q] - sliding_window)
+        if q_block is not None:
+            same = (block_ids[b, kv] == q_block[b, q]) & (q_block[b, q] >= 0)
+            allowed = allowed & ((kv <= q_slot[b, q]) | same)
+        return allowed
 
     batch, queries = slot.shape
     length = valid.shape[1]

@@ -86,10 +86,6 @@ class YOPOPolicy(Policy):
         return split_checks(media, self.settings.dense_below)
 
     def replacements(self, engine: CallAccess) -> dict[nn.Module, Callable]:
-        if self.family.media_blocks is not None and self.attention_modules:
-            raise ValueError(
-                f"window / heads are not supported for {self.family.name}: its media blocks attend both ways"
-            )
         settings = self.settings
         attention = YOPOAttention(
             engine, self.head_plans, settings.window, settings.pruned_text, settings.window_kernel, settings.dense_below
