@@ -19,7 +19,8 @@ TORCH_TESTS ?= tests
 ENGINE_TESTS := tests/test_transformers_compat.py tests/test_policy_shapes.py tests/test_withdraw_families.py \
 	tests/test_yopo.py tests/test_static_cache.py tests/test_contract.py tests/test_compiled_prefill.py \
 	tests/test_divprune.py tests/test_pool.py tests/test_dart.py tests/test_hybrid.py tests/test_visionzip.py \
-	tests/test_speculative.py tests/test_reduction_families.py
+	tests/test_speculative.py tests/test_reduction_families.py tests/test_grids.py tests/test_visionzip_towers.py \
+	tests/test_visionzip_anyres.py tests/test_yopo_gemma3.py
 # make test-release TRANSFORMERS=5.23.0 [TESTS="tests"]: any release, beside the venv.
 TESTS ?= $(ENGINE_TESTS)
 CANARY_VENV := .venv-canary
