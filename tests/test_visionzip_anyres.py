@@ -11,7 +11,17 @@ import numpy as np
 import pytest
 import torch
 from reduced_prompt import check_against_reduced_prompt
-from test_visionzip_towers import KEEP, SHARE, Capture, attention, make_case, per_head, reduced_prompt, vit_block
+from test_visionzip_towers import (
+    KEEP,
+    SHARE,
+    Capture,
+    attention,
+    beam_reference,
+    make_case,
+    per_head,
+    reduced_prompt,
+    vit_block,
+)
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 import vtexit
@@ -88,7 +98,7 @@ def test_visionzip_keeps_what_the_hand_reference_keeps_on_anyres_prompts(name):
     patch = lambda m: vtexit.apply(m, CONFIG)  # noqa: E731
     check_against_reduced_prompt(model, inputs, prompt["inputs_embeds"], prompt["attention_mask"], patch, 3)
     beams = dict(max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
-    reference = model.generate(**prompt, **beams)
+    reference = beam_reference(case, inputs, beams, anyres_images)
     with vtexit.apply(model, CONFIG):
         result = model.generate(**inputs, **beams)
     assert result[:, inputs["input_ids"].shape[1] :].tolist() == reference.tolist()

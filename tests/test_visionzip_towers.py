@@ -19,6 +19,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, SiglipVisio
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
 import vtexit
+from vtexit.core.transformers_compat import generate_encodes_media_first
 from vtexit.methods.visionzip.selection import attention_received
 from vtexit.methods.visionzip.towers import find_qwen_groups, find_vit_groups
 from vtexit.testing.build import instantiate
@@ -273,6 +274,27 @@ def reduced_prompt(case, inputs: dict, images_of=None) -> tuple[list[list[int]],
 
 
 @torch.no_grad()
+def beam_reference(case, inputs: dict, beams: dict, images_of=None) -> torch.Tensor:
+    """The unpatched model's beams on the reduced prompt of what generate's prefill holds. Where generate encodes the
+    media first (transformers 5.25), each row's copies hold the row's images: the reduced prompt of ``inputs``. Where
+    it repeats the pixel inputs instead (5.17), each pixel entry is repeated in place, so the copies of a row with
+    more than one entry hold other images than the row's (the unpatched model's too, see transformers_compat
+    .generate_encodes_media_first): the reference reduces the inputs as repeated, and since beam search extends only
+    each row's first copy at the first step (the others start at -1e9), that copy's reduced prompt gives the row's
+    beams."""
+    model = case.model
+    if generate_encodes_media_first(model):
+        return model.generate(**reduced_prompt(case, inputs, images_of)[1], **beams)
+    copies = max(beams.get("num_beams", 1), beams.get("num_return_sequences", 1))
+    repeated = {k: v.repeat_interleave(copies, dim=0) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    _, prompt = reduced_prompt(case, repeated, images_of)
+    assert "deepstack_visual_embeds" not in prompt and "position_ids" not in prompt  # ViT towers only
+    first = {k: v[::copies] for k, v in prompt.items()}
+    pad = int((first["attention_mask"].sum(dim=0) == 0).sum())  # left-padding columns no first copy needs
+    return model.generate(**{k: v[:, pad:] for k, v in first.items()}, **beams)
+
+
+@torch.no_grad()
 def reference_logits(case, prompt: dict) -> torch.Tensor:
     model = case.model
     if "deepstack_visual_embeds" in prompt:  # Qwen3-VL: the text model takes the deepstack features directly
@@ -360,12 +382,12 @@ def test_tower_scores_and_keys_equal_the_hand_reference(name):
 
 @torch.no_grad()
 def test_beam_search_copies_keep_what_their_row_keeps():
-    """generate encodes each row's images once and repeats them for the row's beams: every copy keeps its row's."""
+    """generate encodes each row's images once and repeats them for the row's beams: every copy keeps its row's
+    (transformers 5.25; 5.17 repeats the pixel inputs before the prefill instead, see beam_reference)."""
     case = make_case("internvl")
     inputs = case.inputs([2, 0, 1], text_len=[4, 5, 6])
-    _, prompt = reduced_prompt(case, inputs)
     beams = dict(max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
-    expected = case.model.generate(**prompt, **beams)
+    expected = beam_reference(case, inputs, beams)
     with vtexit.apply(case.model, vtexit.VisionZipConfig(keep=KEEP, contextual_share=SHARE)):
         result = case.model.generate(**inputs, **beams)
     assert result[:, inputs["input_ids"].shape[1] :].tolist() == expected.tolist()

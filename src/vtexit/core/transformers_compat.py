@@ -49,6 +49,7 @@ __all__ = [
     "deferred_stop_checks",
     "find_cache",
     "forget_compiled_call",
+    "generate_encodes_media_first",
     "has_deepstack",
     "mrope_offset",
     "is_tested_version",
@@ -281,6 +282,20 @@ def causal_mask(
 #   sees the image); 5.23-5.25 pass them (or their encoded features, ``mm_encoder_outputs``) with the first chunk.
 #   vtexit refuses media on a non-empty cache and a chunk that ends inside an image either way.
 MEDIA_INPUT_NAMES: tuple[str, ...] = tuple(n for n in MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL if n != "padding_mask")
+
+
+# Beam search and ``num_return_sequences`` (``expand_size`` copies of each row): where generate encodes the media
+#   before the prefill (5.25, for a model whose ``forward`` takes ``mm_encoder_outputs``: ``_supports_mm_encoder_
+#   outputs``), ``_expand_multimodal_outputs`` repeats each row's encoded images for the row's copies, and the tower
+#   runs once on the unrepeated pixels. Otherwise (5.17; 5.25 for a model without that parameter) ``_expand_inputs_
+#   for_generation`` repeats every tensor input along dim 0 (``repeat_interleave``) before the prefill, the pixel
+#   inputs included: the tower sees each ``pixel_values`` entry (an image, or on InternVL a tile) ``expand_size``
+#   times in a row, and the model fills the copies' image slots with them in that order, so the copies of a row that
+#   holds more than one entry (and the rows after it) get other images than the row's, unpatched as well. The
+#   Qwen-VL families' own ``_expand_inputs_for_generation`` repeats each row's patches instead (5.17-5.25).
+def generate_encodes_media_first(model: nn.Module) -> bool:
+    """Whether ``model.generate`` encodes the media before the prefill (passes ``mm_encoder_outputs``)."""
+    return "mm_encoder_outputs" in inspect.signature(model.forward).parameters
 
 
 # Compiled decode: ``PreTrainedModel.get_compiled_call`` keeps ``model._compiled_call`` (``torch.compile`` of

@@ -113,8 +113,10 @@ class TowerVisionZipPolicy(Policy):
 
 def _expanded(kept: torch.Tensor, media: torch.Tensor) -> torch.Tensor:
     """``kept`` (one flag per visual token the tower made) for the prompt's visual slots ``media`` (batch, length).
-    Beam search and ``num_return_sequences`` encode each row's images once and repeat them for the row's copies
-    (consecutive rows): each copy keeps what its row keeps."""
+    Where generate encodes the media first (transformers 5.25, see transformers_compat.generate_encodes_media_first),
+    beam search and ``num_return_sequences`` encode each row's images once and repeat them for the row's copies
+    (consecutive rows): each copy keeps what its row keeps. Elsewhere (5.17) generate repeats the pixel inputs, the
+    tower runs on what each copy holds and ``kept`` already has a flag for every slot."""
     total = int(media.sum())
     if total == kept.numel():
         return kept
