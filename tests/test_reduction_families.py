@@ -62,8 +62,11 @@ def choose_by_hand(case, inputs: dict, prompt: CapturedPrompt) -> list[list[int]
 class ReducedPrompt:
     """The reduced prompt, left-padded, and the unpatched model's logits on it plus generated tokens (no cache)."""
 
-    def __init__(self, case, inputs: dict, prompt: CapturedPrompt, kept: list[list[int]]):
+    def __init__(self, case, inputs: dict, prompt: CapturedPrompt, kept: list[list[int]], groups: dict | None = None):
+        """``groups``: {(row, kept position): positions whose inputs (and deepstack rows) it carries the mean of}
+        for a method that merges (pooling); every other kept token carries its own."""
         self.case, self.prompt, self.kept = case, prompt, kept
+        groups = groups or {}
         batch = len(kept)
         self.length = max(len(k) for k in kept)
         hidden = prompt.embeds.shape[-1]
@@ -78,6 +81,9 @@ class ReducedPrompt:
             start = self.length - len(row)
             index = torch.tensor(row)
             self.embeds[b, start:] = prompt.embeds[b, index]
+            for slot, position in enumerate(row):
+                if (b, position) in groups:
+                    self.embeds[b, start + slot] = prompt.embeds[b, groups[b, position]].mean(0)
             self.mask[b, start:] = 1
             self.visual[b, start:] = media[b, index]
             if "token_type_ids" in inputs:
@@ -92,8 +98,10 @@ class ReducedPrompt:
         if prompt.deepstack is not None:  # each kept visual token's rows of the full prompt's features
             full = prompt.visual_pos_masks
             rank = full.flatten().long().cumsum(0).view_as(full) - 1
-            rows = torch.cat([rank[b, torch.tensor(row)][full[b, torch.tensor(row)]] for b, row in enumerate(kept)])
-            self.deepstack = [features[rows] for features in prompt.deepstack]
+            members = [
+                rank[b, groups.get((b, p), [p])] for b, row in enumerate(kept) for p in row if full[b, p]
+            ]  # each kept visual token's rows: its own, or its group's
+            self.deepstack = [torch.stack([f[m].mean(0) for m in members]) for f in prompt.deepstack]
 
     @torch.no_grad()
     def logits(self, new_tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -231,6 +239,60 @@ def test_reduction_on_a_static_cache_equals_the_no_cache_recomputation(name):
     generate = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, output_logits=True)
     with vtexit.divprune(case.model, keep=KEEP):
         result = case.model.generate(**inputs, **generate, return_dict_in_generate=True, cache_implementation="static")
+    assert result.sequences[:, inputs["input_ids"].shape[1] :].tolist() == expected_tokens.tolist()
+    for step, reference in zip(result.logits, expected_steps, strict=True):
+        torch.testing.assert_close(step, reference, atol=2e-5, rtol=1e-4)
+
+
+def pool_blocks_by_hand(case, inputs: dict, stride: int) -> tuple[list[list[int]], dict]:
+    """Qwen-VL images: each image's merged grid (``image_grid_thw`` / 2 per side, its tokens consecutive and
+    row-major, images in order) cut into stride x stride blocks (smaller at odd edges). Per row the kept positions
+    (text, and each block's top-left token) and each leader's block."""
+    merge = case.model.config.vision_config.spatial_merge_size
+    sizes = [(int(h) // merge, int(w) // merge) for _, h, w in inputs["image_grid_thw"].tolist()]
+    media = case.media_mask(inputs)
+    kept, groups = [], {}
+    for b in range(media.shape[0]):
+        real = inputs["attention_mask"][b].bool()
+        visual = media[b].nonzero().flatten().tolist()
+        row_kept = [i for i in range(media.shape[1]) if real[i] and not media[b, i]]
+        while visual:
+            height, width = sizes.pop(0)
+            image, visual = visual[: height * width], visual[height * width :]
+            for top in range(0, height, stride):
+                for left in range(0, width, stride):
+                    block = [
+                        image[r * width + c]
+                        for r in range(top, min(top + stride, height))
+                        for c in range(left, min(left + stride, width))
+                    ]
+                    row_kept.append(block[0])
+                    groups[b, block[0]] = block
+        kept.append(sorted(row_kept))
+    return kept, groups
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
+@torch.no_grad()
+def test_pooling_on_multimodal_rope_equals_the_pooled_prompt_by_hand(name):
+    """Each block's mean at its top-left token's (t, h, w) position; on Qwen3-VL the block's deepstack rows are
+    averaged the same way."""
+    case = greedy_case(name, "sdpa")
+    model = case.model
+    inputs = case.inputs([1, 0, 2], text_len=[5, 7, 3])
+    prompt = CapturedPrompt(case, inputs)
+    kept, groups = pool_blocks_by_hand(case, inputs, stride=2)
+    reduced = ReducedPrompt(case, inputs, prompt, kept, groups)
+    expected = reduced.logits()
+    expected_tokens, expected_steps = reduced.greedy(STEPS)
+    generate = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, output_logits=True)
+    with vtexit.pool(model, stride=2) as handle:
+        logits = model(**inputs, use_cache=False).logits
+        layout = handle.last_layout
+        result = model.generate(**inputs, **generate, return_dict_in_generate=True)
+    for b, row in enumerate(kept):
+        assert layout.index[b][layout.valid[b]].tolist() == row
+    torch.testing.assert_close(logits[layout.valid], expected[reduced.mask.bool()], atol=2e-5, rtol=1e-4)
     assert result.sequences[:, inputs["input_ids"].shape[1] :].tolist() == expected_tokens.tolist()
     for step, reference in zip(result.logits, expected_steps, strict=True):
         torch.testing.assert_close(step, reference, atol=2e-5, rtol=1e-4)

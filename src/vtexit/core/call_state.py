@@ -113,6 +113,10 @@ class CallState:
     traced: bool = False  # started while tracing (torch.compile of the whole model): no host reads, no locks
     traced_media_count: int = 0  # a traced prefill's visual tokens, from the pixel inputs' shapes
     draft_length: int = 0  # speculative decoding: draft tokens after the prompt in this prefill (policies see none)
+    # Qwen3-VL: the text model's (visual_pos_masks, deepstack_visual_embeds) of this prefill, and after a reduction
+    # before layer 0, each feature list entry's rows for the kept slots (id of the entry -> (batch, slots, dim)).
+    deepstack: tuple | None = None
+    deepstack_rows: dict = field(default_factory=dict)
 
 
 def decode_key_padding(call: CallState, stage: int) -> torch.Tensor:

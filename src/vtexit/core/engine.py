@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from vtexit.core.calls import dynamic_decode, eager_prefill, kinds, static_decode, traced_prefill
-from vtexit.core.calls.deepstack import deepstack_on_layout
+from vtexit.core.calls.deepstack import deepstack_on_layout, note_deepstack
 from vtexit.core.compiled import eager_under_compile as _eager
 from vtexit.core.compiled import forget_compiled_graphs
 from vtexit.core.engine_state import EngineState
@@ -85,7 +85,9 @@ class ScheduleEngine(EngineState):
             self.replaced.append(module)
         hooks.extend(self.policy.outer_hooks(self.model))
         if self._reduces_prompt(0) and 0 in (self.event_layers or ()) and has_deepstack(self.parts.language_model):
-            setattr(self.parts.language_model, DEEPSTACK_METHOD, partial(deepstack_on_layout, self))
+            language_model = self.parts.language_model
+            hooks.append(language_model.register_forward_pre_hook(partial(note_deepstack, self), with_kwargs=True))
+            setattr(language_model, DEEPSTACK_METHOD, partial(deepstack_on_layout, self))
         if hasattr(type(self.model), "generate"):  # a partial, as for replaced forwards (deep copies follow)
             self.model.generate = partial(kinds.generate_under_patch, self)
         self.model._vtexit_engine = self
@@ -190,7 +192,7 @@ class ScheduleEngine(EngineState):
         if torch.compiler.is_compiling():
             plan = static_decode.traced_decode_plan(self, kwargs)
             if plan is not None:
-                return static_decode.static_decode_positions(plan, args, kwargs)
+                return static_decode.static_decode_positions(plan, args, kwargs, self.grid_offset)
             if traced_prefill.start_traced_prefill(self, args, kwargs):
                 return None
         return self._core_pre_hook_eager(module, args, kwargs)

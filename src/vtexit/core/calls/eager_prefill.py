@@ -14,6 +14,7 @@ import torch
 from vtexit.core.attention_scores import query_attention, rotated_keys
 from vtexit.core.call_state import CallState, Stage
 from vtexit.core.calls.arguments import join_hidden, split_hidden
+from vtexit.core.calls.deepstack import merged_deepstack
 from vtexit.core.engine_state import EngineState
 from vtexit.core.guards import has_media_inputs
 from vtexit.core.host_read import read_checks
@@ -150,6 +151,8 @@ def _policy_event(engine: EngineState, layer_idx: int, call: CallState, hidden: 
     keep = engine.policy.keep(view)
     if keep is None:
         return None, hidden
+    # Qwen3-VL's deepstack rows merged as the hidden states are.
+    deepstack = merged_deepstack(engine, call, view, keep) if call.deepstack is not None and layer_idx == 0 else None
     first = call.stage < 0 and not engine.replaced  # whether a row ends in media is read now (see start_prefill)
     check = prompt_ends_in_media(call.media, call.layout, draft) if first else None
     merged = engine.policy.merge(view, keep)
@@ -160,6 +163,8 @@ def _policy_event(engine: EngineState, layer_idx: int, call: CallState, hidden: 
     layout, source, row_ends_in_media = call.layout.select(keep, check)
     if row_ends_in_media:
         raise ends_in_media_error()
+    if deepstack is not None:
+        call.deepstack_rows = {key: compact_hidden(rows, source, layout) for key, rows in deepstack.items()}
     return (layout, source), hidden
 
 
