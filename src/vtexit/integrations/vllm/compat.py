@@ -77,6 +77,48 @@ from vllm.model_executor.models.llava import (  # noqa: E402
     LlavaProcessingInfo,
 )
 
+# --- Qwen2.5-VL (vllm/model_executor/models/qwen2_5_vl.py in 0.32) ---
+# Qwen2_5_VLForConditionalGeneration: _parse_and_validate_multimodal_inputs(**kwargs) -> {"image": ..., "video": ...}
+#   (an image input is a dict with "type" ("pixel_values" or "image_embeds") and "image_grid_thw" (images, 3) in
+#   patches); _process_image_input(image_input) returns the merger's output per image, split (merged tokens, dim),
+#   row-major over the image's (h / merge) x (w / merge) grid; embed_multimodal returns one tensor per item, whose
+#   rows vLLM scatters into the prompt's placeholder slots; embed_input_ids(input_ids, multimodal_embeddings, *,
+#   is_multimodal) is what the model runner calls on every step's scheduled tokens with the rows of that step (and
+#   is_multimodal marking their slots), right before forward(input_ids, positions, intermediate_tensors,
+#   inputs_embeds) with positions (3, tokens) for M-RoPE; iter_mm_grid_thw(mm_features) yields (offset, t, h, w,
+#   t_factor) per item in merged units, and get_mrope_input_positions(input_tokens, mm_features) -> (positions (3, N),
+#   delta) is called once per request before the encoder runs (v1 GPU and CPU model runners:
+#   _init_mrope_positions); decode positions are index + delta. Its SupportsMultiModalPruning hook
+#   (recompute_mrope_positions) is called only where the runner's is_multimodal_pruning_enabled is set: the GPU
+#   runner sets it in load_model from video_pruning_rate > 0; CPUModelRunner.load_model never does, so the plugin
+#   does not rely on it. spatial_merge_size: self.visual.spatial_merge_size.
+# Qwen2_5_VLProcessingInfo: get_supported_mm_limits ({"image": None, "video": None}), get_mm_max_tokens_per_item,
+#   get_num_image_tokens(*, image_width, image_height, image_processor, mm_kwargs), get_max_image_tokens,
+#   _get_vision_info(..., image_processor=, mm_kwargs=) -> (ImageSize after smart_resize, tokens);
+#   validate_num_items(modality, count) raises for too many items (in vllm/multimodal/processing/context.py).
+# Qwen2_5_VLMultiModalProcessor._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs) returns one
+#   PromptReplacement per modality (target: the image / video pad token; replacement(item_idx) -> the pad token
+#   repeated per merged token, from out_mm_kwargs["image"][item_idx]["image_grid_thw"].data).
+# Qwen2_5_VLDummyInputsBuilder: profiling inputs (images and videos, per the supported limits).
+# get_encoder_cudagraph_config() -> EncoderCudaGraphConfig (a dataclass, vllm/v1/worker/encoder_cudagraph_defs.py):
+#   its ``modalities`` are the ones the GPU runner may encode through a captured graph of the tower alone, bypassing
+#   embed_multimodal (CPU: never used).
+# Qwen2-VL (vllm/model_executor/models/qwen2_vl.py): Qwen2VLForConditionalGeneration, Qwen2VLProcessingInfo,
+#   Qwen2VLMultiModalProcessor, Qwen2VLDummyInputsBuilder have the same methods as above (Qwen2.5-VL's processing
+#   info and processor subclass Qwen2-VL's); its model class is not a SupportsMultiModalPruning.
+from vllm.model_executor.models.qwen2_5_vl import (  # noqa: E402
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
+from vllm.model_executor.models.qwen2_vl import (  # noqa: E402
+    Qwen2VLDummyInputsBuilder,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLMultiModalProcessor,
+    Qwen2VLProcessingInfo,
+)
+
 # VisionEncoderInfo (vllm/model_executor/models/vision.py): what the processing info asks a tower for
 #   (get_num_image_tokens(image_width=, image_height=) counting the CLS token, get_image_size, get_patch_size,
 #   get_patch_grid_length); get_vision_encoder_info(hf_config) knows CLIP, SigLIP and Pixtral only.
@@ -88,6 +130,56 @@ from vllm.model_executor.models.vision import VisionEncoderInfo  # noqa: E402
 # ImageEmbeddingItems (vllm/multimodal/parse.py): the parsed items of precomputed image embeddings.
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 from vllm.multimodal.parse import ImageEmbeddingItems  # noqa: E402
+
+# PromptReplacement(modality=, target=, replacement=): a processor's prompt update (vllm/multimodal/processing).
+from vllm.multimodal.processing import PromptReplacement  # noqa: E402
+
+
+def multimodal_limits(vllm_config) -> dict[str, int]:
+    """The user's per-prompt limits of images and videos (999 where unset). 0.32: as :func:`image_limit`."""
+    multimodal = vllm_config.model_config.multimodal_config
+    if multimodal is None:
+        return {"image": 0, "video": 0}
+    return {modality: multimodal.get_limit_per_prompt(modality) for modality in ("image", "video")}
+
+
+def video_pruning_rate(vllm_config) -> float:
+    """0.32: ``multimodal_config.video_pruning_rate`` (EVS), None or 0 when off."""
+    multimodal = vllm_config.model_config.multimodal_config
+    return float(getattr(multimodal, "video_pruning_rate", None) or 0.0) if multimodal is not None else 0.0
+
+
+def pipeline_parallel_size(vllm_config) -> int:
+    """0.32: ``parallel_config.pipeline_parallel_size``."""
+    return int(vllm_config.parallel_config.pipeline_parallel_size)
+
+
+def image_and_video_inputs(model, kwargs: dict) -> tuple:
+    """A Qwen-VL model's parsed image input and video input (None where absent). 0.32:
+    ``_parse_and_validate_multimodal_inputs(**kwargs)`` keys them "image" / "video" in Qwen2.5-VL and "images" /
+    "videos" in Qwen2-VL."""
+    parsed = model._parse_and_validate_multimodal_inputs(**kwargs)
+    image = parsed.get("image", parsed.get("images"))
+    video = parsed.get("video", parsed.get("videos"))
+    return image, video
+
+
+def speculative_decoding(vllm_config) -> bool:
+    """0.32: ``vllm_config.speculative_config`` is None without speculative decoding."""
+    return getattr(vllm_config, "speculative_config", None) is not None
+
+
+def without_encoder_cudagraphs(config):
+    """``config`` (an ``EncoderCudaGraphConfig``) with no modality captured; 0.32: a plain dataclass."""
+    import dataclasses
+
+    return dataclasses.replace(config, modalities=[])
+
+
+def item_grid_thw(out_mm_kwargs, modality: str, item: int) -> tuple[int, int, int]:
+    """0.32: ``out_mm_kwargs[modality][item][f"{modality}_grid_thw"].data``, a (3,) tensor in patches."""
+    t, h, w = out_mm_kwargs[modality][item][f"{modality}_grid_thw"].data.tolist()
+    return int(t), int(h), int(w)
 
 
 def clip_selected_layer(vision_tower, pixel_values):
@@ -188,6 +280,11 @@ def image_counts(mm_items) -> int:
     return mm_items.get_all_counts().get("image", 0)
 
 
+def video_counts(mm_items) -> int:
+    """As :func:`image_counts`, for videos."""
+    return mm_items.get_all_counts().get("video", 0)
+
+
 __all__ = [
     "MULTIMODAL_REGISTRY",
     "FixedSizeEncoderInfo",
@@ -198,14 +295,31 @@ __all__ = [
     "LlavaImagePixelInputs",
     "LlavaMultiModalProcessor",
     "LlavaProcessingInfo",
+    "PromptReplacement",
+    "Qwen2_5_VLDummyInputsBuilder",
+    "Qwen2_5_VLForConditionalGeneration",
+    "Qwen2_5_VLMultiModalProcessor",
+    "Qwen2_5_VLProcessingInfo",
+    "Qwen2VLDummyInputsBuilder",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2VLMultiModalProcessor",
+    "Qwen2VLProcessingInfo",
     "clip_selected_layer",
+    "image_and_video_inputs",
     "image_counts",
     "image_limit",
     "is_tested",
+    "item_grid_thw",
     "llava_vision_tower",
     "model_image_size",
+    "multimodal_limits",
+    "pipeline_parallel_size",
     "processor_image_size",
     "register_model",
+    "speculative_decoding",
+    "video_counts",
+    "video_pruning_rate",
     "vllm_version",
     "warn_if_untested",
+    "without_encoder_cudagraphs",
 ]

@@ -16,7 +16,7 @@ from vtexit.methods.divprune import DivPruneConfig
 from vtexit.methods.divprune.selection import max_min_diverse
 from vtexit.methods.fastv.ranking import keep_counts
 from vtexit.methods.pool import PoolConfig
-from vtexit.methods.pool.blocks import pool_square_grid, pooled_count
+from vtexit.methods.pool.blocks import block_leaders, block_means, pool_square_grid, pooled_count
 from vtexit.methods.registry import config_from_dict
 from vtexit.methods.visionzip import VisionZipConfig, split_tokens
 from vtexit.methods.visionzip.selection import cls_attention_and_keys, visionzip_tokens
@@ -107,3 +107,37 @@ class ImageReduction:
         count = torch.tensor([self.count(tokens)], device=features.device)
         chosen = max_min_diverse(features.unsqueeze(0), candidates, count)[0]
         return features[chosen]
+
+    def grid_count(self, rows: int, cols: int) -> int:
+        """Visual tokens the language model sees for an image of ``rows`` x ``cols`` tokens (a Qwen-VL image's
+        merged grid): pool keeps one per ``stride`` x ``stride`` block (smaller at odd edges), divprune its share."""
+        if isinstance(self.config, PoolConfig):
+            stride = self.config.stride
+            return -(-rows // stride) * -(-cols // stride)
+        if isinstance(self.config, VisionZipConfig):
+            raise ValueError("visionzip in vLLM runs on LLaVA's CLIP towers only")
+        return self.count(rows * cols)
+
+    def reduce_grid(self, features: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image's tokens (rows * cols, dim; row-major) reduced: the kept tokens (grid_count, dim) in their order
+        and each one's place on the grid (grid_count,) (pool: its block's top-left token, where the transformers
+        path puts the block's mean)."""
+        tokens = features.shape[0]
+        if tokens != rows * cols:
+            raise ValueError(f"expected {rows} x {cols} = {rows * cols} visual tokens for the image, got {tokens}")
+        index = torch.arange(tokens, device=features.device)
+        if isinstance(self.config, BaselineConfig):
+            return features, index
+        if isinstance(self.config, PoolConfig):
+            stride = self.config.stride
+            row, col = index // cols, index % cols
+            leader = block_leaders(index, row, col, torch.full_like(index, cols), stride)
+            means = block_means(features, leader, tokens)
+            first = (row % stride == 0) & (col % stride == 0)
+            return means[first], index[first]
+        if isinstance(self.config, VisionZipConfig):
+            raise ValueError("visionzip in vLLM runs on LLaVA's CLIP towers only")
+        candidates = torch.ones(1, tokens, dtype=torch.bool, device=features.device)
+        count = torch.tensor([self.grid_count(rows, cols)], device=features.device)
+        chosen = max_min_diverse(features.unsqueeze(0), candidates, count)[0]
+        return features[chosen], index[chosen]
