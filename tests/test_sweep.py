@@ -28,7 +28,7 @@ def test_default_grid_is_valid_for_models_of_any_depth(family, layers):
     entries = resolve_grid(model, grid)  # raises if any point does not fit the model
     assert entries[0].config is None and entries[0].label == "baseline"
     assert [e.method for e in entries].count("none") == 1
-    pre_llm = {"divprune", "pool", "visionzip"} if family == "llava" else set()  # Qwen3-VL: M-RoPE, not renumbered
+    pre_llm = {"divprune", "pool", "visionzip"}  # before the language model: on every family
     assert {e.method for e in entries} == {"none", "vtw", "fastv", "pdrop", "random_drop", "dart"} | pre_llm
     assert len({e.label for e in entries}) == len(entries)
     if layers == 32:  # PyramidDrop's paper stages on a 32-layer LLaVA
