@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import vtexit
 from vtexit.testing import build_tiny
+from vtexit.testing.config_kwargs import vit_kwargs
 from vtexit.testing.tiny_folder import make_processor
 
 # What vLLM's CPU backend needs to run offline on a small machine.
@@ -57,33 +58,49 @@ def _rename_tower_keys(path: Path) -> None:
 def save_tiny_siglip_llava(folder: Path, seed: int = 0):
     """The tiny LLaVA of :func:`save_tiny_llava` with a SigLIP tower instead of CLIP (same image and patch size:
     16 patches, no CLS token, so ``vision_feature_select_strategy="full"``, as LLaVA models with SigLIP use), saved
-    for vLLM (keys under ``vision_tower.vision_model.*``). ``vtexit.testing`` builds LLaVA with CLIP only; the config
-    is assembled here from transformers' ``SiglipVisionConfig``. Returns the case with the SigLIP model."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+    for vLLM (keys under ``vision_tower.vision_model.*``). Returns the case with the SigLIP model."""
+    from transformers import SiglipVisionConfig
+
+    vision = SiglipVisionConfig(**{**vit_kwargs(16, 4), "vision_use_head": False})
+    case = _save_with_tower(folder, seed, vision, strategy="full")
+    _rename_tower_keys(folder / "model.safetensors")
+    return case
+
+
+def save_tiny_dinov2_llava(folder: Path, seed: int = 0):
+    """The tiny LLaVA of :func:`save_tiny_llava` with a two-layer DINOv2 tower (16 px images, 4 px patches: a CLS
+    token and 16 patches, ``"default"`` strategy) whose first layer the projector reads, as vtexit's default model
+    is laid out (the plugin builds the tower from transformers' ``Dinov2Model``; keys as transformers saves them).
+    Returns the case with the DINOv2 model."""
+    from transformers import Dinov2Config
+
+    vision = Dinov2Config(**{**vit_kwargs(16, 4), "num_hidden_layers": 2})
+    return _save_with_tower(folder, seed, vision, strategy="default", vision_feature_layer=-2)
+
+
+def _save_with_tower(folder: Path, seed: int, vision, strategy: str, **top_overrides):
+    """``vtexit.testing`` builds LLaVA with CLIP only: the config is assembled here with ``vision`` as the tower's
+    config, the rest as :func:`save_tiny_llava`'s, and saved with its processor."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     from vtexit.testing.build import instantiate, randomise_zero_inits
-    from vtexit.testing.config_kwargs import vit_kwargs
 
     clip = build_tiny("llava", num_layers=2, seed=seed, text_config={"head_dim": 32})
     top = clip.model.config.to_dict()
     for key in ("text_config", "vision_config", "architectures", "model_type", "transformers_version"):
         top.pop(key, None)
-    top["vision_feature_select_strategy"] = "full"
-    config = LlavaConfig(
-        text_config=clip.model.config.text_config,
-        vision_config=SiglipVisionConfig(**{**vit_kwargs(16, 4), "vision_use_head": False}),
-        **top,
-    )
+    top.update(vision_feature_select_strategy=strategy, **top_overrides)
+    config = LlavaConfig(text_config=clip.model.config.text_config, vision_config=vision, **top)
     model = instantiate(LlavaForConditionalGeneration, config, "sdpa", seed)
     randomise_zero_inits(model, seed)
     model.generation_config = clip.model.generation_config
     case = replace(clip, model=model)
     model.save_pretrained(folder)
     processor = make_processor()
-    processor.vision_feature_select_strategy = "full"
-    processor.num_additional_image_tokens = 0  # no CLS: still 16 placeholders per image
+    if strategy == "full":
+        processor.vision_feature_select_strategy = "full"
+        processor.num_additional_image_tokens = 0  # no CLS: still 16 placeholders per image
     processor.save_pretrained(folder)
-    _rename_tower_keys(folder / "model.safetensors")
     return case
 
 

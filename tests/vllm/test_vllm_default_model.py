@@ -1,8 +1,8 @@
 """vtexit's default model (a LLaVA with a DINOv2 tower and SmolLM2, ``vtexit.load_default()``) served by vLLM with the
 plugin: vLLM's own LLaVA refuses its tower, the plugin builds it from transformers' ``Dinov2Model``. Saved with
-``save_pretrained`` to a folder, it runs unreduced (``{"method": "none"}``), with pool (stride 2) and with DivPrune
-(keep 0.25), and each equals vtexit's transformers path on the same weights on easy-vqa questions with their images:
-the prompt vLLM runs, the greedy tokens and every step's top-20 logprobs.
+``save_pretrained`` to a folder, it runs unreduced (``{"method": "none"}``), with pool (stride 2), with DivPrune
+(keep 0.25) and with VisionZip (keep 0.25), and each equals vtexit's transformers path on the same weights on easy-vqa
+questions with their images: the prompt vLLM runs, the greedy tokens and every step's top-20 logprobs.
 
 Tolerance: 2e-4 on logprobs (the tiny-model tests use 1e-4). Both sides compute in float32 and differ by rounding
 only (vLLM's fused projections and CPU attention kernel; the DINOv2 tower is transformers' own module on both sides),
@@ -37,6 +37,7 @@ from vtexit.integrations.vllm.reduction import ImageReduction  # noqa: E402
 NONE = {"method": "none"}
 POOL = {"method": "pool", "stride": 2}  # 8 x 8 grid -> 16 tokens
 DIVPRUNE = {"method": "divprune", "keep": 0.25}  # 16 of 64
+VISIONZIP = {"method": "visionzip", "keep": 0.25}  # 16 of 64: 13 dominant (CLS first) + 3 contextual
 QUESTIONS = (0, 11, 23)  # easy-vqa test split: a shape, a colour and a yes/no question, each on its own image
 TOKENS = 4  # an answer is one word and the end of turn
 LOGPROBS = 20
@@ -192,12 +193,10 @@ def test_divprune_matches_transformers(default):
     print(f"default model, divprune: largest logprob difference {worst:.2e}; smallest control gap {gap:.2e}")
 
 
-def test_visionzip_on_dinov2_is_refused(default):
-    folder = default[2]
-    # the plugin reads VisionZip's attention from vLLM's CLIP module only (vtexit on transformers runs it on DINOv2)
-    with pytest.raises(Exception, match="runs on CLIP towers only"):
-        make_llm(folder, {"method": "visionzip", "keep": 0.25})
-    gc.collect()
+def test_visionzip_matches_transformers(default):
+    # the CLS token's attention in the layer the projector reads (the tower's last), as on transformers
+    worst, gap = run_and_compare(default, VISIONZIP)
+    print(f"default model, visionzip: largest logprob difference {worst:.2e}; smallest control gap {gap:.2e}")
 
 
 def test_none_keeps_every_token():

@@ -1,7 +1,8 @@
 """vtexit's visionzip inside vLLM equals vtexit's visionzip on transformers (same weights, float32): the prompt vLLM
 runs, greedy tokens and every step's top-20 logprobs, for a batch of requests with different images, one without an
-image and one with two images. The tower has two layers and the projector reads the second-to-last, as LLaVA-1.5 does
-(vLLM then builds only the first)."""
+image and one with two images. On a CLIP tower (vLLM's module) and on a DINOv2 tower (transformers' module, which the
+plugin builds), both with two layers and the projector reading the second-to-last, as LLaVA-1.5 does (vLLM then
+builds only the first CLIP layer); the CLS token's attention in that layer ranks the patches."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from _tiny_vllm import (  # noqa: E402
     make_llm,
     reference,
     sampling,
+    save_tiny_dinov2_llava,
     save_tiny_llava,
 )
 
@@ -29,10 +31,14 @@ from vtexit.integrations.vllm.reduction import ImageReduction  # noqa: E402
 METHOD = {"method": "visionzip", "keep": 0.5, "contextual_share": 0.25}  # 16 -> 6 dominant (CLS first) + 2 merged
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_llava_visionzip")
-    case = save_tiny_llava(folder, vision_config={"num_hidden_layers": 2}, vision_feature_layer=-2)
+@pytest.fixture(scope="module", params=["clip", "dinov2"])
+def setup(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"tiny_{request.param}_llava_visionzip")
+    if request.param == "clip":
+        case = save_tiny_llava(folder, vision_config={"num_hidden_layers": 2}, vision_feature_layer=-2)
+    else:
+        case = save_tiny_dinov2_llava(folder)
+        assert case.model.config.vision_config.model_type == "dinov2"
     llm = make_llm(folder, METHOD, images_per_prompt=2)
     yield case, llm
     del llm
@@ -51,7 +57,7 @@ def test_batch_of_requests_matches_transformers(setup):
     worst = 0.0
     for request, output in zip(requests, outputs, strict=True):
         worst = max(worst, compare(output, reference(case, METHOD, request, kept)))
-    print(f"visionzip: largest logprob difference {worst:.2e}")
+    print(f"visionzip on {case.model.config.vision_config.model_type}: largest logprob difference {worst:.2e}")
     assert worst <= ATOL
     other = {"method": "divprune", "keep": 0.5}  # control: as many tokens by DivPrune's rule is not what ran
     for request, output in zip(requests, outputs, strict=True):

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import re
 
+import torch
 import vllm
 
 logger = logging.getLogger("vtexit.integrations.vllm")
@@ -207,6 +208,45 @@ def clip_selected_layer(vision_tower, pixel_values):
     return last(hidden), query[:, :1], keys, attention.num_heads_per_partition
 
 
+class FusedProjection(torch.nn.Module):
+    """The query (``part`` 0) or key (1) projection of a vLLM attention's fused ``qkv_proj``, as a module of its
+    own, for vtexit's scoring code, which calls a tower layer's query and key projections separately. 0.32:
+    ``qkv_proj(x)`` returns ``(output, bias)``, the output q, k, v chunks (one rank)."""
+
+    def __init__(self, qkv_proj: torch.nn.Module, part: int) -> None:
+        super().__init__()
+        self.qkv_proj, self.part = qkv_proj, part
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(x)
+        return qkv.chunk(3, dim=-1)[self.part]
+
+
+def siglip_selected_layer(vision_tower, pixel_values) -> tuple:
+    """For VisionZip on a SigLIP tower: run vLLM's ``SiglipVisionModel`` (``vllm/model_executor/models/siglip.py``)
+    and return its last layer's output (images, patches, dim), that layer's input (images, patches, dim), its
+    pre-attention norm, its query and key projections (:class:`FusedProjection`) and its head count.
+
+    0.32: LLaVA builds the tower only up to ``vision_feature_layer`` (one int) with ``require_post_norm=False`` and
+    no pooling head, so the last built layer is the one the projector reads (``"full"`` strategy: every patch); the
+    tower's forward is ``embeddings`` -> ``encoder.layers``, each layer returning ``(hidden, None)``, with
+    ``layer_norm1`` before ``self_attn`` (fused ``qkv_proj``, ``num_heads_per_partition`` heads, split across
+    tensor-parallel ranks when ``tp_size`` > 1)."""
+    model = vision_tower.vision_model
+    if model.post_layernorm is not None or model.head is not None:
+        raise ValueError("visionzip in vLLM expects LLaVA's SigLIP tower without post-norm and head (vLLM 0.32)")
+    hidden = model.embeddings(pixel_values)
+    *before, last = model.encoder.layers
+    for layer in before:
+        hidden, _ = layer(hidden)
+    attention = last.self_attn
+    if attention.tp_size != 1:
+        raise ValueError("visionzip in vLLM runs with the vision tower on one rank (tensor parallelism: not yet)")
+    output, _ = last(hidden)
+    query, key = FusedProjection(attention.qkv_proj, 0), FusedProjection(attention.qkv_proj, 1)
+    return output, hidden, last.layer_norm1, query, key, attention.num_heads_per_partition
+
+
 @contextlib.contextmanager
 def llava_vision_tower(build):
     """While LLaVA's ``__init__`` runs inside this block, its tower is ``build(hf_config)`` (a module called as
@@ -304,6 +344,7 @@ __all__ = [
     "Qwen2VLForConditionalGeneration",
     "Qwen2VLMultiModalProcessor",
     "Qwen2VLProcessingInfo",
+    "FusedProjection",
     "clip_selected_layer",
     "image_and_video_inputs",
     "image_counts",
@@ -316,6 +357,7 @@ __all__ = [
     "pipeline_parallel_size",
     "processor_image_size",
     "register_model",
+    "siglip_selected_layer",
     "speculative_decoding",
     "video_counts",
     "video_pruning_rate",

@@ -5,9 +5,10 @@ vLLM fixes the number of placeholder tokens per image in the front-end processor
 the KV cache and the positions), so the kept count is content-free: :class:`VtexitLlavaProcessingInfo` gives the
 method's count for the encoder's count. Which tokens fill those slots is the method's own rule, applied per image by
 vtexit's selection code (:mod:`vtexit.integrations.vllm.reduction`): to the projector's output in
-:meth:`VtexitLlavaForConditionalGeneration._process_image_input` (pool, divprune), or in the vision tower in
-``_image_pixels_to_features`` (visionzip, which reads the selected layer's attention). The language model then sees
-the prompt vtexit's transformers path builds with renumbered positions.
+:meth:`VtexitLlavaForConditionalGeneration._process_image_input` (pool, divprune; visionzip on SigLIP, from the
+selected layer's attention, merging projected tokens as the transformers path does), or in the vision tower in
+``_image_pixels_to_features`` (visionzip on CLIP and DINOv2, from the CLS token's attention in the selected layer).
+The language model then sees the prompt vtexit's transformers path builds with renumbered positions.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from vtexit.integrations.vllm.reduction import ImageReduction
 from vtexit.integrations.vllm.towers import DINOV2_TOWERS, build_dinov2_tower
 
 CLIP_TOWERS = ("clip_vision_model",)
-SIGLIP_TOWERS = ("siglip_vision_model",)  # no CLS token: pool and divprune only
-# DINOv2 (vtexit's default model): transformers' own module, which vLLM's LLaVA does not build; pool and divprune.
+SIGLIP_TOWERS = ("siglip_vision_model",)  # no CLS token: VisionZip scores by the attention each patch receives
+# DINOv2 (vtexit's default model): transformers' own module, which vLLM's LLaVA does not build.
 
 
 def reduction_of(hf_config: Any) -> ImageReduction:
@@ -79,8 +80,8 @@ class VtexitLlavaMultiModalProcessor(compat.LlavaMultiModalProcessor):
 class VtexitLlavaForConditionalGeneration(compat.LlavaForConditionalGeneration):
     """vLLM's LLaVA with a vtexit pre-LLM method (``pool``, ``divprune`` or ``visionzip``; ``none`` keeps every
     token) on each image's visual tokens. Towers: CLIP (``vision_feature_select_strategy="default"``), SigLIP
-    (``"full"``; pool and divprune only: VisionZip reads the CLS token SigLIP lacks), or DINOv2 (``"default"``; pool
-    and divprune), which the plugin builds from transformers' ``Dinov2Model`` (vLLM's LLaVA has no DINOv2 tower)."""
+    (``"full"``), or DINOv2 (``"default"``), which the plugin builds from transformers' ``Dinov2Model`` (vLLM's LLaVA
+    has no DINOv2 tower)."""
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         compat.warn_if_untested()
@@ -95,11 +96,6 @@ class VtexitLlavaForConditionalGeneration(compat.LlavaForConditionalGeneration):
         strategy = config.vision_feature_select_strategy
         image_size = config.vision_config.image_size
         if tower in DINOV2_TOWERS:
-            if reduction.in_tower:
-                raise ValueError(
-                    f"{reduction.method} in vLLM runs on CLIP towers only (it reads the tower layer's attention); "
-                    "pool and divprune work on DINOv2 towers"
-                )
             if strategy != "default":
                 raise ValueError(
                     "vtexit's vLLM plugin needs vision_feature_select_strategy='default' with a DINOv2 tower (the CLS "
@@ -108,11 +104,6 @@ class VtexitLlavaForConditionalGeneration(compat.LlavaForConditionalGeneration):
             # DINOv2's config gives its position grid's size (518); the images are the processor's size.
             image_size = compat.model_image_size(vllm_config)
         elif tower in SIGLIP_TOWERS:
-            if reduction.in_tower:
-                raise ValueError(
-                    f"{reduction.method} needs a vision tower with a CLS token (CLIP); SigLIP has none. Pool and "
-                    "divprune work on SigLIP towers"
-                )
             if strategy != "full":
                 raise ValueError(
                     "vtexit's vLLM plugin needs vision_feature_select_strategy='full' with a SigLIP tower (it has no "
@@ -145,6 +136,7 @@ class VtexitLlavaForConditionalGeneration(compat.LlavaForConditionalGeneration):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.vtexit_reduction = reduction
         self.vtexit_image_size = image_size
+        self.vtexit_tower = tower
 
     def _parse_and_validate_image_input(self, **kwargs: object) -> Any:
         if getattr(self.config.vision_config, "model_type", None) not in DINOV2_TOWERS:
@@ -162,13 +154,19 @@ class VtexitLlavaForConditionalGeneration(compat.LlavaForConditionalGeneration):
         )
 
     def _image_pixels_to_features(self, vision_tower: Any, pixel_values: Any) -> Any:
-        if not self.vtexit_reduction.in_tower:
+        if not self.vtexit_reduction.in_tower or self.vtexit_tower in SIGLIP_TOWERS:
             return super()._image_pixels_to_features(vision_tower, pixel_values)
+        if self.vtexit_tower in DINOV2_TOWERS:
+            return self.vtexit_reduction.zip_cls(*vision_tower.visionzip_inputs(pixel_values))
         features, query, keys, heads = compat.clip_selected_layer(vision_tower, pixel_values)
         return self.vtexit_reduction.zip_tower(features, query, keys, heads)
 
     def _process_image_input(self, image_input: Any) -> tuple[torch.Tensor, ...]:
         if isinstance(image_input, compat.LlavaImageEmbeddingInputs):
             raise ValueError("vtexit's vLLM plugin does not take precomputed image embeddings")
+        if self.vtexit_reduction.in_tower and self.vtexit_tower in SIGLIP_TOWERS:
+            # no CLS token: the transformers path keeps each image's tokens in place and merges projected ones
+            features, hidden, *layer = compat.siglip_selected_layer(self.vision_tower, image_input["pixel_values"])
+            return self.vtexit_reduction.zip_patches(self.multi_modal_projector(features), hidden, *layer)
         embeds = super()._process_image_input(image_input)
         return tuple(self.vtexit_reduction.reduce(image) for image in embeds)

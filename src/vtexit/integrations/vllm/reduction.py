@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 from vtexit.methods.base import MethodConfig
 from vtexit.methods.baseline.config import BaselineConfig
@@ -19,7 +20,8 @@ from vtexit.methods.pool import PoolConfig
 from vtexit.methods.pool.blocks import block_leaders, block_means, pool_square_grid, pooled_count
 from vtexit.methods.registry import config_from_dict
 from vtexit.methods.visionzip import VisionZipConfig, split_tokens
-from vtexit.methods.visionzip.selection import cls_attention_and_keys, visionzip_tokens
+from vtexit.methods.visionzip.selection import apply_plan, cls_attention_and_keys, visionzip_tokens, zip_plan
+from vtexit.methods.visionzip.towers import ViTGroups
 
 SUPPORTED = ("pool", "divprune", "visionzip")
 
@@ -69,9 +71,49 @@ class ImageReduction:
         """(images, count(patches), dim) VisionZip's tokens ``[CLS, dominant patches..., contextual...]`` from the
         selected tower layer's output ``features`` (images, 1 + patches, dim; CLS first) and that layer's CLS query
         projection ``query`` (images, 1, dim) and key projections ``keys`` (images, 1 + patches, dim)."""
-        dominant, contextual = split_tokens(features.shape[1] - 1, self.config.keep, self.config.contextual_share)
         attention, mean_keys = cls_attention_and_keys(query, keys, heads)
-        return visionzip_tokens(features, attention, mean_keys, dominant, contextual)
+        return self.zip_cls(features, attention, mean_keys)
+
+    def zip_cls(self, features: torch.Tensor, cls_attention: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """(images, count(patches), dim) VisionZip's tokens ``[CLS, dominant patches..., contextual...]`` from the
+        selected layer's output ``features`` (images, 1 + patches, dim; CLS first), the CLS token's attention to each
+        patch (images, patches) and the keys, mean over heads (images, 1 + patches, head_dim)."""
+        dominant, contextual = split_tokens(features.shape[1] - 1, self.config.keep, self.config.contextual_share)
+        return visionzip_tokens(features, cls_attention, keys, dominant, contextual)
+
+    def zip_patches(
+        self,
+        projected: torch.Tensor,
+        hidden: torch.Tensor,
+        norm: nn.Module,
+        query: nn.Module,
+        key: nn.Module,
+        heads: int,
+    ) -> tuple[torch.Tensor, ...]:
+        """VisionZip on a tower without CLS token (SigLIP), whose patches are each a prompt token: per image, the
+        projector's output ``projected`` (images, patches, dim) cut to its ``count(patches)`` kept tokens in their
+        order, each contextual target the mean of its group. The scores (attention received, mean over heads and
+        queries) and keys come from the selected layer's input ``hidden`` (images, patches, dim) through its
+        ``norm`` and ``query`` / ``key`` projections, by the transformers path's own code."""
+        patches = projected.shape[1]
+        source = ViTGroups(
+            model_type="llava",
+            block=None,
+            norm=norm,
+            query=query,
+            key=key,
+            query_norm=None,
+            key_norm=None,
+            heads=heads,
+            cls=False,
+            groups=torch.arange(patches).view(-1, 1),
+            output=None,
+        )
+        scores, keys = source.scores_and_keys(hidden)
+        split = split_tokens(patches, self.config.keep, self.config.contextual_share)
+        kept, targets, weights = zip_plan(scores, keys, *split)
+        merged = apply_plan(projected, targets, weights.to(projected.device))
+        return tuple(row[mask] for row, mask in zip(merged, kept, strict=True))
 
     def check_tokens(self, tokens: int) -> None:
         """Refuse a per-image token count the method cannot reduce (ValueError)."""

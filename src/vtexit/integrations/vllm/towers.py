@@ -14,6 +14,8 @@ from collections.abc import Iterable
 import torch
 from transformers import Dinov2Config, Dinov2Model
 
+from vtexit.methods.visionzip.tower import SelectedLayer
+
 DINOV2_TOWERS = ("dinov2",)
 # transformers 5 names DINOv2's attention projections q/k/v/o_proj in memory but saves them under their checkpoint
 # names (save_pretrained reverts its load-time renaming), which hub checkpoints use too.
@@ -46,6 +48,26 @@ class Dinov2Tower(Dinov2Model):
         elif feature_select_strategy != "full":
             raise ValueError(f"unknown vision_feature_select_strategy {feature_select_strategy!r}")
         return selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
+
+    def visionzip_inputs(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For VisionZip (one ``feature_layer``): that layer's output (images, 1 + patches, dim; CLS first), the CLS
+        token's attention to each patch (images, patches) and the keys, mean over heads (images, 1 + patches,
+        head_dim), recomputed from the layer's input by the transformers path's own code (its ``SelectedLayer``)."""
+        count = self.config.num_hidden_layers
+        index = self.feature_layer % (count + 1)
+        block = self.encoder.layer[index - 1]
+        hidden = super().forward(pixel_values, output_hidden_states=True).hidden_states
+        layer = SelectedLayer(
+            tower=self,
+            feature_index=index,
+            norm=block.norm1,
+            query=block.attention.q_proj,
+            key=block.attention.k_proj,
+            heads=self.config.num_attention_heads,
+            patches=hidden[index].shape[1] - 1,
+        )
+        attention, keys = layer.cls_attention_and_keys(hidden)
+        return hidden[index], attention, keys
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy a checkpoint's tower tensors (names relative to the tower, as in ``model.vision_tower.*``; either
