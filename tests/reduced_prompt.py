@@ -44,7 +44,8 @@ def layer0_inputs(model, inputs: dict) -> torch.Tensor:
     """The first decoder layer's input of the unpatched model: the prompt's embeddings with the projected visual
     features in place."""
     seen = {}
-    first = model.model.language_model.layers[0]
+    text_model = getattr(model.model, "language_model", None) or model.model.text_model  # Idefics3's name
+    first = text_model.layers[0]
     hook = first.register_forward_pre_hook(
         lambda m, a, k: seen.update(h=a[0] if a else k["hidden_states"]), with_kwargs=True
     )

@@ -83,25 +83,11 @@ def test_pool_then_vtw_equals_layers_run_by_hand(llava):
     assert torch.equal(model(**inputs).logits, before)
 
 
-def _first_layer_inputs(model, inputs: dict) -> torch.Tensor:
-    """What the unpatched model's first decoder layer receives: the prompt's embeddings, visual features in place."""
-    seen = {}
-    first = family_for(model).resolve(model).layers[0]
-    hook = first.register_forward_pre_hook(
-        lambda m, a, k: seen.update(h=a[0] if a else k["hidden_states"]), with_kwargs=True
-    )
-    try:
-        model(**inputs, use_cache=False)
-    finally:
-        hook.remove()
-    return seen["h"].detach()
-
-
 def _pooled_by_hand(model, inputs: dict, stride: int, flags: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's real tokens, every block of visual tokens (same frame, same stride x stride cell of its grid, as
     tests/grid_reference.py finds them from the model's own features) replaced by its mean at its top-left token.
     ``flags``, if given, receives per row whether each kept token is visual."""
-    embeds = _first_layer_inputs(model, inputs)
+    embeds = layer0_inputs(model, inputs)
     places = hand_places(model, inputs)
     rows = []
     for b in range(embeds.shape[0]):
