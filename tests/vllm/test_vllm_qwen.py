@@ -197,10 +197,7 @@ def test_image_embeddings_are_refused(folder, pool_llm):
 
 @pytest.mark.parametrize(
     ("method", "images", "message"),
-    [
-        (DIVPRUNE, 2, "chooses among all the visual tokens of a prompt"),
-        ({"method": "visionzip", "keep": 0.25}, 1, "runs on LLaVA's CLIP towers only"),
-    ],
+    [(DIVPRUNE, 2, "chooses among all the visual tokens of a prompt")],
 )
 def test_unsupported_settings_are_refused_at_load(folder, method, images, message):
     path, _ = folder

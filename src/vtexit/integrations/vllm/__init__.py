@@ -1,7 +1,7 @@
-"""vtexit's pre-LLM methods (pool, divprune, visionzip) inside vLLM, as an out-of-tree plugin (LLaVA-1.5-style
-models with a CLIP tower; pool and divprune also with a SigLIP tower or a DINOv2 tower, as vtexit's default model has,
-which vLLM's own LLaVA does not build; ``{"method": "none"}`` serves such a model unreduced), and Qwen2-VL /
-Qwen2.5-VL (pool and divprune on images: :mod:`vtexit.integrations.vllm.qwen`).
+"""vtexit's pre-LLM methods (pool, divprune, visionzip) inside vLLM, as an out-of-tree plugin: LLaVA-1.5-style
+models with a CLIP, SigLIP or DINOv2 tower (DINOv2, as vtexit's default model has, is a tower vLLM's own LLaVA
+does not build; ``{"method": "none"}`` serves such a model unreduced), and Qwen2-VL / Qwen2.5-VL (on images:
+:mod:`vtexit.integrations.vllm.qwen`).
 
 vLLM loads :func:`register` through the ``vllm.general_plugins`` entry point in every process. It registers the model
 classes ``VtexitLlavaForConditionalGeneration``, ``VtexitQwen2_5_VLForConditionalGeneration`` and

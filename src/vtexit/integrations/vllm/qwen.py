@@ -1,6 +1,7 @@
 """The vLLM model classes for Qwen2.5-VL and Qwen2-VL: vLLM's own classes, with each image's merged visual tokens
-reduced by a vtexit pre-LLM method (pool, divprune) before they fill the prompt. One set of mixins serves both (vLLM's
-two classes share the methods used here).
+reduced by a vtexit pre-LLM method (pool, divprune, visionzip) before they fill the prompt. One set of mixins serves
+both (vLLM's two classes share the methods used here). VisionZip scores each merged token in vLLM's vision tower, by
+the transformers path's ``QwenGroups`` fed from the last full-attention block's attention input.
 
 Counts: vLLM fixes each image's placeholder count in the front-end processor, before the encoder runs, so the kept
 count is content-free: the method's count for the image's grid of merged tokens (:meth:`ImageReduction.grid_count`).
@@ -19,12 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import cached_property
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from vtexit.integrations.vllm import compat
 from vtexit.integrations.vllm.reduction import ImageReduction
+from vtexit.methods.visionzip.towers import QwenGroups
 
 QWEN2_5_VL = "VtexitQwen2_5_VLForConditionalGeneration"
 OFFSET_CHANNELS = 3  # (t, h, w) of a kept token on its image's grid, appended to its embedding row
@@ -32,7 +35,7 @@ OFFSET_CHANNELS = 3  # (t, h, w) of a kept token on its image's grid, appended t
 
 def qwen_reduction(hf_config: Any) -> ImageReduction:
     """The method named by the model config's ``vtexit`` entry (set with ``hf_overrides``); ValueError if none or if
-    it is not one this class runs (pool, divprune)."""
+    it is not one this class runs (pool, divprune, visionzip)."""
     setting = getattr(hf_config, "vtexit", None)
     if setting is None:
         architecture = (getattr(hf_config, "architectures", None) or [QWEN2_5_VL])[0]
@@ -40,13 +43,7 @@ def qwen_reduction(hf_config: Any) -> ImageReduction:
             f"{architecture} needs a method: pass hf_overrides={{'architectures': ['{architecture}'], "
             "'vtexit': {'method': 'divprune', 'keep': 0.25}}"
         )
-    reduction = ImageReduction.from_setting(setting)
-    if reduction.in_tower:
-        raise ValueError(
-            f"{reduction.method} in vLLM runs on LLaVA's CLIP towers only; on Qwen2-VL and Qwen2.5-VL the plugin runs "
-            "pool and divprune"
-        )
-    return reduction
+    return ImageReduction.from_setting(setting)
 
 
 def _refuse_video(method: str) -> ValueError:
@@ -168,18 +165,47 @@ class VtexitQwenVLModel:
         if image_input["type"] != "pixel_values":
             raise ValueError("vtexit's vLLM plugin does not take precomputed image embeddings")
         merge = self.visual.spatial_merge_size
+        grid = image_input["image_grid_thw"]
+        if self.vtexit_reduction.in_tower:
+            embeds, scored = self._vtexit_encode_and_score(image_input)
+        else:
+            embeds, scored = self._process_image_input(image_input), [(None, None)] * len(grid)
         out = []
-        for features, (_, height, width) in zip(
-            self._process_image_input(image_input), image_input["image_grid_thw"].tolist(), strict=True
-        ):
+        for features, (_, height, width), (scores, keys) in zip(embeds, grid.tolist(), scored, strict=True):
             rows, cols = height // merge, width // merge
             exact = 2 / torch.finfo(features.dtype).eps  # integers up to this are exact in the embedding dtype
             if max(rows, cols) > exact:
                 raise ValueError(f"an image of {rows} x {cols} merged tokens is too large for {features.dtype} rows")
-            kept, index = self.vtexit_reduction.reduce_grid(features, rows, cols)
+            kept, index = self.vtexit_reduction.reduce_grid(features, rows, cols, scores, keys)
             offsets = torch.stack([torch.zeros_like(index), index // cols, index % cols], dim=1)
             out.append(torch.cat([kept, offsets.to(kept.dtype)], dim=1))
         return tuple(out)
+
+    def _vtexit_encode_and_score(self, image_input: Any) -> tuple[tuple[torch.Tensor, ...], list[tuple]]:
+        """VisionZip: the merger's output per image and each image's (scores, keys) per merged token, in prompt
+        order, from the last full-attention block's input, by the transformers path's ``QwenGroups``."""
+        block = compat.qwen_scored_block(self.visual)
+        vision = self.config.vision_config
+        full = getattr(vision, "fullatt_block_indexes", None)
+        source = QwenGroups(
+            model_type=self.config.model_type,
+            tower=SimpleNamespace(config=vision),  # 2.5-VL: the window order from the vision config
+            block=compat.QwenBlockView(block),
+            heads=vision.num_heads,
+            unit=vision.spatial_merge_size**2,
+            windowed=full is not None,
+        )
+        with compat.qwen_block_calls(block) as calls:
+            embeds = self._process_image_input(image_input)
+        if len(calls) != 1:
+            raise ValueError(
+                f"visionzip needs the vision tower to run once for the step's images, it ran {len(calls)} times (an "
+                "encoder sharded over data-parallel ranks is not supported)"
+            )
+        grid = image_input["image_grid_thw"]
+        scores, keys = source.scores_and_keys(grid.cpu(), *calls[0])
+        sizes = [features.shape[0] for features in embeds]
+        return embeds, list(zip(scores.split(sizes), keys.split(sizes), strict=True))
 
     def embed_input_ids(
         self,

@@ -156,14 +156,20 @@ class ImageReduction:
         if isinstance(self.config, PoolConfig):
             stride = self.config.stride
             return -(-rows // stride) * -(-cols // stride)
-        if isinstance(self.config, VisionZipConfig):
-            raise ValueError("visionzip in vLLM runs on LLaVA's CLIP towers only")
         return self.count(rows * cols)
 
-    def reduce_grid(self, features: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def reduce_grid(
+        self,
+        features: torch.Tensor,
+        rows: int,
+        cols: int,
+        scores: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One image's tokens (rows * cols, dim; row-major) reduced: the kept tokens (grid_count, dim) in their order
         and each one's place on the grid (grid_count,) (pool: its block's top-left token, where the transformers
-        path puts the block's mean)."""
+        path puts the block's mean; visionzip: each contextual target's own place, holding its group's mean).
+        VisionZip reads each token's ``scores`` (tokens,) and ``keys`` (tokens, head_dim) from the tower."""
         tokens = features.shape[0]
         if tokens != rows * cols:
             raise ValueError(f"expected {rows} x {cols} = {rows * cols} visual tokens for the image, got {tokens}")
@@ -178,7 +184,12 @@ class ImageReduction:
             first = (row % stride == 0) & (col % stride == 0)
             return means[first], index[first]
         if isinstance(self.config, VisionZipConfig):
-            raise ValueError("visionzip in vLLM runs on LLaVA's CLIP towers only")
+            if scores is None or keys is None:
+                raise ValueError("visionzip needs the tower's scores and keys of the image's tokens")
+            split = split_tokens(tokens, self.config.keep, self.config.contextual_share)
+            kept, targets, weights = zip_plan(scores[None], keys[None], *split)
+            merged = apply_plan(features[None], targets, weights.to(features.device))[0]
+            return merged[kept[0]], index[kept[0]]
         candidates = torch.ones(1, tokens, dtype=torch.bool, device=features.device)
         count = torch.tensor([self.grid_count(rows, cols)], device=features.device)
         chosen = max_min_diverse(features.unsqueeze(0), candidates, count)[0]
