@@ -24,6 +24,11 @@ after another. A TTFT speedup above the FLOPs ratio by more than ``NOISE_TOLERAN
     .venv-vllm/bin/python benchmarks/bench_vllm.py --device cuda        # needs a CUDA build of vLLM and a GPU
     .venv-vllm/bin/python benchmarks/bench_vllm.py --model DIR          # a LLaVA folder of your own (CLIP tower)
 
+VTW rows (``vtw layer K``: the plugin's withdrawal inside the decoder, every visual token enters and leaves before
+layer K) count the prefill FLOPs with layers >= K on the text tokens only; ``decode ms/step`` (every row) is a
+round's generate time less its TTFT round, over the other ``new_tokens - 1`` steps. VTW runs on vLLM's CPU attention
+backend only (the plugin refuses others), with ``enforce_eager`` (not with ``--cuda-graphs``).
+
 A tower vLLM's own LLaVA refuses (the default model's DINOv2, which the plugin serves) takes the plugin unreduced as
 its baseline, and its own prompt: ``--model DIR --configs "plugin none,divprune keep 0.25,pool stride 2" --prompt
 "..."`` (not run yet).
@@ -53,7 +58,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from vtexit.core.flops import FORMULA, DecoderShape, count  # noqa: E402
+from vtexit.core.flops import FORMULA, DecoderShape, count, withdrawal_tokens  # noqa: E402
 from vtexit.evaluation.report import NOISE_MARK, NOISE_TOLERANCE, beyond_flops_bound  # noqa: E402
 
 ARCH = "VtexitLlavaForConditionalGeneration"
@@ -69,7 +74,12 @@ CONFIGS = {
     "divprune keep 0.11": {"method": "divprune", "keep": 0.11},
     "pool stride 2": {"method": "pool", "stride": 2},
     "pool stride 3": {"method": "pool", "stride": 3},
+    # VTW in the decoder: every visual token enters, and leaves before layer K (the CPU shape has 8 layers, the 7B 32)
+    "vtw layer 2": {"method": "vtw", "layer": 2},
+    "vtw layer 4": {"method": "vtw", "layer": 4},
+    "vtw layer 16": {"method": "vtw", "layer": 16},
 }
+NOT_DEFAULT = ("plugin none", "vtw layer 16")  # not in the default --configs (vtw layer 16: the 7B shape only)
 
 
 @dataclass(frozen=True)
@@ -180,6 +190,8 @@ class Row:
     config: str
     method: dict | None
     prompt_tokens: int = 0  # per request (all requests have the same prompt length)
+    visual_tokens: int = 0  # of them, image placeholders (VTW withdraws them before its layer)
+    new_tokens: int = 0  # per request in the timed generate
     block_size: int = 0
     kv_blocks: float = 0  # per request: peak blocks held during the batch / requests (see kv_source)
     kv_source: str = ""
@@ -245,6 +257,9 @@ def time_round(llm, row: Row, inputs: list[dict], new_tokens: int) -> None:
     if len(latencies) == len(outputs):
         row.ttft_request_s.append(statistics.median(latencies))
     row.prompt_tokens = len(outputs[0].prompt_token_ids)
+    row.visual_tokens = sum(
+        t == llm.llm_engine.model_config.hf_config.image_token_index for t in outputs[0].prompt_token_ids
+    )
     full = SamplingParams(
         temperature=0.0, max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True, detokenize=False
     )
@@ -255,6 +270,7 @@ def time_round(llm, row: Row, inputs: list[dict], new_tokens: int) -> None:
     if peak is not None:
         row.kv_peak_blocks.append(peak[0])
     row.output_tokens.append(sum(len(o.outputs[0].token_ids) for o in outputs))
+    row.new_tokens = new_tokens
 
 
 def watch_blocks(llm) -> list[int] | None:
@@ -345,7 +361,10 @@ def run(args) -> tuple[list[Row], dict]:
         else:
             row.kv_blocks = math.ceil((row.prompt_tokens + args.new_tokens) / row.block_size)
             row.kv_source = "ceil((prompt tokens + new tokens) / block_size)"
-        row.flops_prefill = count(lm, [row.prompt_tokens] * lm.num_layers).prefill
+        tokens = [row.prompt_tokens] * lm.num_layers
+        if row.method and row.method.get("method") == "vtw":  # layers >= K run the text tokens only
+            tokens = withdrawal_tokens(lm.num_layers, row.prompt_tokens, row.visual_tokens, row.method["layer"])
+        row.flops_prefill = count(lm, tokens).prefill
     meta = {
         "model": args.model or shape.name,
         "language_model": asdict(lm),
@@ -391,6 +410,7 @@ def table(rows: list[Row]) -> tuple[list[str], list[list[str]], list[dict]]:
         "TTFT ms (vLLM metrics)",
         "output tok/s",
         "throughput x",
+        "decode ms/step",
     ]
     lines, records = [], []
     for r in rows:
@@ -419,6 +439,7 @@ def table(rows: list[Row]) -> tuple[list[str], list[list[str]], list[dict]]:
                 "-" if req is None else f"{1000 * req:.0f}",
                 f"{r.tokens_per_s:.1f}",
                 f"{throughput:.2f}x",
+                f"{1000 * decode_step(r):.1f}",
             ]
         )
         records.append(
@@ -431,10 +452,18 @@ def table(rows: list[Row]) -> tuple[list[str], list[list[str]], list[dict]]:
                 "ttft_request_median_s": req,
                 "output_tokens_per_s": r.tokens_per_s,
                 "throughput_ratio": throughput,
+                "decode_s_per_step": decode_step(r),
                 "beyond_flops_bound": noise,
             }
         )
     return head, lines, records
+
+
+def decode_step(row: Row) -> float:
+    """Seconds per decode step of the batch (each request one token): a round's generate less its first step (the
+    TTFT round's time), over its other ``new_tokens - 1`` steps; the median over rounds."""
+    steps = max(1, row.new_tokens - 1)
+    return statistics.median((g - t) / steps for g, t in zip(row.generate_s, row.ttft_batch_s, strict=True))
 
 
 def print_table(head: list[str], lines: list[list[str]], meta: dict) -> None:
@@ -466,7 +495,7 @@ def main() -> None:
     parser.add_argument("--dummy", action="store_true", help="with --model: random weights (load_format='dummy')")
     parser.add_argument(
         "--configs",
-        default=",".join(c for c in CONFIGS if c != "plugin none"),
+        default=",".join(c for c in CONFIGS if c not in NOT_DEFAULT),
         help=f"comma-separated, the first is the baseline; of: {', '.join(CONFIGS)}",
     )
     parser.add_argument(

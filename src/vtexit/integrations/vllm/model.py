@@ -21,6 +21,7 @@ import torch
 from vtexit.integrations.vllm import compat
 from vtexit.integrations.vllm.reduction import ImageReduction
 from vtexit.integrations.vllm.towers import DINOV2_TOWERS, build_dinov2_tower
+from vtexit.integrations.vllm.withdrawal import WithdrawalMixin, split_setting
 
 CLIP_TOWERS = ("clip_vision_model",)
 SIGLIP_TOWERS = ("siglip_vision_model",)  # no CLS token: VisionZip scores by the attention each patch receives
@@ -35,7 +36,7 @@ def reduction_of(hf_config: Any) -> ImageReduction:
             "VtexitLlavaForConditionalGeneration needs a method: pass hf_overrides={'architectures': "
             "['VtexitLlavaForConditionalGeneration'], 'vtexit': {'method': 'pool', 'stride': 2}}"
         )
-    return ImageReduction.from_setting(setting)
+    return ImageReduction.from_setting(split_setting(setting)[0])  # vtw: every visual token enters the LLM
 
 
 class VtexitLlavaProcessingInfo(compat.LlavaProcessingInfo):
@@ -77,11 +78,12 @@ class VtexitLlavaMultiModalProcessor(compat.LlavaMultiModalProcessor):
     info=VtexitLlavaProcessingInfo,
     dummy_inputs=compat.LlavaDummyInputsBuilder,
 )
-class VtexitLlavaForConditionalGeneration(compat.LlavaForConditionalGeneration):
+class VtexitLlavaForConditionalGeneration(WithdrawalMixin, compat.LlavaForConditionalGeneration):
     """vLLM's LLaVA with a vtexit pre-LLM method (``pool``, ``divprune`` or ``visionzip``; ``none`` keeps every
     token) on each image's visual tokens. Towers: CLIP (``vision_feature_select_strategy="default"``), SigLIP
     (``"full"``), or DINOv2 (``"default"``), which the plugin builds from transformers' ``Dinov2Model`` (vLLM's LLaVA
-    has no DINOv2 tower)."""
+    has no DINOv2 tower). ``{"method": "vtw", "layer": K}`` (or a hybrid whose in-LLM step is vtw) withdraws the
+    visual tokens in the decoder from layer K on (:mod:`vtexit.integrations.vllm.withdrawal`)."""
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         compat.warn_if_untested()
@@ -137,6 +139,7 @@ class VtexitLlavaForConditionalGeneration(compat.LlavaForConditionalGeneration):
         self.vtexit_reduction = reduction
         self.vtexit_image_size = image_size
         self.vtexit_tower = tower
+        self.init_withdrawal(vllm_config, split_setting(config.vtexit)[1])
 
     def _parse_and_validate_image_input(self, **kwargs: object) -> Any:
         if getattr(self.config.vision_config, "model_type", None) not in DINOV2_TOWERS:
