@@ -76,7 +76,7 @@ def make_qwen_processor(config) -> Qwen2VLProcessor:
     )
 
 
-def save_tiny_qwen(folder: Path, family: str = "qwen2_5_vl", seed: int = 0):
+def save_tiny_qwen(folder: Path, family: str = "qwen2_5_vl", seed: int = 0, num_layers: int = 2):
     """Build the tiny Qwen2.5-VL (``family``: or ``"qwen2_vl"``) with what vLLM's CPU backend needs (text head_dim
     32: 2 heads of a 64-wide model, as vLLM's Qwen2 derives it; M-RoPE sections summing to 16), save it with its
     processor. Returns the case (its ``model`` is the transformers reference). transformers 5 saves the keys vLLM's
@@ -87,7 +87,7 @@ def save_tiny_qwen(folder: Path, family: str = "qwen2_5_vl", seed: int = 0):
         "head_dim": 32,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
     }
-    case = build_tiny(family, num_layers=2, seed=seed, text_config=text)
+    case = build_tiny(family, num_layers=num_layers, seed=seed, text_config=text)
     case.model.save_pretrained(folder)
     make_qwen_processor(case.model.config).save_pretrained(folder)
     return case

@@ -27,6 +27,7 @@ import torch
 
 from vtexit.integrations.vllm import compat
 from vtexit.integrations.vllm.reduction import ImageReduction
+from vtexit.integrations.vllm.withdrawal import WithdrawalMixin, split_setting
 from vtexit.methods.visionzip.towers import QwenGroups
 
 QWEN2_5_VL = "VtexitQwen2_5_VLForConditionalGeneration"
@@ -43,7 +44,7 @@ def qwen_reduction(hf_config: Any) -> ImageReduction:
             f"{architecture} needs a method: pass hf_overrides={{'architectures': ['{architecture}'], "
             "'vtexit': {'method': 'divprune', 'keep': 0.25}}"
         )
-    return ImageReduction.from_setting(setting)
+    return ImageReduction.from_setting(split_setting(setting)[0])  # vtw: every visual token enters the LLM
 
 
 def _refuse_video(method: str) -> ValueError:
@@ -122,9 +123,12 @@ class VtexitQwenVLMultiModalProcessor:
         return updates
 
 
-class VtexitQwenVLModel:
+class VtexitQwenVLModel(WithdrawalMixin):
     """Mixin for vLLM's Qwen-VL model class: each image's merged tokens reduced by the configured pool or divprune,
-    kept tokens at their original (t, h, w) positions, the text at the full prompt's (see the module docstring)."""
+    kept tokens at their original (t, h, w) positions, the text at the full prompt's (see the module docstring).
+    ``{"method": "vtw", "layer": K}`` (or a hybrid whose in-LLM step is vtw) withdraws the visual tokens in the
+    decoder from layer K on, the text rows keeping their M-RoPE positions (:mod:`vtexit.integrations.vllm.withdrawal`).
+    """
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         compat.warn_if_untested()
@@ -150,6 +154,7 @@ class VtexitQwenVLModel:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.vtexit_reduction = reduction
         self._vtexit_step: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.init_withdrawal(vllm_config, split_setting(vllm_config.model_config.hf_config.vtexit)[1])
 
     def get_encoder_cudagraph_config(self) -> Any:
         """vLLM's encoder CUDA graphs run the tower without :meth:`embed_multimodal` (no reduction): off."""

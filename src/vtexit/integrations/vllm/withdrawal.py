@@ -1,16 +1,17 @@
-"""VTW (Visual Tokens Withdrawal) inside vLLM's decoder, for the LLaVA model class: decoder layers ``< K`` run the
-whole prompt; from layer ``K`` on, the visual tokens are gone and the text tokens go on alone, at their original
-positions (RoPE), as ``vtexit.withdraw(model, layer=K)`` computes on transformers.
+"""VTW (Visual Tokens Withdrawal) inside vLLM's decoder, for the LLaVA and Qwen-VL model classes: decoder layers
+``< K`` run the whole prompt; from layer ``K`` on, the visual tokens are gone and the text tokens go on alone, at
+their original positions (RoPE, or Qwen-VL's M-RoPE (t, h, w) columns), as ``vtexit.withdraw(model, layer=K)``
+computes on transformers.
 
-vLLM builds one set of attention metadata per step for all layers, so the model rewrites it for layers ``>= K``
-between layer ``K - 1`` and layer ``K`` and restores it after the last layer (the runner's ``ForwardContext`` is
-mutable): the text rows only, each request's context shortened by its visual tokens so far, and the KV slots at the
-compressed index (position minus the visual tokens before it) in the request's own blocks. Withdrawn layers thus
+vLLM builds one set of attention metadata per step for all layers, so the model rewrites it for layers ``>= K`` between
+layer ``K - 1`` and layer ``K`` and restores it after the last layer (the runner's ``ForwardContext`` is mutable): the
+text rows only, each request's context shortened by its visual tokens so far, and the KV slots at the compressed index
+(the row's index in its request minus the visual tokens before it) in the request's own blocks. Withdrawn layers thus
 never see a visual key. Which rows are visual: the ``is_multimodal`` mask the runner hands ``embed_input_ids`` every
 step, before the forward. How many visual tokens a request holds from earlier steps (chunked prefill, decode): the
-runner passes no request id to the model, so the count is kept per request's first KV block, reset when a request
-starts from an empty context (a new request, a reused block, a preempted request recomputed). This saves compute, not
-KV memory: the scheduler still allocates each request's blocks for its full length.
+runner passes no request id to the model, so the count is kept per request's first KV block, reset when a request starts
+from an empty context (a new request, a reused block, a preempted request recomputed). This saves compute, not KV
+memory: the scheduler still allocates each request's blocks for its full length.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from vtexit.methods.hybrid import HybridConfig
 from vtexit.methods.registry import config_from_dict
 from vtexit.methods.vtw import VTWConfig
 
-TEXT_MODELS = ("llama", "mistral", "qwen2")  # decoder layers called as layer(positions, hidden, residual)
+# decoder layers called as layer(positions, hidden, residual); Qwen-VL's text models take M-RoPE positions (3, rows)
+TEXT_MODELS = ("llama", "mistral", "qwen2", "qwen2_5_vl_text", "qwen2_vl_text")
 
 
 def split_setting(setting: Any) -> tuple[Any, int | None]:
@@ -157,7 +159,10 @@ class Withdrawal:
         rows = torch.nonzero(visual[:tokens] == 0).squeeze(1)
         if rows.numel() == 0:  # a step of visual rows only: layers >= K have nothing to run
             return StepPlan(rows, {}, {})
-        compressed = positions[rows].to(torch.long) - visual_before[rows]
+        # each row's index in its request (not its position: M-RoPE positions are not indices), less the visual
+        # tokens before it
+        index = context_lens.to(device)[request] + torch.arange(tokens, device=device) - starts[:-1][request]
+        compressed = index[rows] - visual_before[rows]
         text = lengths - in_step
         keep = text > 0
         text_starts = torch.cat([text.new_zeros(1), text[keep].cumsum(0)]).to(query_start.dtype)
@@ -179,8 +184,8 @@ class Withdrawal:
 
 
 class WithdrawalMixin:
-    """The VTW parts of the LLaVA model class: keep the step's visual-row mask, and run the decoder's layers with
-    the visual rows gone from layer K on. ``vtexit_withdrawal`` is None without VTW (the stock forward)."""
+    """The VTW parts of the LLaVA and Qwen-VL model classes: keep the step's visual-row mask, and run the decoder's
+    layers with the visual rows gone from layer K on. ``vtexit_withdrawal`` is None without VTW (the stock forward)."""
 
     vtexit_withdrawal: Withdrawal | None = None
 
@@ -219,7 +224,8 @@ class WithdrawalMixin:
         plan = withdrawal.plan(context, mask, positions, hidden.dtype)
         if plan.rows.numel():
             with plan.applied(context):
-                text, text_residual, text_positions = hidden[plan.rows], residual[plan.rows], positions[plan.rows]
+                text, text_residual = hidden[plan.rows], residual[plan.rows]
+                text_positions = positions[..., plan.rows]  # (rows,) or M-RoPE's (3, rows)
                 for layer in model.layers[withdrawal.layer :]:
                     text, text_residual = layer(text_positions, text, text_residual)
             hidden = hidden.index_copy(0, plan.rows, text)
