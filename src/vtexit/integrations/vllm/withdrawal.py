@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from vtexit.integrations.vllm import compat
+from vtexit.integrations.vllm import decoder_compat
 from vtexit.methods.base import MethodConfig
 from vtexit.methods.hybrid import HybridConfig
 from vtexit.methods.registry import config_from_dict
@@ -68,13 +68,14 @@ def check_engine(vllm_config: Any, layer: int, language_model: Any) -> None:
         raise ValueError(f"vtw in vLLM runs on {', '.join(TEXT_MODELS)} language models, not {text.model_type!r}")
     if getattr(text, "sliding_window", None) is not None:
         raise ValueError("vtw in vLLM does not run with sliding-window attention (the window would count slots)")
-    refusals = compat.vtw_refusals(vllm_config)
+    refusals = decoder_compat.vtw_refusals(vllm_config)
     if refusals:
         raise ValueError(f"vtw in vLLM does not run with {'; '.join(refusals)}")
-    backends = {compat.attention_backend(a) for a in compat.attention_layers(language_model)}
-    if not backends <= set(compat.VTW_BACKENDS):
+    backends = {decoder_compat.attention_backend(a) for a in decoder_compat.attention_layers(language_model)}
+    if not backends <= set(decoder_compat.VTW_BACKENDS):
         raise ValueError(
-            f"vtw in vLLM rebuilds the attention metadata of {', '.join(compat.VTW_BACKENDS)} only; this engine uses "
+            f"vtw in vLLM rebuilds the attention metadata of {', '.join(decoder_compat.VTW_BACKENDS)} only; this "
+            "engine uses "
             f"{', '.join(sorted(backends))}"
         )
 
@@ -110,7 +111,7 @@ class Withdrawal:
 
     def __init__(self, layer: int, decoder_layers: Any) -> None:
         self.layer = layer
-        self.attention = {a.layer_name: a for m in decoder_layers[layer:] for a in compat.attention_layers(m)}
+        self.attention = {a.layer_name: a for m in decoder_layers[layer:] for a in decoder_compat.attention_layers(m)}
         self.mask: torch.Tensor | None = None
         self.counts: dict[int, int] = {}
 
@@ -126,7 +127,7 @@ class Withdrawal:
         if not isinstance(metadata, dict) or not isinstance(context.slot_mapping, dict):
             raise ValueError("vtw in vLLM needs one attention-metadata dict per step (no dual-batch overlap)")
         name = next(iter(self.attention))
-        query_start, seq_lens, block_table, tokens = compat.cpu_batch(metadata[name])
+        query_start, seq_lens, block_table, tokens = decoder_compat.cpu_batch(metadata[name])
         device = positions.device
         if mask is None:
             mask = torch.zeros(tokens, dtype=torch.bool, device=device)
@@ -171,12 +172,12 @@ class Withdrawal:
         new_metadata, new_slots = {}, {}
         built: dict[int, Any] = {}
         for name, attention in self.attention.items():
-            block_size = compat.kv_block_size(attention)
+            block_size = decoder_compat.kv_block_size(attention)
             slots = block_table[request[rows], compressed // block_size].to(torch.long) * block_size
             slots = slots + compressed % block_size
             original = metadata[name]
             if id(original) not in built:
-                built[id(original)] = compat.cpu_text_metadata(
+                built[id(original)] = decoder_compat.cpu_text_metadata(
                     original, attention, dtype, text_starts, text_lens, table, slots
                 )
             new_metadata[name], new_slots[name] = built[id(original)], slots
@@ -213,7 +214,7 @@ class WithdrawalMixin:
     ) -> Any:
         withdrawal = self.vtexit_withdrawal
         mask = withdrawal.take_mask() if withdrawal is not None else None
-        context = compat.forward_context() if withdrawal is not None else None
+        context = decoder_compat.forward_context() if withdrawal is not None else None
         if withdrawal is None or context is None or not context.attn_metadata:  # no VTW, or a profiling run
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         model = self.language_model.model
