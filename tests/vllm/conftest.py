@@ -1,9 +1,16 @@
-"""The vLLM plugin's tests run in their own venv (`make test-vllm`, .venv-vllm); without vLLM each module skips
-itself (see ``_vllm_available``)."""
+"""The vLLM plugin's tests run in their own venv (`make test-vllm`, .venv-vllm); without a tested vLLM their modules
+are not collected at all (see ``_vllm_available``), and the report's header says why."""
 
 from __future__ import annotations
 
 import pytest
+from _vllm_available import SKIP_REASON, VLLM_INSTALLED
+
+collect_ignore_glob = [] if VLLM_INSTALLED else ["test_*.py"]
+
+
+def pytest_report_header(config):
+    return None if VLLM_INSTALLED else f"tests/vllm: {SKIP_REASON}"
 
 
 def pytest_collection_modifyitems(config, items):

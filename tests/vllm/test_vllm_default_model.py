@@ -21,18 +21,12 @@ import contextlib
 import gc
 
 import pytest
-from _vllm_available import SKIP_REASON, VLLM_INSTALLED
+import torch
+from _tiny_vllm import make_llm as make_tiny_llm
+from PIL import Image
 
-if not VLLM_INSTALLED:
-    pytest.skip(SKIP_REASON, allow_module_level=True)
-pytest.importorskip("vllm", minversion="0.32")
-
-import torch  # noqa: E402
-from _tiny_vllm import make_llm as make_tiny_llm  # noqa: E402
-from PIL import Image  # noqa: E402
-
-import vtexit  # noqa: E402
-from vtexit.integrations.vllm.reduction import ImageReduction  # noqa: E402
+import vtexit
+from vtexit.integrations.vllm.reduction import ImageReduction
 
 NONE = {"method": "none"}
 POOL = {"method": "pool", "stride": 2}  # 8 x 8 grid -> 16 tokens

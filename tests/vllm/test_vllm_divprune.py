@@ -5,13 +5,7 @@ an image. DivPrune chooses among a prompt's visual tokens, so the plugin runs it
 from __future__ import annotations
 
 import pytest
-from _vllm_available import SKIP_REASON, VLLM_INSTALLED
-
-if not VLLM_INSTALLED:
-    pytest.skip(SKIP_REASON, allow_module_level=True)
-pytest.importorskip("vllm", minversion="0.32")
-
-from _tiny_vllm import (  # noqa: E402
+from _tiny_vllm import (
     ATOL,
     Request,
     compare,
@@ -23,7 +17,7 @@ from _tiny_vllm import (  # noqa: E402
     save_tiny_llava,
 )
 
-from vtexit.integrations.vllm.reduction import ImageReduction  # noqa: E402
+from vtexit.integrations.vllm.reduction import ImageReduction
 
 METHOD = {"method": "divprune", "keep": 0.25}
 

@@ -10,15 +10,10 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
-from _vllm_available import SKIP_REASON, VLLM_INSTALLED
 
-if not VLLM_INSTALLED:
-    pytest.skip(SKIP_REASON, allow_module_level=True)
-pytest.importorskip("vllm", minversion="0.32")
-
-import vtexit  # noqa: E402
-from vtexit.integrations.vllm import ARCHITECTURE, compat  # noqa: E402
-from vtexit.integrations.vllm.reduction import ImageReduction  # noqa: E402
+import vtexit
+from vtexit.integrations.vllm import ARCHITECTURE, compat
+from vtexit.integrations.vllm.reduction import ImageReduction
 
 
 def test_entry_point_registers_the_model():

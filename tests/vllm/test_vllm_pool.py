@@ -6,13 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _vllm_available import SKIP_REASON, VLLM_INSTALLED
-
-if not VLLM_INSTALLED:
-    pytest.skip(SKIP_REASON, allow_module_level=True)
-pytest.importorskip("vllm", minversion="0.32")
-
-from _tiny_vllm import (  # noqa: E402
+from _tiny_vllm import (
     ATOL,
     Request,
     compare,
@@ -24,7 +18,7 @@ from _tiny_vllm import (  # noqa: E402
     save_tiny_llava,
 )
 
-from vtexit.integrations.vllm.reduction import ImageReduction  # noqa: E402
+from vtexit.integrations.vllm.reduction import ImageReduction
 
 METHOD = {"method": "pool", "stride": 3}  # 4 x 4 grid: blocks of 3 x 3, 3 x 1, 1 x 3 and 1 x 1 (odd edges)
 

@@ -9,13 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _vllm_available import SKIP_REASON, VLLM_INSTALLED
-
-if not VLLM_INSTALLED:
-    pytest.skip(SKIP_REASON, allow_module_level=True)
-pytest.importorskip("vllm", minversion="0.32")
-
-from _tiny_qwen import (  # noqa: E402
+from _tiny_qwen import (
     Request,
     image,
     make_qwen_llm,
@@ -24,9 +18,9 @@ from _tiny_qwen import (  # noqa: E402
     reference,
     save_tiny_qwen,
 )
-from _tiny_vllm import ATOL, TOKENS, compare, first_step_gap, sampling  # noqa: E402
+from _tiny_vllm import ATOL, TOKENS, compare, first_step_gap, sampling
 
-from vtexit.integrations.vllm.reduction import ImageReduction  # noqa: E402
+from vtexit.integrations.vllm.reduction import ImageReduction
 
 POOL = {"method": "pool", "stride": 2}
 DIVPRUNE = {"method": "divprune", "keep": 0.25}

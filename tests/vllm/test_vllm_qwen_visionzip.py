@@ -11,16 +11,10 @@ Controls: the unpatched model, and DivPrune keeping as many tokens, land far awa
 from __future__ import annotations
 
 import pytest
-from _vllm_available import SKIP_REASON, VLLM_INSTALLED
+from _tiny_qwen import Request, image, make_qwen_llm, merged_tokens, reference, save_tiny_qwen
+from _tiny_vllm import ATOL, TOKENS, compare, first_step_gap, sampling
 
-if not VLLM_INSTALLED:
-    pytest.skip(SKIP_REASON, allow_module_level=True)
-pytest.importorskip("vllm", minversion="0.32")
-
-from _tiny_qwen import Request, image, make_qwen_llm, merged_tokens, reference, save_tiny_qwen  # noqa: E402
-from _tiny_vllm import ATOL, TOKENS, compare, first_step_gap, sampling  # noqa: E402
-
-from vtexit.integrations.vllm.reduction import ImageReduction  # noqa: E402
+from vtexit.integrations.vllm.reduction import ImageReduction
 
 VISIONZIP = {"method": "visionzip", "keep": 0.5, "contextual_share": 0.25}
 DIVPRUNE = {"method": "divprune", "keep": 0.5}  # control: as many tokens per image, DivPrune's choice

@@ -7,17 +7,11 @@ alone at their original M-RoPE (t, h, w) positions. Controls: the stock model an
 from __future__ import annotations
 
 import pytest
-from _vllm_available import SKIP_REASON, VLLM_INSTALLED
+from _tiny_qwen import Request, image, make_qwen_llm, merged_tokens, reference, save_tiny_qwen
+from _tiny_vllm import ATOL, TOKENS, compare, first_step_gap, sampling
 
-if not VLLM_INSTALLED:
-    pytest.skip(SKIP_REASON, allow_module_level=True)
-pytest.importorskip("vllm", minversion="0.32")
-
-from _tiny_qwen import Request, image, make_qwen_llm, merged_tokens, reference, save_tiny_qwen  # noqa: E402
-from _tiny_vllm import ATOL, TOKENS, compare, first_step_gap, sampling  # noqa: E402
-
-import vtexit  # noqa: E402
-from vtexit.integrations.vllm.reduction import ImageReduction  # noqa: E402
+import vtexit
+from vtexit.integrations.vllm.reduction import ImageReduction
 
 LAYERS = 4  # decoder layers of the tiny models: K in 1..3 withdraws, K = 4 is the stock model
 NO_CACHE = {"enable_prefix_caching": False}

@@ -21,11 +21,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from _vllm_available import SKIP_REASON, VLLM_INSTALLED
 
-if not VLLM_INSTALLED:
-    pytest.skip(SKIP_REASON, allow_module_level=True)
-pytest.importorskip("vllm", minversion="0.32")
 openai = pytest.importorskip("openai")
 
 from _tiny_vllm import (  # noqa: E402

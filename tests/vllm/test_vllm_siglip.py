@@ -8,13 +8,7 @@ tokens."""
 from __future__ import annotations
 
 import pytest
-from _vllm_available import SKIP_REASON, VLLM_INSTALLED
-
-if not VLLM_INSTALLED:
-    pytest.skip(SKIP_REASON, allow_module_level=True)
-pytest.importorskip("vllm", minversion="0.32")
-
-from _tiny_vllm import (  # noqa: E402
+from _tiny_vllm import (
     ARCH,
     ATOL,
     Request,
@@ -27,7 +21,7 @@ from _tiny_vllm import (  # noqa: E402
     save_tiny_siglip_llava,
 )
 
-from vtexit.integrations.vllm.reduction import ImageReduction  # noqa: E402
+from vtexit.integrations.vllm.reduction import ImageReduction
 
 POOL = {"method": "pool", "stride": 3}  # 4 x 4 grid -> 4 tokens, odd edges
 DIVPRUNE = {"method": "divprune", "keep": 0.25}  # 4 of 16

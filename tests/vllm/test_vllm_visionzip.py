@@ -7,13 +7,7 @@ builds only the first CLIP layer); the CLS token's attention in that layer ranks
 from __future__ import annotations
 
 import pytest
-from _vllm_available import SKIP_REASON, VLLM_INSTALLED
-
-if not VLLM_INSTALLED:
-    pytest.skip(SKIP_REASON, allow_module_level=True)
-pytest.importorskip("vllm", minversion="0.32")
-
-from _tiny_vllm import (  # noqa: E402
+from _tiny_vllm import (
     ATOL,
     Request,
     compare,
@@ -26,7 +20,7 @@ from _tiny_vllm import (  # noqa: E402
     save_tiny_llava,
 )
 
-from vtexit.integrations.vllm.reduction import ImageReduction  # noqa: E402
+from vtexit.integrations.vllm.reduction import ImageReduction
 
 METHOD = {"method": "visionzip", "keep": 0.5, "contextual_share": 0.25}  # 16 -> 6 dominant (CLS first) + 2 merged
 

@@ -9,13 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from _vllm_available import SKIP_REASON, VLLM_INSTALLED
-
-if not VLLM_INSTALLED:
-    pytest.skip(SKIP_REASON, allow_module_level=True)
-pytest.importorskip("vllm", minversion="0.32")
-
-from _tiny_vllm import (  # noqa: E402
+from _tiny_vllm import (
     ATOL,
     Reference,
     Request,
@@ -28,10 +22,10 @@ from _tiny_vllm import (  # noqa: E402
     sampling,
 )
 
-import vtexit  # noqa: E402
-from vtexit.integrations.vllm.withdrawal import split_setting  # noqa: E402
-from vtexit.testing import build_tiny  # noqa: E402
-from vtexit.testing.tiny_folder import make_processor  # noqa: E402
+import vtexit
+from vtexit.integrations.vllm.withdrawal import split_setting
+from vtexit.testing import build_tiny
+from vtexit.testing.tiny_folder import make_processor
 
 LAYERS = 4  # decoder layers of the tiny model: K in 1..3 withdraws, K = 4 is the stock model
 NO_CACHE = {"enable_prefix_caching": False}
