@@ -5,11 +5,11 @@ own image processor), and the reference the Qwen plugin tests compare with: vtex
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _tiny_vllm import make_llm  # the engine settings and their environment, shared with the LLaVA tests
 from PIL import Image
 from transformers import (
     PreTrainedTokenizerFast,
@@ -22,10 +22,6 @@ from transformers import (
 import vtexit
 from vtexit.testing import build_tiny
 from vtexit.testing.tiny_folder import make_tokenizer
-
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 ARCHITECTURES = {
     "qwen2_5_vl": "VtexitQwen2_5_VLForConditionalGeneration",
@@ -116,20 +112,7 @@ class Request:
 
 
 def make_qwen_llm(folder: Path, method: dict, images_per_prompt: int, family: str = "qwen2_5_vl", **kwargs):
-    from vllm import LLM
-
-    architecture = ARCHITECTURES[family]
-    settings = dict(
-        model=str(folder),
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=256,
-        max_num_seqs=4,
-        max_num_batched_tokens=256,
-        limit_mm_per_prompt={"image": images_per_prompt},
-        hf_overrides={"architectures": [architecture], "vtexit": method},
-    )
-    return LLM(**{**settings, **kwargs})
+    return make_llm(folder, method, images_per_prompt, architecture=ARCHITECTURES[family], **kwargs)
 
 
 @dataclass

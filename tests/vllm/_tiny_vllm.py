@@ -125,7 +125,9 @@ class Request:
         return data
 
 
-def make_llm(folder: Path, method: dict, images_per_prompt: int, **kwargs):
+def make_llm(folder: Path, method: dict, images_per_prompt: int, architecture: str = ARCH, **kwargs):
+    """A small float32 eager engine on the model in ``folder`` under the plugin's ``architecture`` and ``method``;
+    ``kwargs`` override the engine settings."""
     from vllm import LLM
 
     settings = dict(
@@ -136,7 +138,7 @@ def make_llm(folder: Path, method: dict, images_per_prompt: int, **kwargs):
         max_num_seqs=4,
         max_num_batched_tokens=256,
         limit_mm_per_prompt={"image": images_per_prompt},
-        hf_overrides={"architectures": [ARCH], "vtexit": method},
+        hf_overrides={"architectures": [architecture], "vtexit": method},
     )
     return LLM(**{**settings, **kwargs})
 
