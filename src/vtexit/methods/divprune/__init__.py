@@ -14,7 +14,8 @@ from vtexit.methods.patch import apply
 
 def divprune(model: nn.Module, *, keep: float, family: FamilySpec | None = None) -> PatchHandle:
     """Each row's language model sees its text and the most diverse fraction ``keep`` of its visual tokens (greedy
-    max-min cosine distance over the projected features), with renumbered positions. Returns a handle.
+    max-min cosine distance over the projected features), at the positions of the shorter prompt (1D rotary) or their
+    own (t, h, w) positions (multimodal RoPE). Returns a handle.
 
     The same as ``vtexit.apply(model, DivPruneConfig(keep=...))``."""
     return apply(model, DivPruneConfig(keep=keep), family=family)

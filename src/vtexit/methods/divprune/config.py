@@ -18,8 +18,8 @@ from vtexit.methods.fastv.ranking import check_keep
 class DivPruneConfig(MethodConfig):
     """Before the language model, keep the most diverse fraction ``keep`` of each row's visual tokens.
 
-    Rounding as for FastV (round half up, at least one). Needs 1D rotary positions (renumbered after the drop):
-    multimodal-RoPE families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) and Gemma3 are refused."""
+    Rounding as for FastV (round half up, at least one). Every family: the kept tokens take the shorter prompt's
+    positions on 1D rotary positions and keep their (t, h, w) positions on multimodal RoPE."""
 
     method: ClassVar[str] = "divprune"
     keep: float

@@ -26,8 +26,9 @@ def pdrop(
     still holds, those its last prompt token attended to most at the layer before. Returns a handle.
 
     ``renumber=True`` renumbers the kept tokens' positions after each stage (PyramidDrop's code does); families
-    with multimodal RoPE and Gemma3 refuse it with a ValueError. ``handle.last_policy_state["kept"][layer]`` shows
-    what each stage kept in the last call. The same as ``vtexit.apply(model, PDropConfig(...))``.
+    with multimodal RoPE (the Qwen-VL families) refuse it with a ValueError.
+    ``handle.last_policy_state["kept"][layer]`` shows what each stage kept in the last call. The same as
+    ``vtexit.apply(model, PDropConfig(...))``.
     """
     return apply(model, PDropConfig(layers=layers, keep=keep, renumber=renumber), family=family)
 

@@ -42,7 +42,7 @@ def parse_layers(value: object) -> tuple[int, ...]:
 class PDropConfig(MethodConfig):
     """Before each layer of ``layers`` keep the fraction ``keep`` of the visual tokens each row still holds, ranked
     by the last prompt token's attention at the layer before; ``renumber`` gives the kept tokens consecutive
-    positions (1D rotary families only: refused for M-RoPE families and Gemma3)."""
+    positions (1D rotary families only: refused for the multimodal-RoPE families, Qwen2-VL, Qwen2.5-VL, Qwen3-VL)."""
 
     method: ClassVar[str] = "pdrop"
     layers: tuple[int, ...] = DEFAULT_LAYERS

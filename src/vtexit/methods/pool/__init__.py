@@ -13,7 +13,8 @@ from vtexit.methods.pool.policy import PoolPolicy
 
 def pool(model: nn.Module, *, stride: int = 2, family: FamilySpec | None = None) -> PatchHandle:
     """Each image's ``stride`` x ``stride`` blocks of visual tokens enter the language model as one token, their
-    mean (renumbered positions). The same as ``vtexit.apply(model, PoolConfig(stride=...))``."""
+    mean, at the block's first position (renumbered on 1D rotary positions). The same as
+    ``vtexit.apply(model, PoolConfig(stride=...))``."""
     return apply(model, PoolConfig(stride=stride), family=family)
 
 
