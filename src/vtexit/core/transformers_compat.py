@@ -4,6 +4,9 @@ vtexit works inside transformers' models (hooks on decoder layers, rebuilt masks
 minor release can move what it relies on. Each item below says which releases behave how; the next release that
 breaks something is fixed here. Tested range: ``TESTED_FLOOR`` up to, not including, ``TESTED_NEXT`` (the suite
 passes on each tested release; ``make canary`` tries the newest one).
+
+The vision towers' internals (pixel shuffles, the Qwen-VL towers' window order, fused projections and outputs, the
+anyres packing method) are in :mod:`vtexit.core.vision_compat`, in the same style, so this file stays one job.
 """
 
 from __future__ import annotations

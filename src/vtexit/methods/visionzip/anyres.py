@@ -16,21 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from vtexit.core.vision_compat import packing_replaced, wrap_packing
 from vtexit.methods.visionzip.selection import apply_plan, zip_plan
 from vtexit.methods.visionzip.tower_policy import TowerVisionZipPolicy
 from vtexit.methods.visionzip.towers import ViTGroups, find_vit_groups
 
 ANYRES_FAMILIES = ("llava_next", "llava_onevision")
-
-
-class _Unwrap:
-    """Restores the core's own ``pack_image_features`` (a handle like the hooks' RemovableHandle)."""
-
-    def __init__(self, core: nn.Module):
-        self.core = core
-
-    def remove(self) -> None:
-        self.core.__dict__.pop("pack_image_features", None)
 
 
 class AnyresVisionZipPolicy(TowerVisionZipPolicy):
@@ -42,20 +33,22 @@ class AnyresVisionZipPolicy(TowerVisionZipPolicy):
 
     def outer_hooks(self, model: nn.Module) -> list:
         core = self.core
-        if "pack_image_features" in core.__dict__:
+        if packing_replaced(core):
             raise ValueError(
                 f"visionzip found pack_image_features already replaced on the {self.source.model_type} model"
             )
-        pack = core.pack_image_features  # the bound method of the model's class
 
-        def zipped_pack(image_features, image_sizes, *args, **kwargs):
-            return self._zip_packed(pack, image_features, image_sizes, args, kwargs)
+        def wrap(pack):  # pack: the bound method of the model's class
+            def zipped_pack(image_features, image_sizes, *args, **kwargs):
+                return self._zip_packed(pack, image_features, image_sizes, args, kwargs)
 
-        core.pack_image_features = zipped_pack
+            return zipped_pack
+
+        restore = wrap_packing(core, wrap)
         return [
             self.source.block.register_forward_pre_hook(self._capture("block"), with_kwargs=True),
             self.source.output.register_forward_hook(self._score),
-            _Unwrap(core),
+            restore,
         ]
 
     def _score(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from vtexit.core.policy import Policy, PrefillView
+from vtexit.core.vision_compat import qwen_tower_grid, set_tower_features, tower_features
 from vtexit.methods.fastv.ranking import record_kept
 from vtexit.methods.visionzip.selection import apply_plan, zip_plan
 from vtexit.methods.visionzip.towers import QwenGroups, ViTGroups
@@ -77,10 +78,10 @@ class TowerVisionZipPolicy(Policy):
 
     def _zip_qwen(self, module: nn.Module, args: tuple, output: Any) -> Any:
         tower_args, tower_kwargs = self._taken("tower")
-        grid = tower_kwargs.get("grid_thw", tower_args[1] if len(tower_args) > 1 else None)
+        grid = qwen_tower_grid(tower_args, tower_kwargs)
         scores, keys = self.source.scores_and_keys(grid, *self._taken("block"))
         sizes = (grid.prod(dim=1) // self.source.unit).tolist()
-        features = [output.pooler_output, *(getattr(output, "deepstack_features", None) or [])]
+        features = tower_features(output)
         pieces: list[list[torch.Tensor]] = [[] for _ in features]
         kept, start = [], 0
         for size in sizes:  # images differ in size: one plan each
@@ -91,10 +92,7 @@ class TowerVisionZipPolicy(Policy):
                 piece.append(apply_plan(values[None, part], plan[1], plan[2].to(values.device))[0])
             start += size
         self._note(torch.cat(kept))
-        output.pooler_output = torch.cat(pieces[0])
-        if len(pieces) > 1:
-            output.deepstack_features = [torch.cat(piece) for piece in pieces[1:]]
-        return output
+        return set_tower_features(output, [torch.cat(piece) for piece in pieces])
 
     def keep(self, view: PrefillView) -> torch.Tensor | None:
         found, self._local.kept = getattr(self._local, "kept", []), []

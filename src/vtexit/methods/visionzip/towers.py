@@ -14,6 +14,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vtexit.core.vision_compat import (
+    PIXEL_SHUFFLE,
+    full_attention_blocks,
+    pixel_shuffle,
+    qwen_block_call,
+    qwen_qkv,
+    qwen_window_index,
+)
 from vtexit.methods.visionzip.selection import attention_received
 from vtexit.methods.visionzip.tower import CLS_TOWERS, _attribute, _encoder_layers, _projection
 
@@ -98,13 +106,15 @@ def find_vit_groups(model: nn.Module, family_name: str) -> ViTGroups:
     if family_name == "internvl":
         ratio = _setting(config, "downsample_ratio", model_type)
         index = torch.arange(side * side, dtype=torch.float64).view(1, side, side, 1)
-        groups = _setting(core, "pixel_shuffle", model_type)(index, scale_factor=ratio).reshape(-1, round(ratio**-2))
+        shuffle = _found(pixel_shuffle(core), core, PIXEL_SHUFFLE, model_type)
+        groups = shuffle(index, scale_factor=ratio).reshape(-1, round(ratio**-2))
         output = core.multi_modal_projector
     elif family_name == "idefics3":
         connector = _module(core, ("connector",), model_type, "connector")
         index = torch.arange(side * side, dtype=torch.float64).view(1, side * side, 1)
         scale = _setting(connector, "scale_factor", model_type)
-        groups = _setting(connector, "pixel_shuffle", model_type)(index, scale).reshape(-1, scale**2)
+        shuffle = _found(pixel_shuffle(connector), connector, PIXEL_SHUFFLE, model_type)
+        groups = shuffle(index, scale).reshape(-1, scale**2)
         output = connector
     elif family_name == "llava":
         groups = torch.arange(side * side).view(-1, 1)
@@ -144,15 +154,13 @@ class QwenGroups:
     def scores_and_keys(self, grid: torch.Tensor, block_args: tuple, block_kwargs: dict) -> tuple:
         """(prompt tokens,) scores and (prompt tokens, head_dim) keys of all images of one tower call, in the
         prompt's order, from the scored block's captured call (its input, ``cu_seqlens``, ``position_embeddings``)."""
-        hidden = block_args[0] if block_args else block_kwargs["hidden_states"]
-        bounds = block_kwargs.get("cu_seqlens", block_args[1] if len(block_args) > 1 else None)
-        rotary = block_kwargs.get("position_embeddings")
+        hidden, bounds, rotary = qwen_block_call(block_args, block_kwargs)
         if bounds is None or rotary is None:
             raise ValueError(
                 f"visionzip found no cu_seqlens / position_embeddings in the {self.model_type} vision block's call"
             )
         length = hidden.shape[0]
-        qkv = self.block.attn.qkv(self.block.norm1(hidden)).view(length, 3, self.heads, -1)
+        qkv = qwen_qkv(self.block.attn)(self.block.norm1(hidden)).view(length, 3, self.heads, -1)
         query, key = qkv[:, 0].transpose(0, 1), qkv[:, 1].transpose(0, 1)  # (heads, patches, head_dim)
         cos, sin = (r.float() for r in rotary)
         turned_q, turned_k = _rotate(query.float(), cos, sin), _rotate(key.float(), cos, sin)
@@ -169,20 +177,10 @@ class QwenGroups:
         return scores, keys
 
     def _window_index(self, grid: torch.Tensor) -> torch.Tensor:
-        getter = getattr(self.tower, "get_window_index", None)
-        if getter is not None:
-            return getter(grid)[0]
-        try:
-            from transformers.vision_utils import get_vision_window_index
-        except ImportError as error:
-            raise ValueError(f"visionzip cannot find the window order of the {self.model_type} vision tower") from error
-        config = self.tower.config
-        return get_vision_window_index(
-            grid,
-            spatial_merge_size=config.spatial_merge_size,
-            window_size=config.window_size,
-            patch_size=config.patch_size,
-        )[0]
+        index = qwen_window_index(self.tower, grid)
+        if index is None:
+            raise ValueError(f"visionzip cannot find the window order of the {self.model_type} vision tower")
+        return index
 
 
 def find_qwen_groups(model: nn.Module) -> QwenGroups:
@@ -192,13 +190,13 @@ def find_qwen_groups(model: nn.Module) -> QwenGroups:
     tower = _module(model.model, ("visual",), model_type, "vision tower")
     blocks = _module(tower, ("blocks",), model_type, "vision blocks")
     vision = tower.config
-    full = getattr(vision, "fullatt_block_indexes", None)
+    full = full_attention_blocks(vision)
     windowed = full is not None
     index = max(full) if full else len(blocks) - 1
     block = blocks[index]
     for name in ("norm1", "attn"):
         _module(block, (name,), model_type, f"vision block's {name}")
-    if not isinstance(getattr(block.attn, "qkv", None), nn.Linear):
+    if qwen_qkv(block.attn) is None:
         raise ValueError(f"visionzip found no qkv projection in the {model_type} vision attention")
     heads = getattr(vision, "num_heads", None) or vision.num_attention_heads
     return QwenGroups(model_type, tower, block, heads, vision.spatial_merge_size**2, windowed)
@@ -220,7 +218,11 @@ def _patches_per_side(vision, model_type: str) -> int:
 
 def _setting(owner: object, name: str, model_type: str):
     """``owner.name``, or a ValueError naming the model type (transformers may rename what VisionZip reads)."""
-    found = getattr(owner, name, None)
+    return _found(getattr(owner, name, None), owner, name, model_type)
+
+
+def _found(found, owner: object, name: str, model_type: str):
+    """``found`` (what ``owner`` holds as ``name``), or a ValueError naming the model type if it is None."""
     if found is None:
         raise ValueError(f"visionzip found no {name} in the {model_type} model's {type(owner).__name__}")
     return found
