@@ -66,10 +66,11 @@ def qwen_block_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any, Any]:
 # A block's attention projects queries, keys and values with one ``attn.qkv`` linear layer (5.17-5.25, all three
 #   families): its output (patches, 3 * dim) is read as (patches, 3, heads, head_dim), query, key, value in that
 #   order, and the rotary embedding is applied to queries and keys in rotate-half form.
-def qwen_qkv(attention: nn.Module) -> nn.Linear | None:
-    """The fused query/key/value projection of a Qwen-VL vision attention (None if it has none)."""
+def qwen_qkv(attention: nn.Module) -> nn.Module | None:
+    """The fused query/key/value projection of a Qwen-VL vision attention, one tensor out (transformers' ``nn.Linear``,
+    or the vLLM plugin's view of vLLM's fused projection); None if it has none."""
     found = getattr(attention, "qkv", None)
-    return found if isinstance(found, nn.Linear) else None
+    return found if isinstance(found, nn.Module) else None
 
 
 # Qwen2.5-VL's vision config lists the blocks with full attention, ``fullatt_block_indexes`` (5.17-5.25; the others

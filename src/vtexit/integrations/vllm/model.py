@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from vtexit.integrations.vllm import compat
+from vtexit.integrations.vllm import compat, tower_compat
 from vtexit.integrations.vllm.reduction import ImageReduction
 from vtexit.integrations.vllm.towers import DINOV2_TOWERS, build_dinov2_tower
 from vtexit.integrations.vllm.withdrawal import WithdrawalMixin, split_setting
@@ -161,7 +161,7 @@ class VtexitLlavaForConditionalGeneration(WithdrawalMixin, compat.LlavaForCondit
             return super()._image_pixels_to_features(vision_tower, pixel_values)
         if self.vtexit_tower in DINOV2_TOWERS:
             return self.vtexit_reduction.zip_cls(*vision_tower.visionzip_inputs(pixel_values))
-        features, query, keys, heads = compat.clip_selected_layer(vision_tower, pixel_values)
+        features, query, keys, heads = tower_compat.clip_selected_layer(vision_tower, pixel_values)
         return self.vtexit_reduction.zip_tower(features, query, keys, heads)
 
     def _process_image_input(self, image_input: Any) -> tuple[torch.Tensor, ...]:
@@ -169,7 +169,8 @@ class VtexitLlavaForConditionalGeneration(WithdrawalMixin, compat.LlavaForCondit
             raise ValueError("vtexit's vLLM plugin does not take precomputed image embeddings")
         if self.vtexit_reduction.in_tower and self.vtexit_tower in SIGLIP_TOWERS:
             # no CLS token: the transformers path keeps each image's tokens in place and merges projected ones
-            features, hidden, *layer = compat.siglip_selected_layer(self.vision_tower, image_input["pixel_values"])
+            pixels = image_input["pixel_values"]
+            features, hidden, *layer = tower_compat.siglip_selected_layer(self.vision_tower, pixels)
             return self.vtexit_reduction.zip_patches(self.multi_modal_projector(features), hidden, *layer)
         embeds = super()._process_image_input(image_input)
         return tuple(self.vtexit_reduction.reduce(image) for image in embeds)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from vtexit.integrations.vllm import compat
+from vtexit.integrations.vllm import compat, tower_compat
 from vtexit.integrations.vllm.reduction import ImageReduction
 from vtexit.integrations.vllm.withdrawal import WithdrawalMixin, split_setting
 from vtexit.methods.visionzip.towers import QwenGroups
@@ -189,18 +189,18 @@ class VtexitQwenVLModel(WithdrawalMixin):
     def _vtexit_encode_and_score(self, image_input: Any) -> tuple[tuple[torch.Tensor, ...], list[tuple]]:
         """VisionZip: the merger's output per image and each image's (scores, keys) per merged token, in prompt
         order, from the last full-attention block's input, by the transformers path's ``QwenGroups``."""
-        block = compat.qwen_scored_block(self.visual)
+        block = tower_compat.qwen_scored_block(self.visual)
         vision = self.config.vision_config
         full = getattr(vision, "fullatt_block_indexes", None)
         source = QwenGroups(
             model_type=self.config.model_type,
             tower=SimpleNamespace(config=vision),  # 2.5-VL: the window order from the vision config
-            block=compat.QwenBlockView(block),
+            block=tower_compat.QwenBlockView(block),
             heads=vision.num_heads,
             unit=vision.spatial_merge_size**2,
             windowed=full is not None,
         )
-        with compat.qwen_block_calls(block) as calls:
+        with tower_compat.qwen_block_calls(block) as calls:
             embeds = self._process_image_input(image_input)
         if len(calls) != 1:
             raise ValueError(
