@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from reduced_prompt import greedy_by_hand, keep_count
+from reference import withdrawn_logits
 
 import vtexit
 from vtexit.core.transformers_compat import cache_kwargs, output_cache
@@ -296,3 +297,41 @@ def test_pooling_on_multimodal_rope_equals_the_pooled_prompt_by_hand(name):
     assert result.sequences[:, inputs["input_ids"].shape[1] :].tolist() == expected_tokens.tolist()
     for step, reference in zip(result.logits, expected_steps, strict=True):
         torch.testing.assert_close(step, reference, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["internvl", "gemma3", "qwen2_5_vl", "qwen3_vl"])
+@torch.no_grad()
+def test_a_hybrid_equals_withdrawal_run_by_hand_on_the_reduced_prompt(name):
+    """DivPrune before the language model, then VTW at the first layer the family allows: against the unpatched
+    model's layer inputs on the reduced prompt built by hand, with the layers from K on run by hand on each row's text
+    tokens (tests/reference.py)."""
+    case = greedy_case(name, "sdpa")
+    model = case.model
+    inputs = case.inputs([1, 0, 2], text_len=[5, 7, 3])
+    prompt = CapturedPrompt(case, inputs)
+    reduced = ReducedPrompt(case, inputs, prompt, choose_by_hand(case, inputs, prompt))
+    seen = []
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda m, a, k: seen.append(((a[0] if a else k["hidden_states"]).clone(), dict(k))), with_kwargs=True
+        )
+        for layer in prompt.language_model.layers
+    ]
+    try:
+        reduced.logits()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    layer = vtexit.valid_layer_range(model)[0]
+    config = {
+        "method": "hybrid",
+        "pre": {"method": "divprune", "keep": KEEP},
+        "then": {"method": "vtw", "layer": layer},
+    }
+    with vtexit.apply(model, config) as handle:
+        logits = model(**inputs, use_cache=False).logits
+        layout = handle.last_layout
+    for b in range(len(reduced.kept)):
+        text = (reduced.mask[b].bool() & ~reduced.visual[b]).nonzero().flatten()
+        expected = withdrawn_logits(model, seen, b, text, layer)
+        torch.testing.assert_close(logits[b][layout.valid[b]], expected, atol=2e-5, rtol=1e-4)
