@@ -24,7 +24,7 @@ from vtexit.core.families import FamilySpec, family_for
 from vtexit.core.layout import Layout
 from vtexit.core.masks import layer_types, rebuild_mask
 from vtexit.core.policy import Policy
-from vtexit.core.transformers_compat import Cache, mrope_offset
+from vtexit.core.transformers_compat import Cache, mrope_offset, uses_multimodal_rope
 
 
 class EngineState(CallAccess):
@@ -36,6 +36,8 @@ class EngineState(CallAccess):
         super().__init__(model, family or family_for(model))
         self.policy = policy if policy is not None else Policy()
         self.text_config = model.config.get_text_config()
+        # Whether the language model numbers positions in 3D (Qwen-VL's M-RoPE: time, height, width).
+        self.multimodal_rope = uses_multimodal_rope(self.text_config)
         self.layer_types = layer_types(self.text_config)
         self.min_layer = max(1, self.family.min_layer(model.config))
         self._media_token_ids = list(self.family.media_token_ids(model.config))
@@ -111,12 +113,6 @@ class EngineState(CallAccess):
             raise ValueError(f"decoder layer {layer_idx} has no attribute {self.family.attention!r}")
         check_supported(attention)
         return attention
-
-    @property
-    def multimodal_rope(self) -> bool:
-        """Whether the language model numbers positions in 3D (Qwen-VL's M-RoPE: time, height, width)."""
-        rope = getattr(self.text_config, "rope_parameters", None) or {}
-        return "mrope_section" in rope
 
     @property
     def grid_offset(self) -> Callable[[], torch.Tensor | None] | None:

@@ -59,6 +59,7 @@ __all__ = [
     "kv_bytes_per_layer",
     "output_cache",
     "takes_layer_type",
+    "uses_multimodal_rope",
     "rotary_embeddings",
     "rotary_function",
     "attention_is_causal",
@@ -222,6 +223,12 @@ LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids")
 # The text model's ``rotary_emb(hidden, position_ids)`` returns (cos, sin) for the positions (5.17-5.25). Gemma3's
 #   takes a third argument, ``layer_type``, and the text model computes one pair per attention type (its sliding and
 #   full layers use different bases); the Qwen-VL families' take (3, batch, length) M-RoPE positions.
+def uses_multimodal_rope(text_config: Any) -> bool:
+    """Whether a text config numbers positions in 3D (M-RoPE: its ``rope_parameters`` carry ``mrope_section``)."""
+    rope = getattr(text_config, "rope_parameters", None) or {}
+    return "mrope_section" in rope
+
+
 def takes_layer_type(rotary: nn.Module) -> bool:
     """Whether ``rotary``'s forward needs the layer type (one embedding per attention type)."""
     return "layer_type" in inspect.signature(rotary.forward).parameters

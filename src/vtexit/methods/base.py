@@ -17,6 +17,7 @@ from torch import nn
 from vtexit.core.families import FamilySpec
 from vtexit.core.handle import PatchHandle
 from vtexit.core.policy import Policy
+from vtexit.core.transformers_compat import uses_multimodal_rope
 
 
 @dataclass(frozen=True)
@@ -206,16 +207,13 @@ def renumbering_refusal(model: nn.Module, family: FamilySpec, before_llm: bool) 
     ``before_llm``: a reduction before the language model (decoder layer 0), which runs on every family with a
     rotary embedding: 1D positions are renumbered as in the shorter prompt (per attention type where the rotary
     embedding has one, Gemma3), multimodal RoPE keeps each kept token's original (t, h, w) position."""
-    text = model.config.get_text_config()
-    rope = getattr(text, "rope_parameters", None) or {}
-    rotary = getattr(family.resolve(model).language_model, "rotary_emb", None)
-    if "mrope_section" in rope:
+    if uses_multimodal_rope(model.config.get_text_config()):
         return (
             None
             if before_llm
             else "it renumbers positions, which multimodal RoPE (3D positions of the image grid) has no form for"
         )
-    if rotary is None:
+    if getattr(family.resolve(model).language_model, "rotary_emb", None) is None:
         return "it renumbers positions, and this language model has no rotary embedding vtexit can renumber"
     return None
 

@@ -30,13 +30,13 @@ def reduced_prompt_positions(
     None: nothing to change."""
     if record is None or not record.reduces_prompt or kwargs.get("position_ids") is not None:
         return None
+    if grid_offset is not None and kwargs.get("attention_mask") is not None:
+        return None
     tensor = kwargs.get("input_ids", args[0] if args else None)
     tensor = tensor if tensor is not None else kwargs["inputs_embeds"]
     kwargs = dict(kwargs)
     positions = (torch.arange(tensor.shape[1], device=tensor.device) + past_length()).unsqueeze(0)
     if grid_offset is not None:
-        if kwargs.get("attention_mask") is not None:
-            return None
         offset = grid_offset()
         if offset is None:
             raise ValueError(
