@@ -215,3 +215,34 @@ def first_step_gap(output, ref: Reference) -> float:
     """The largest first-step difference between vLLM's top logprobs and another reference (for controls)."""
     top = output.outputs[0].logprobs[0]
     return max(abs(lp.logprob - float(ref.logprobs[0][token])) for token, lp in top.items())
+
+
+def record_steps(llm) -> None:
+    """Have the engine's model note, for every step, each request row's (context before the step, first KV block,
+    visual flags of its rows): what the VTW stress tests assert happened. Observes only; the plan is VTW's own."""
+
+    def install(model) -> None:
+        withdrawal = model.vtexit_withdrawal
+        withdrawal.steps, plan = [], withdrawal.plan
+
+        def recording(context, mask, positions, dtype):
+            metadata = context.attn_metadata[next(iter(withdrawal.attention))]
+            starts, seq_lens = metadata.query_start_loc.tolist(), metadata.seq_lens.tolist()
+            blocks = metadata.block_table[:, 0].tolist()
+            flags = mask.tolist() if mask is not None else [False] * starts[-1]
+            withdrawal.steps.append(
+                [
+                    (seq_lens[r] - (starts[r + 1] - starts[r]), blocks[r], flags[starts[r] : starts[r + 1]])
+                    for r in range(len(seq_lens))
+                ]
+            )
+            return plan(context, mask, positions, dtype)
+
+        withdrawal.plan = recording
+
+    llm.apply_model(install)
+
+
+def recorded_steps(llm) -> list:
+    """What :func:`record_steps` noted so far."""
+    return llm.apply_model(lambda model: model.vtexit_withdrawal.steps)[0]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 from _tiny_qwen import Request, image, make_qwen_llm, merged_tokens, reference, save_tiny_qwen
-from _tiny_vllm import ATOL, TOKENS, compare, first_step_gap, sampling
+from _tiny_vllm import ATOL, TOKENS, compare, first_step_gap, record_steps, recorded_steps, sampling
 
 import vtexit
 from vtexit.integrations.vllm.reduction import ImageReduction
@@ -44,32 +44,6 @@ def withdrawn(case, layer: int, request: Request, pre: dict | None = None) -> ob
         return reference(case, None, request, None, TOKENS)
     finally:
         handle.remove()
-
-
-def record_steps(llm) -> None:
-    """Have the engine's model note, for every step, each request row's (context before the step, first KV block,
-    visual flags of its rows). Observes only; the plan is VTW's own."""
-
-    def install(model) -> None:
-        withdrawal = model.vtexit_withdrawal
-        withdrawal.steps, plan = [], withdrawal.plan
-
-        def recording(context, mask, positions, dtype):
-            metadata = context.attn_metadata[next(iter(withdrawal.attention))]
-            starts, seq_lens = metadata.query_start_loc.tolist(), metadata.seq_lens.tolist()
-            blocks = metadata.block_table[:, 0].tolist()
-            flags = mask.tolist() if mask is not None else [False] * starts[-1]
-            withdrawal.steps.append(
-                [
-                    (seq_lens[r] - (starts[r + 1] - starts[r]), blocks[r], flags[starts[r] : starts[r + 1]])
-                    for r in range(len(seq_lens))
-                ]
-            )
-            return plan(context, mask, positions, dtype)
-
-        withdrawal.plan = recording
-
-    llm.apply_model(install)
 
 
 def check(case, llm, layer: int, requests: list[Request], pre: dict | None = None) -> list:
@@ -130,7 +104,7 @@ def test_qwen2_5_vl_stress_chunks_split_images_and_requests_join(qwen2_5):
     )
     record_steps(llm)
     check(case, llm, 2, requests)
-    steps = llm.apply_model(lambda model: model.vtexit_withdrawal.steps)[0]
+    steps = recorded_steps(llm)
     del llm
     last_flag: dict[int, bool] = {}  # per first KV block: was the request's last row so far visual
     split, joined, reused, used = 0, 0, 0, set()

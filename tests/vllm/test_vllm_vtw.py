@@ -18,6 +18,8 @@ from _tiny_vllm import (
     first_step_gap,
     images,
     make_llm,
+    record_steps,
+    recorded_steps,
     reference,
     sampling,
 )
@@ -82,35 +84,6 @@ def test_batch_matches_withdraw_on_transformers(folder, layer):
         else:  # no visual token: VTW is the stock model
             compare(output, reference(case, None, request, None))
     del llm
-
-
-def record_steps(llm) -> None:
-    """Have the engine's model note, for every step, each request row's (context before the step, first KV block,
-    visual flags of its rows): what the stress test asserts happened. Observes only; the plan is VTW's own."""
-
-    def install(model) -> None:
-        withdrawal = model.vtexit_withdrawal
-        withdrawal.steps, plan = [], withdrawal.plan
-
-        def recording(context, mask, positions, dtype):
-            metadata = context.attn_metadata[next(iter(withdrawal.attention))]
-            starts, seq_lens = metadata.query_start_loc.tolist(), metadata.seq_lens.tolist()
-            blocks, flags = metadata.block_table[:, 0].tolist(), mask.tolist()
-            withdrawal.steps.append(
-                [
-                    (seq_lens[r] - (starts[r + 1] - starts[r]), blocks[r], flags[starts[r] : starts[r + 1]])
-                    for r in range(len(seq_lens))
-                ]
-            )
-            return plan(context, mask, positions, dtype)
-
-        withdrawal.plan = recording
-
-    llm.apply_model(install)
-
-
-def recorded_steps(llm) -> list:
-    return llm.apply_model(lambda model: model.vtexit_withdrawal.steps)[0]
 
 
 def splits_an_image(flags: list[bool]) -> bool:
